@@ -1,0 +1,143 @@
+"""Policy speed on CPU: our jitted Flax model vs transformers PyTorch eager.
+
+    python benchmarks/model_speed.py [--preset mid] [--batch 4] [--frames 6] [--size 448]
+
+Same random weights on both sides (exported through our safetensors writer and
+loaded by transformers). Prints prefill tokens/s, greedy decode tokens/s and the
+number of XLA compilations over repeated calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segresearch_jax.models import config as config_lib
+from segresearch_jax.models import decoding, qwen3_vl, weights
+
+_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *a, **k: _COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+)
+
+
+def _timed(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--preset", default="mid")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--frames", type=int, default=6)
+  parser.add_argument("--size", type=int, default=448)
+  parser.add_argument("--text", type=int, default=200)
+  parser.add_argument("--new_tokens", type=int, default=32)
+  parser.add_argument("--torch_threads", type=int, default=0, help="0 = torch default")
+  args = parser.parse_args()
+
+  import torch
+  import transformers
+
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+  cfg = config_lib.get_preset(args.preset, image_token_id=100, vision_start_token_id=101,
+                              vision_end_token_id=102)
+  params = qwen3_vl.init_params(cfg, jax.random.PRNGKey(0))
+  grid = (args.size // cfg.vision.patch_size,) * 2
+  n_vis = grid[0] * grid[1] // 4
+  rng = np.random.default_rng(0)
+  row = []
+  for _ in range(args.frames):
+    row += list(rng.integers(200, 1000, 4)) + [101] + [100] * n_vis + [102]
+  row += list(rng.integers(200, 1000, args.text))
+  ids = np.array([row] * args.batch, np.int64)
+  b, length = ids.shape
+  pixels = rng.standard_normal((b * args.frames * grid[0] * grid[1], cfg.vision.patch_dim)).astype(np.float32)
+  print(f"config {args.preset}: batch {b}, {length} tokens/row ({args.frames} frames of {args.size}px), "
+        f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M params, devices {jax.devices()}")
+
+  # --- Ours -----------------------------------------------------------------------------
+  merged = (grid[0] // 2, grid[1] // 2)
+  pos, next_pos = qwen3_vl.rope_index(ids, np.ones_like(ids), [[merged] * args.frames] * b, 100)
+  model = qwen3_vl.Qwen3VL(cfg)
+  patches = jnp.asarray(pixels).reshape(b * args.frames, grid[0] * grid[1], -1)
+
+  def encode(params, patches):
+    vis, ds = model.apply({"params": params}, patches, grid, method=qwen3_vl.Qwen3VL.encode_images)
+    return vis.reshape(b, -1, vis.shape[-1]), ds.reshape(ds.shape[0], b, -1, ds.shape[-1])
+
+  @jax.jit
+  def prefill_fn(params, patches, ids, pos):
+    vis, ds = encode(params, patches)
+    logits, _ = model.apply({"params": params}, ids, pos, jnp.ones(ids.shape, bool), vis, ds)
+    return logits[:, -1]
+
+  @jax.jit
+  def generate_fn(params, patches, ids, pos, next_pos):
+    vis, ds = encode(params, patches)
+    return decoding.greedy_generate(
+        params, cfg, ids, pos, jnp.ones(ids.shape, bool), next_pos, vis, ds,
+        max_new_tokens=args.new_tokens, cache_length=length + args.new_tokens,
+    )
+
+  jargs = (params, patches, jnp.asarray(ids, jnp.int32), jnp.asarray(pos))
+  n0 = len(_COMPILES)
+  prefill_fn(*jargs).block_until_ready()
+  ours_prefill = _timed(lambda: prefill_fn(*jargs).block_until_ready(), 3)
+  prefill_compiles = len(_COMPILES) - n0
+  n0 = len(_COMPILES)
+  generate_fn(*jargs, jnp.asarray(next_pos)).block_until_ready()
+  ours_generate = _timed(lambda: generate_fn(*jargs, jnp.asarray(next_pos)).block_until_ready(), 3)
+  generate_compiles = len(_COMPILES) - n0
+
+  # --- transformers, same weights ----------------------------------------------------------
+  with tempfile.TemporaryDirectory() as tmp:
+    weights.save_hf_checkpoint(params, cfg, tmp)
+    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).eval()
+  hf_inputs = dict(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.ones(ids.shape, dtype=torch.long),
+      pixel_values=torch.tensor(pixels),
+      image_grid_thw=torch.tensor([[1, *grid]] * (b * args.frames)),
+      mm_token_type_ids=torch.tensor((ids == 100).astype(np.int64)),
+  )
+  with torch.no_grad():
+    hf_prefill = _timed(lambda: hf(**hf_inputs, logits_to_keep=1), 2)
+    hf_generate = _timed(
+        lambda: hf.generate(**hf_inputs, max_new_tokens=args.new_tokens,
+                            min_new_tokens=args.new_tokens, do_sample=False),
+        1,
+    )
+
+  prefill_tokens = b * length
+  new_tokens = b * (args.new_tokens - 1)  # tokens produced by decode steps after the prefill
+  rows = [
+      ("prefill tokens/s", prefill_tokens / ours_prefill, prefill_tokens / hf_prefill, 1.0),
+      ("greedy decode tokens/s", new_tokens / max(ours_generate - ours_prefill, 1e-9),
+       new_tokens / max(hf_generate - hf_prefill, 1e-9), 3.0),
+  ]
+  print(f"\n{'metric':<26}{'ours (jax)':>14}{'transformers':>14}{'ratio':>9}{'goal':>7}")
+  for name, ours, theirs, goal in rows:
+    print(f"{name:<26}{ours:>14.1f}{theirs:>14.1f}{ours / theirs:>8.2f}x{goal:>6.1f}x")
+  # Repeated calls must hit the compilation cache.
+  n0 = len(_COMPILES)
+  for _ in range(3):
+    prefill_fn(*jargs).block_until_ready()
+    generate_fn(*jargs, jnp.asarray(next_pos)).block_until_ready()
+  print(f"\nXLA compilations: prefill {prefill_compiles} (first call), generate {generate_compiles} "
+        f"(first call), {len(_COMPILES) - n0} over 3 further calls of each (goal 0)")
+
+
+if __name__ == "__main__":
+  main()
