@@ -1,10 +1,10 @@
 """Policy speed on CPU: our jitted Flax model vs transformers PyTorch eager.
 
-    python benchmarks/model_speed.py [--preset mid] [--batch 4] [--frames 6] [--size 448]
+    python benchmarks/model_speed.py [--presets mid,mid_qwen2_5] [--batch 4] [--frames 6] [--size 448]
 
 Same random weights on both sides (exported through our safetensors writer and
-loaded by transformers). Prints prefill tokens/s, greedy decode tokens/s and the
-number of XLA compilations over repeated calls.
+loaded by transformers). Prints, per model family, prefill tokens/s, greedy decode
+tokens/s and the number of XLA compilations over repeated calls.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segresearch_jax.models import config as config_lib
-from segresearch_jax.models import decoding, qwen3_vl, weights
+from segresearch_jax.models import decoding, policy, weights
 
 _COMPILES = []
 jax.monitoring.register_event_duration_secs_listener(
@@ -37,7 +37,7 @@ def _timed(fn, repeats):
 
 def main() -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("--preset", default="mid")
+  parser.add_argument("--presets", default="mid,mid_qwen2_5")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--frames", type=int, default=6)
   parser.add_argument("--size", type=int, default=448)
@@ -51,9 +51,22 @@ def main() -> None:
 
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
-  cfg = config_lib.get_preset(args.preset, image_token_id=100, vision_start_token_id=101,
+  table = []
+  for preset in args.presets.split(","):
+    table += bench(preset, args, torch, transformers)
+  print(f"\n{'model':<13}{'metric':<24}{'ours (jax)':>12}{'transformers':>14}{'ratio':>8}{'goal':>7}"
+        f"{'compiles':>10}")
+  for preset, name, ours, theirs, goal, compiles in table:
+    print(f"{preset:<13}{name:<24}{ours:>12.1f}{theirs:>14.1f}{ours / theirs:>7.2f}x{goal:>6.1f}x"
+          f"{compiles:>10}")
+  print("compiles = XLA compilations on the first call / over 3 further calls (goal: 1+ / 0)")
+
+
+def bench(preset, args, torch, transformers):
+  """Rows (preset, metric, ours, theirs, goal, compiles) for one model preset."""
+  cfg = config_lib.get_preset(preset, image_token_id=100, vision_start_token_id=101,
                               vision_end_token_id=102)
-  params = qwen3_vl.init_params(cfg, jax.random.PRNGKey(0))
+  params = policy.init_params(cfg, jax.random.PRNGKey(0))
   grid = (args.size // cfg.vision.patch_size,) * 2
   n_vis = grid[0] * grid[1] // 4
   rng = np.random.default_rng(0)
@@ -64,18 +77,19 @@ def main() -> None:
   ids = np.array([row] * args.batch, np.int64)
   b, length = ids.shape
   pixels = rng.standard_normal((b * args.frames * grid[0] * grid[1], cfg.vision.patch_dim)).astype(np.float32)
-  print(f"config {args.preset}: batch {b}, {length} tokens/row ({args.frames} frames of {args.size}px), "
+  print(f"config {preset}: batch {b}, {length} tokens/row ({args.frames} frames of {args.size}px), "
         f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M params, devices {jax.devices()}")
 
   # --- Ours -----------------------------------------------------------------------------
   merged = (grid[0] // 2, grid[1] // 2)
-  pos, next_pos = qwen3_vl.rope_index(ids, np.ones_like(ids), [[merged] * args.frames] * b, 100)
-  model = qwen3_vl.Qwen3VL(cfg)
+  pos, next_pos = policy.rope_index(ids, np.ones_like(ids), [[merged] * args.frames] * b, 100)
+  model = policy.Policy(cfg)
   patches = jnp.asarray(pixels).reshape(b * args.frames, grid[0] * grid[1], -1)
 
   def encode(params, patches):
-    vis, ds = model.apply({"params": params}, patches, grid, method=qwen3_vl.Qwen3VL.encode_images)
-    return vis.reshape(b, -1, vis.shape[-1]), ds.reshape(ds.shape[0], b, -1, ds.shape[-1])
+    vis, ds = model.apply({"params": params}, patches, grid, method=policy.Policy.encode_images)
+    per_row = args.frames * vis.shape[1]
+    return vis.reshape(b, per_row, -1), ds.reshape(ds.shape[0], b, per_row, ds.shape[-1])
 
   @jax.jit
   def prefill_fn(params, patches, ids, pos):
@@ -104,7 +118,8 @@ def main() -> None:
   # --- transformers, same weights ----------------------------------------------------------
   with tempfile.TemporaryDirectory() as tmp:
     weights.save_hf_checkpoint(params, cfg, tmp)
-    hf = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).eval()
+    hf_cls = getattr(transformers, config_lib.to_hf_config(cfg)["architectures"][0])
+    hf = hf_cls.from_pretrained(tmp, dtype=torch.float32).eval()
   hf_inputs = dict(
       input_ids=torch.tensor(ids),
       attention_mask=torch.ones(ids.shape, dtype=torch.long),
@@ -120,23 +135,21 @@ def main() -> None:
         1,
     )
 
-  prefill_tokens = b * length
-  new_tokens = b * (args.new_tokens - 1)  # tokens produced by decode steps after the prefill
-  rows = [
-      ("prefill tokens/s", prefill_tokens / ours_prefill, prefill_tokens / hf_prefill, 1.0),
-      ("greedy decode tokens/s", new_tokens / max(ours_generate - ours_prefill, 1e-9),
-       new_tokens / max(hf_generate - hf_prefill, 1e-9), 3.0),
-  ]
-  print(f"\n{'metric':<26}{'ours (jax)':>14}{'transformers':>14}{'ratio':>9}{'goal':>7}")
-  for name, ours, theirs, goal in rows:
-    print(f"{name:<26}{ours:>14.1f}{theirs:>14.1f}{ours / theirs:>8.2f}x{goal:>6.1f}x")
   # Repeated calls must hit the compilation cache.
   n0 = len(_COMPILES)
   for _ in range(3):
     prefill_fn(*jargs).block_until_ready()
     generate_fn(*jargs, jnp.asarray(next_pos)).block_until_ready()
-  print(f"\nXLA compilations: prefill {prefill_compiles} (first call), generate {generate_compiles} "
-        f"(first call), {len(_COMPILES) - n0} over 3 further calls of each (goal 0)")
+  recompiles = len(_COMPILES) - n0
+
+  prefill_tokens = b * length
+  new_tokens = b * (args.new_tokens - 1)  # tokens produced by decode steps after the prefill
+  return [
+      (preset, "prefill tokens/s", prefill_tokens / ours_prefill, prefill_tokens / hf_prefill, 1.0,
+       f"{prefill_compiles}/{recompiles}"),
+      (preset, "greedy decode tokens/s", new_tokens / max(ours_generate - ours_prefill, 1e-9),
+       new_tokens / max(hf_generate - hf_prefill, 1e-9), 3.0, f"{generate_compiles}/{recompiles}"),
+  ]
 
 
 if __name__ == "__main__":

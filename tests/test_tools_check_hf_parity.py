@@ -9,12 +9,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-  cfg = config_lib.get_preset("tiny")
+@pytest.fixture(scope="module", params=["tiny", "tiny_qwen2_5"])
+def hf_dir(request, tmp_path_factory):
+  cfg = config_lib.get_preset(request.param)
   hf_cfg = dict(config_lib.to_hf_config(cfg))
-  hf_cfg.pop("architectures"), hf_cfg.pop("model_type")
-  model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**hf_cfg))
+  model_cls = getattr(transformers, hf_cfg.pop("architectures")[0])
+  hf_cfg.pop("model_type")
+  model = model_cls(model_cls.config_class(**hf_cfg))
   gen = torch.Generator().manual_seed(0)
   with torch.no_grad():
     for name, p in model.named_parameters():

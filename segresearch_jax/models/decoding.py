@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from segresearch_jax.models.config import ModelConfig
-from segresearch_jax.models.qwen3_vl import Cache, Qwen3VL, init_cache
+from segresearch_jax.models.policy import Cache, Policy, init_cache
 
 Array = jax.Array
 
@@ -31,7 +31,7 @@ def prefill(
     deepstack: Array | None = None,
 ) -> tuple[Array, Cache]:
   """Appends a chunk to the cache; returns logits [B, T, V] and the new cache."""
-  return Qwen3VL(config).apply(
+  return Policy(config).apply(
       {"params": params}, input_ids, positions, token_valid, visual, deepstack, cache
   )
 
@@ -111,7 +111,7 @@ def token_logprobs(
   Returns:
     [B, L] log-probs (and [B, L] entropies of the predicting distribution if asked).
   """
-  model = Qwen3VL(config)
+  model = Policy(config)
   hidden, _ = model.apply(
       {"params": params}, input_ids, positions, token_valid, visual, deepstack, return_hidden=True
   )
@@ -126,7 +126,7 @@ def token_logprobs(
 
   @jax.checkpoint
   def chunk(h, tgt):
-    logits = model.apply({"params": params}, h, method=Qwen3VL.logits).astype(jnp.float32)
+    logits = model.apply({"params": params}, h, method=Policy.logits).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits / temperature, axis=-1)
     picked = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)

@@ -130,3 +130,15 @@ class SwiGLU(nn.Module):
     gate = dense(self.intermediate_size, "gate_proj", bias=self.bias, dtype=self.dtype)(x)
     up = dense(self.intermediate_size, "up_proj", bias=self.bias, dtype=self.dtype)(x)
     return dense(x.shape[-1], "down_proj", bias=self.bias, dtype=self.dtype)(nn.silu(gate) * up)
+
+
+def merge_block_coords(grid_h: int, grid_w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+  """Patch (row, col) in the processor's 2x2 merge-block order (numpy, host side)."""
+  if grid_h % merge or grid_w % merge:
+    raise ValueError(f"Patch grid {grid_h}x{grid_w} is not divisible by merge size {merge}.")
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  block = (grid_h // merge, merge, grid_w // merge, merge)
+  return (
+      rows.reshape(block).transpose(0, 2, 1, 3).reshape(-1),
+      cols.reshape(block).transpose(0, 2, 1, 3).reshape(-1),
+  )

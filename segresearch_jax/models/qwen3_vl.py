@@ -1,12 +1,6 @@
-"""Qwen3-VL in Flax: vision tower with DeepStack, M-RoPE language model, KV cache.
+"""Qwen3-VL vision tower: learned position table, 2-D rope, LayerNorm blocks, DeepStack.
 
-Static shapes throughout: one call of the vision tower encodes images of one grid
-(the protocol's frames share a size), and the language model runs on chunks of
-tokens `[B, T]` appended to a fixed-size KV cache at per-row offsets. The same
-chunk call serves the prompt prefill, each decode step and the prefill of an
-observation in the middle of an episode.
-
-Parameter names mirror the HF checkpoint (see `weights.py`).
+The language model is shared with Qwen2.5-VL and lives in `policy.py`.
 """
 
 from __future__ import annotations
@@ -20,13 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from segresearch_jax.models import layers
-from segresearch_jax.models.config import ModelConfig, TextConfig, VisionConfig
+from segresearch_jax.models.config import VisionConfig
 
 Array = jax.Array
-Cache = dict[str, Array]
 
-# ----------------------------------------------------------------------------
-# Vision tower.
+
 # ----------------------------------------------------------------------------
 
 
@@ -37,14 +29,7 @@ def vision_grid_constants(vision: VisionConfig, grid_h: int, grid_w: int) -> dic
   Returns the bilinear (align_corners) taps into the learned position table, their
   weights, and the 2-D rotary tables. Computed once on the host per grid.
   """
-  m = vision.spatial_merge_size
-  if grid_h % m or grid_w % m:
-    raise ValueError(f"Patch grid {grid_h}x{grid_w} is not divisible by merge size {m}.")
-  # Patch (row, col) in merge-block order: (block_row, block_col, in_row, in_col).
-  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
-  block = (grid_h // m, m, grid_w // m, m)
-  rows = rows.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
-  cols = cols.reshape(block).transpose(0, 2, 1, 3).reshape(-1)
+  rows, cols = layers.merge_block_coords(grid_h, grid_w, vision.spatial_merge_size)
 
   side = int(round(vision.num_position_embeddings**0.5))
   if side * side != vision.num_position_embeddings:
@@ -140,245 +125,3 @@ class VisionTower(nn.Module):
     return merged, jnp.zeros((0,) + merged.shape, merged.dtype)
 
 
-# ----------------------------------------------------------------------------
-# Language model.
-# ----------------------------------------------------------------------------
-
-
-class DecoderLayer(nn.Module):
-  config: TextConfig
-  dtype: Any
-
-  @nn.compact
-  def __call__(
-      self, x: Array, cos: Array, sin: Array, mask: Array, kv: tuple[Array, Array] | None,
-      write_slots: Array | None,
-  ) -> tuple[Array, tuple[Array, Array] | None]:
-    cfg = self.config
-    b, t, _ = x.shape
-    h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-    q = layers.dense(cfg.num_heads * cfg.head_dim, "q_proj", bias=False, dtype=self.dtype)(h)
-    k = layers.dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", bias=False, dtype=self.dtype)(h)
-    v = layers.dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", bias=False, dtype=self.dtype)(h)
-    q = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(
-        q.reshape(b, t, cfg.num_heads, cfg.head_dim)
-    )
-    k = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(
-        k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    )
-    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-    if kv is not None:
-      # Append this chunk at each row's own offset in the cache.
-      write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))
-      kv = (write(kv[0], k.astype(kv[0].dtype), write_slots), write(kv[1], v.astype(kv[1].dtype), write_slots))
-      k, v = kv[0].astype(self.dtype), kv[1].astype(self.dtype)
-    attn = layers.attention(q, k, v, mask, cfg.head_dim**-0.5).reshape(b, t, -1)
-    x = x + layers.dense(cfg.hidden_size, "o_proj", bias=False, dtype=self.dtype)(attn)
-    h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-    return x + layers.SwiGLU(cfg.intermediate_size, dtype=self.dtype, name="mlp")(h), kv
-
-
-def scatter_visual(input_ids: Array, image_token_id: int, visual: Array) -> tuple[Array, Array]:
-  """Places row-wise visual tokens at `<|image_pad|>` positions (static shapes).
-
-  Args:
-    input_ids: [B, T] token ids.
-    image_token_id: the `<|image_pad|>` id.
-    visual: [..., B, Nv, D] visual tokens, in order of appearance per row.
-
-  Returns:
-    ([..., B, T, D] features, zero off the image positions; bool [B, T] image mask).
-  """
-  is_image = input_ids == image_token_id
-  index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, visual.shape[-2] - 1)  # [B, T]
-  index = jnp.broadcast_to(index[..., None], visual.shape[:-3] + index.shape + (1,))
-  gathered = jnp.take_along_axis(visual, index, axis=-2)
-  return jnp.where(is_image[..., None], gathered, 0).astype(visual.dtype), is_image
-
-
-class Qwen3VL(nn.Module):
-  """The policy. Methods: `encode_images`, `__call__` (a chunk), `logits`."""
-
-  config: ModelConfig
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    cfg = self.config
-    self.visual = VisionTower(cfg.vision, self.dtype)
-    self.embed_tokens = nn.Embed(
-        cfg.text.vocab_size, cfg.text.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
-        embedding_init=nn.initializers.normal(0.02),
-    )
-    self.decoder_layers = [
-        DecoderLayer(cfg.text, self.dtype, name=f"layers_{i}") for i in range(cfg.text.num_layers)
-    ]
-    self.norm = layers.RMSNorm(cfg.text.rms_norm_eps, self.dtype)
-    if not cfg.text.tie_word_embeddings:
-      self.lm_head = layers.dense(cfg.text.vocab_size, "lm_head", bias=False, dtype=self.dtype)
-
-  def encode_images(self, patches: Array, grid_hw: tuple[int, int]) -> tuple[Array, Array]:
-    """[N, P, patch_dim] -> ([N, P/4, D] tokens, [n_deepstack, N, P/4, D])."""
-    return self.visual(patches, grid_hw)
-
-  def logits(self, hidden: Array) -> Array:
-    if self.config.text.tie_word_embeddings:
-      return self.embed_tokens.attend(hidden)
-    return self.lm_head(hidden)
-
-  def __call__(
-      self,
-      input_ids: Array,
-      positions: Array,
-      token_valid: Array,
-      visual: Array | None = None,
-      deepstack: Array | None = None,
-      cache: Cache | None = None,
-      return_hidden: bool = False,
-  ) -> tuple[Array, Cache | None]:
-    """Runs one chunk of tokens.
-
-    Args:
-      input_ids: [B, T].
-      positions: [3, B, T] M-RoPE positions (T, H, W axes).
-      token_valid: bool [B, T]; padding is False (left or right padding both work).
-      visual: [B, Nv, D] this chunk's visual tokens in order, or None.
-      deepstack: [n_deepstack, B, Nv, D] matching DeepStack features, or None.
-      cache: None for a stand-alone causal forward, else the KV cache to append to.
-      return_hidden: return final hidden states [B, T, D] instead of logits.
-
-    Returns:
-      (logits [B, T, V] or hidden [B, T, D], the updated cache or None).
-    """
-    cfg = self.config.text
-    b, t = input_ids.shape
-    x = self.embed_tokens(input_ids)
-    ds_features = None
-    if visual is not None:
-      features, is_image = scatter_visual(input_ids, self.config.image_token_id, visual)
-      x = jnp.where(is_image[..., None], features.astype(x.dtype), x)
-      if deepstack is not None and deepstack.shape[0]:
-        ds_features, _ = scatter_visual(input_ids, self.config.image_token_id, deepstack)
-    cos, sin = layers.mrope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, True)
-
-    if cache is None:
-      causal = jnp.tril(jnp.ones((t, t), bool))
-      mask = causal[None] & token_valid[:, None, :]
-      write_slots = None
-    else:
-      write_slots = cache["end"]  # [B]
-      slots = write_slots[:, None] + jnp.arange(t)  # [B, T] cache slot of each query
-      set_valid = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))
-      valid = set_valid(cache["valid"], token_valid, write_slots)  # [B, S]
-      key_slots = jnp.arange(valid.shape[1])
-      mask = valid[:, None, :] & (key_slots[None, None, :] <= slots[:, :, None])
-      # Next write goes right after the last real token of this chunk.
-      last = jnp.max(jnp.where(token_valid, jnp.arange(t) + 1, 0), axis=1)
-      new_cache = {"valid": valid, "end": write_slots + last.astype(write_slots.dtype)}
-      new_k, new_v = [], []
-
-    for i, layer in enumerate(self.decoder_layers):
-      kv = None if cache is None else (cache["k"][i], cache["v"][i])
-      x, kv = layer(x, cos, sin, mask, kv, write_slots)
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
-      if ds_features is not None and i < ds_features.shape[0]:
-        x = x + ds_features[i].astype(x.dtype)
-    x = self.norm(x)
-    out = x if return_hidden else self.logits(x)
-    if cache is None:
-      return out, None
-    new_cache.update(k=jnp.stack(new_k), v=jnp.stack(new_v))
-    return out, new_cache
-
-
-def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> Cache:
-  """An empty KV cache for `batch` rows of up to `length` tokens."""
-  t = config.text
-  shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
-  return {
-      "k": jnp.zeros(shape, dtype),
-      "v": jnp.zeros(shape, dtype),
-      "valid": jnp.zeros((batch, length), bool),
-      "end": jnp.zeros((batch,), jnp.int32),
-  }
-
-
-def init_params(config: ModelConfig, rng: Array, grid_hw: tuple[int, int] = (4, 4)) -> Any:
-  """Initial parameters; pass through `jax.eval_shape` for shapes without memory."""
-  model = Qwen3VL(config)
-  patches = jnp.zeros((1, grid_hw[0] * grid_hw[1], config.vision.patch_dim), jnp.float32)
-
-  def init_all(module: Qwen3VL):
-    visual, deepstack = module.encode_images(patches, grid_hw)
-    ids = jnp.full((1, visual.shape[1]), config.image_token_id, jnp.int32)
-    pos = jnp.zeros((3, 1, ids.shape[1]), jnp.int32)
-    return module(ids, pos, jnp.ones(ids.shape, bool), visual, deepstack)
-
-  return nn.init(init_all, model)(rng)["params"]
-
-
-# ----------------------------------------------------------------------------
-# M-RoPE positions (host side, numpy).
-# ----------------------------------------------------------------------------
-
-
-def mrope_positions(
-    input_ids: np.ndarray, image_grids: list[tuple[int, int]], image_token_id: int, start: int = 0
-) -> tuple[np.ndarray, int]:
-  """3-D positions for one row of real tokens (SPEC §5).
-
-  Text tokens get T = H = W = running index. An image with merged grid (h, w) gets
-  T = cur, H = cur + row, W = cur + col, then cur += max(h, w).
-
-  Args:
-    input_ids: [L] token ids, no padding.
-    image_grids: merged (h, w) of each image, in order of appearance.
-    image_token_id: the `<|image_pad|>` id.
-    start: position of the first token (the running index after earlier chunks).
-
-  Returns:
-    ([3, L] int32 positions, the next free position).
-  """
-  ids = np.asarray(input_ids)
-  out = np.zeros((3, len(ids)), np.int32)
-  cur, i, grids = start, 0, list(image_grids)
-  while i < len(ids):
-    if ids[i] == image_token_id:
-      if not grids:
-        raise ValueError("More <|image_pad|> runs than image grids were given.")
-      h, w = grids.pop(0)
-      n = h * w
-      if i + n > len(ids) or not np.all(ids[i : i + n] == image_token_id):
-        raise ValueError(f"An image of {h}x{w} merged tokens needs {n} consecutive pads at {i}.")
-      rows, cols = np.divmod(np.arange(n), w)
-      out[:, i : i + n] = np.stack([np.full(n, cur), cur + rows, cur + cols])
-      cur += max(h, w)
-      i += n
-    else:
-      out[:, i] = cur
-      cur += 1
-      i += 1
-  if grids:
-    raise ValueError(f"{len(grids)} image grids were given but have no <|image_pad|> tokens.")
-  return out, cur
-
-
-def rope_index(
-    input_ids: np.ndarray, attention_mask: np.ndarray, image_grids: list[list[tuple[int, int]]],
-    image_token_id: int,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Batched `mrope_positions` for a (left- or right-) padded batch.
-
-  Returns:
-    positions [3, B, L] (0 at padding) and the next free position per row [B].
-  """
-  b, length = input_ids.shape
-  positions = np.zeros((3, b, length), np.int32)
-  next_pos = np.zeros((b,), np.int32)
-  for r in range(b):
-    keep = np.asarray(attention_mask[r], bool)
-    pos, next_pos[r] = mrope_positions(input_ids[r][keep], image_grids[r], image_token_id)
-    positions[:, r, keep] = pos
-  return positions, next_pos

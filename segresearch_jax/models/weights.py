@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segresearch_jax.models import config as config_lib
-from segresearch_jax.models import qwen3_vl
+from segresearch_jax.models import policy
 
 # Older exports keep the language model at the top level; normalise to the current layout.
 _KEY_ALIASES = (
@@ -62,6 +62,8 @@ def hf_name(path: tuple[str, ...]) -> tuple[str, str]:
       parts += ["attn", m]
     elif m in ("linear_fc1", "linear_fc2") and "blocks" in parts:
       parts += ["mlp", m]
+    elif match := re.fullmatch(r"mlp_(\d+)", m):  # Qwen2.5-VL merger: nn.Sequential indices
+      parts += ["mlp", match[1]]
     elif m in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
       parts += ["self_attn", m]
     else:
@@ -113,7 +115,7 @@ def params_from_hf(
     tensors: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig, dtype: Any = jnp.float32
 ) -> Any:
   """Builds the Flax parameter tree from HF tensors; raises one error listing all problems."""
-  shapes = jax.eval_shape(lambda: qwen3_vl.init_params(cfg, jax.random.PRNGKey(0)))
+  shapes = jax.eval_shape(lambda: policy.init_params(cfg, jax.random.PRNGKey(0)))
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
   out, used, missing, bad_shape = {}, set(), [], []
   for path, leaf in flat.items():

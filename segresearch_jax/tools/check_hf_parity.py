@@ -16,7 +16,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from segresearch_jax.models import qwen3_vl, weights
+from segresearch_jax.models import policy, weights
 
 
 def compare(hf_dir: str, *, grid: tuple[int, int] = (8, 8), text_tokens: int = 16, seed: int = 0,
@@ -49,12 +49,12 @@ def compare(hf_dir: str, *, grid: tuple[int, int] = (8, 8), text_tokens: int = 1
         mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
     ).logits.float().numpy()
 
-  model = qwen3_vl.Qwen3VL(cfg, jnp.dtype(dtype))
+  model = policy.Policy(cfg, jnp.dtype(dtype))
   visual, deepstack = model.apply(
-      {"params": params}, jnp.asarray(pixels)[None], grid, method=qwen3_vl.Qwen3VL.encode_images
+      {"params": params}, jnp.asarray(pixels)[None], grid, method=policy.Policy.encode_images
   )
   merged = (grid[0] // cfg.vision.spatial_merge_size, grid[1] // cfg.vision.spatial_merge_size)
-  pos, _ = qwen3_vl.rope_index(ids, np.ones_like(ids), [[merged]], cfg.image_token_id)
+  pos, _ = policy.rope_index(ids, np.ones_like(ids), [[merged]], cfg.image_token_id)
   logits, _ = model.apply(
       {"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(pos), jnp.ones(ids.shape, bool),
       visual, deepstack,

@@ -1,4 +1,8 @@
-"""Qwen3-VL: logit parity with transformers, cached decoding, weight round trips."""
+"""Both policy families: logit parity with transformers, cached decoding, weight round trips.
+
+Every test runs on a tiny Qwen3-VL and a tiny Qwen2.5-VL (whose windows are smaller
+than the test image, so windowed attention is exercised).
+"""
 
 import dataclasses
 import json
@@ -9,20 +13,29 @@ import numpy as np
 import pytest
 
 from segresearch_jax.models import config as config_lib
-from segresearch_jax.models import decoding, qwen3_vl, weights
+from segresearch_jax.models import decoding, policy, weights
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-CFG = config_lib.get_preset("tiny")
 GRID = (8, 6)  # patches; 12 merged tokens, non-square on purpose
+HF_CLASSES = {
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
+}
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny_qwen2_5"])
+def cfg(request):
+  return config_lib.get_preset(request.param)
 
 
 def _hf_model(cfg):
   hf_cfg = dict(config_lib.to_hf_config(cfg))
   hf_cfg.pop("architectures")
   hf_cfg.pop("model_type")
-  model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**hf_cfg)).eval()
+  model_cls, config_cls = (getattr(transformers, n) for n in HF_CLASSES[cfg.family])
+  model = model_cls(config_cls(**hf_cfg)).eval()
   gen = torch.Generator().manual_seed(0)
   with torch.no_grad():
     # Randomise every tensor: default init (ones/zeros) hides norm and bias bugs.
@@ -33,10 +46,10 @@ def _hf_model(cfg):
 
 
 @pytest.fixture(scope="module")
-def hf_and_params():
-  model = _hf_model(CFG)
+def hf_and_params(cfg):
+  model = _hf_model(cfg)
   tensors = {k: v.numpy() for k, v in model.state_dict().items()}
-  return model, weights.params_from_hf(tensors, CFG)
+  return model, weights.params_from_hf(tensors, cfg)
 
 
 def _image_prompt(cfg, left_text, right_text):
@@ -47,7 +60,7 @@ def _image_prompt(cfg, left_text, right_text):
   )
 
 
-def _hf_logits(model, ids, pixels, mask=None):
+def _hf_logits(cfg, model, ids, pixels, mask=None):
   ids_t = torch.tensor(ids)
   mask = np.ones_like(ids) if mask is None else mask
   with torch.no_grad():
@@ -56,92 +69,92 @@ def _hf_logits(model, ids, pixels, mask=None):
         attention_mask=torch.tensor(mask),
         pixel_values=torch.tensor(pixels),
         image_grid_thw=torch.tensor([[1, *GRID]] * ids.shape[0]),
-        mm_token_type_ids=torch.tensor((ids == CFG.image_token_id).astype(np.int64)),
+        mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
     )
   return out.logits.numpy()
 
 
-def _encode(params, pixels):
-  patches = jnp.asarray(pixels).reshape(-1, GRID[0] * GRID[1], CFG.vision.patch_dim)
-  return qwen3_vl.Qwen3VL(CFG).apply(
-      {"params": params}, patches, GRID, method=qwen3_vl.Qwen3VL.encode_images
+def _encode(cfg, params, pixels):
+  patches = jnp.asarray(pixels).reshape(-1, GRID[0] * GRID[1], cfg.vision.patch_dim)
+  return policy.Policy(cfg).apply(
+      {"params": params}, patches, GRID, method=policy.Policy.encode_images
   )
 
 
-def _pixels(n_images, seed=0):
+def _pixels(cfg, n_images, seed=0):
   rng = np.random.default_rng(seed)
-  return rng.standard_normal((n_images * GRID[0] * GRID[1], CFG.vision.patch_dim)).astype(np.float32)
+  return rng.standard_normal((n_images * GRID[0] * GRID[1], cfg.vision.patch_dim)).astype(np.float32)
 
 
-def test_logit_parity_with_image(hf_and_params):
+def test_logit_parity_with_image(cfg, hf_and_params):
   model, params = hf_and_params
-  ids = np.array([_image_prompt(CFG, [5, 6, 7], [8, 9, 10, 11])])
-  pixels = _pixels(1)
-  expected = _hf_logits(model, ids, pixels)
-  visual, deepstack = _encode(params, pixels)
+  ids = np.array([_image_prompt(cfg, [5, 6, 7], [8, 9, 10, 11])])
+  pixels = _pixels(cfg, 1)
+  expected = _hf_logits(cfg, model, ids, pixels)
+  visual, deepstack = _encode(cfg, params, pixels)
   merged = (GRID[0] // 2, GRID[1] // 2)
-  pos, _ = qwen3_vl.rope_index(ids, np.ones_like(ids), [[merged]], CFG.image_token_id)
-  logits, _ = qwen3_vl.Qwen3VL(CFG).apply(
+  pos, _ = policy.rope_index(ids, np.ones_like(ids), [[merged]], cfg.image_token_id)
+  logits, _ = policy.Policy(cfg).apply(
       {"params": params}, jnp.asarray(ids), jnp.asarray(pos), jnp.ones(ids.shape, bool), visual,
       deepstack,
   )
   assert np.abs(np.asarray(logits) - expected).max() <= 1e-4
 
 
-def test_rope_index_matches_transformers_with_left_padding(hf_and_params):
+def test_rope_index_matches_transformers_with_left_padding(cfg, hf_and_params):
   model, _ = hf_and_params
-  row = _image_prompt(CFG, [5, 6], [7, 8, 9])
+  row = _image_prompt(cfg, [5, 6], [7, 8, 9])
   ids = np.array([[0, 0] + row, row + [12, 13]])
   mask = np.array([[0, 0] + [1] * len(row), [1] * (len(row) + 2)])
   merged = (GRID[0] // 2, GRID[1] // 2)
-  ours, next_pos = qwen3_vl.rope_index(ids, mask, [[merged], [merged]], CFG.image_token_id)
+  ours, next_pos = policy.rope_index(ids, mask, [[merged], [merged]], cfg.image_token_id)
   theirs, delta = model.model.get_rope_index(
-      torch.tensor(ids), torch.tensor((ids == CFG.image_token_id).astype(np.int64)),
+      torch.tensor(ids), torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
       image_grid_thw=torch.tensor([[1, *GRID]] * 2), attention_mask=torch.tensor(mask),
   )
   np.testing.assert_array_equal(ours[:, mask.astype(bool)], theirs.numpy()[:, mask.astype(bool)])
   np.testing.assert_array_equal(next_pos, delta.numpy()[:, 0] + mask.sum(1))
 
 
-def test_cached_decoding_matches_full_forward(hf_and_params):
+def test_cached_decoding_matches_full_forward(cfg, hf_and_params):
   _, params = hf_and_params
-  ids = np.array([_image_prompt(CFG, [5, 6, 7], [8, 9, 10, 11, 12, 13])])
-  visual, deepstack = _encode(params, _pixels(1))
+  ids = np.array([_image_prompt(cfg, [5, 6, 7], [8, 9, 10, 11, 12, 13])])
+  visual, deepstack = _encode(cfg, params, _pixels(cfg, 1))
   merged = (GRID[0] // 2, GRID[1] // 2)
-  pos, _ = qwen3_vl.rope_index(ids, np.ones_like(ids), [[merged]], CFG.image_token_id)
+  pos, _ = policy.rope_index(ids, np.ones_like(ids), [[merged]], cfg.image_token_id)
   valid = jnp.ones(ids.shape, bool)
-  full, _ = qwen3_vl.Qwen3VL(CFG).apply(
+  full, _ = policy.Policy(cfg).apply(
       {"params": params}, jnp.asarray(ids), jnp.asarray(pos), valid, visual, deepstack
   )
   # Prefill all but the last 4 tokens, then feed them one at a time.
   split = ids.shape[1] - 4
-  cache = qwen3_vl.init_cache(CFG, 1, ids.shape[1] + 3)
+  cache = policy.init_cache(cfg, 1, ids.shape[1] + 3)
   logits, cache = decoding.prefill(
-      params, CFG, cache, jnp.asarray(ids[:, :split]), jnp.asarray(pos[:, :, :split]),
+      params, cfg, cache, jnp.asarray(ids[:, :split]), jnp.asarray(pos[:, :, :split]),
       valid[:, :split], visual, deepstack,
   )
   steps = [logits[:, -1]]
   for t in range(split, ids.shape[1]):
     step_logits, cache = decoding.decode_step(
-        params, CFG, cache, jnp.asarray(ids[:, t]), jnp.asarray(pos[0, :, t])
+        params, cfg, cache, jnp.asarray(ids[:, t]), jnp.asarray(pos[0, :, t])
     )
     steps.append(step_logits)
   incremental = np.stack([np.asarray(s) for s in steps], axis=1)[:, :-1]
   np.testing.assert_allclose(incremental, np.asarray(full)[:, split - 1 : -1], atol=1e-5)
 
 
-def test_left_padded_batch_greedy_equals_separate_runs(hf_and_params):
+def test_left_padded_batch_greedy_equals_separate_runs(cfg, hf_and_params):
   _, params = hf_and_params
-  rows = [_image_prompt(CFG, [5, 6, 7, 8, 9], [10]), _image_prompt(CFG, [11], [12, 13])]
-  pixels = _pixels(2, seed=1)
-  visual, deepstack = _encode(params, pixels)
+  rows = [_image_prompt(cfg, [5, 6, 7, 8, 9], [10]), _image_prompt(cfg, [11], [12, 13])]
+  pixels = _pixels(cfg, 2, seed=1)
+  visual, deepstack = _encode(cfg, params, pixels)
   merged = (GRID[0] // 2, GRID[1] // 2)
 
   def run(ids, mask, vis, ds):
-    pos, next_pos = qwen3_vl.rope_index(ids, mask, [[merged]] * len(ids), CFG.image_token_id)
+    pos, next_pos = policy.rope_index(ids, mask, [[merged]] * len(ids), cfg.image_token_id)
     return np.asarray(
         decoding.greedy_generate(
-            params, CFG, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask, bool),
+            params, cfg, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask, bool),
             jnp.asarray(next_pos), vis, ds, max_new_tokens=6, cache_length=48,
         )
     )
@@ -155,42 +168,42 @@ def test_left_padded_batch_greedy_equals_separate_runs(hf_and_params):
     np.testing.assert_array_equal(batched[i], alone[0])
 
 
-def test_token_logprobs_equal_log_softmax_of_full_logits(hf_and_params):
+def test_token_logprobs_equal_log_softmax_of_full_logits(cfg, hf_and_params):
   _, params = hf_and_params
-  ids = np.array([_image_prompt(CFG, [5, 6, 7], [8, 9, 10, 11, 12])])
-  visual, deepstack = _encode(params, _pixels(1))
-  pos, _ = qwen3_vl.rope_index(ids, np.ones_like(ids), [[(4, 3)]], CFG.image_token_id)
+  ids = np.array([_image_prompt(cfg, [5, 6, 7], [8, 9, 10, 11, 12])])
+  visual, deepstack = _encode(cfg, params, _pixels(cfg, 1))
+  pos, _ = policy.rope_index(ids, np.ones_like(ids), [[(4, 3)]], cfg.image_token_id)
   args = (jnp.asarray(ids), jnp.asarray(pos), jnp.ones(ids.shape, bool), visual, deepstack)
-  logits, _ = qwen3_vl.Qwen3VL(CFG).apply({"params": params}, *args)
+  logits, _ = policy.Policy(cfg).apply({"params": params}, *args)
   ref = jax.nn.log_softmax(logits[:, :-1], -1)
   ref = np.take_along_axis(np.asarray(ref), ids[:, 1:, None], -1)[..., 0]
-  ours = decoding.token_logprobs(params, CFG, *args, chunk_size=7)
+  ours = decoding.token_logprobs(params, cfg, *args, chunk_size=7)
   np.testing.assert_allclose(np.asarray(ours)[:, 1:], ref, atol=1e-5)
   assert float(ours[0, 0]) == 0.0
 
 
-def test_export_then_transformers_load_gives_same_logits(hf_and_params, tmp_path):
+def test_export_then_transformers_load_gives_same_logits(cfg, hf_and_params, tmp_path):
   _, params = hf_and_params
-  weights.save_hf_checkpoint(params, CFG, tmp_path)
-  loaded = transformers.Qwen3VLForConditionalGeneration.from_pretrained(tmp_path).eval()
-  ids = np.array([_image_prompt(CFG, [5, 6], [7, 8, 9])])
-  pixels = _pixels(1, seed=3)
-  visual, deepstack = _encode(params, pixels)
-  pos, _ = qwen3_vl.rope_index(ids, np.ones_like(ids), [[(4, 3)]], CFG.image_token_id)
-  ours, _ = qwen3_vl.Qwen3VL(CFG).apply(
+  weights.save_hf_checkpoint(params, cfg, tmp_path)
+  loaded = getattr(transformers, HF_CLASSES[cfg.family][0]).from_pretrained(tmp_path).eval()
+  ids = np.array([_image_prompt(cfg, [5, 6], [7, 8, 9])])
+  pixels = _pixels(cfg, 1, seed=3)
+  visual, deepstack = _encode(cfg, params, pixels)
+  pos, _ = policy.rope_index(ids, np.ones_like(ids), [[(4, 3)]], cfg.image_token_id)
+  ours, _ = policy.Policy(cfg).apply(
       {"params": params}, jnp.asarray(ids), jnp.asarray(pos), jnp.ones(ids.shape, bool), visual,
       deepstack,
   )
-  assert np.abs(_hf_logits(loaded, ids, pixels) - np.asarray(ours)).max() <= 1e-4
+  assert np.abs(_hf_logits(cfg, loaded, ids, pixels) - np.asarray(ours)).max() <= 1e-4
   # And back: our loader reads what we wrote.
   cfg2, params2 = weights.load_hf_checkpoint(tmp_path)
-  assert cfg2 == CFG
+  assert cfg2 == cfg
   jax.tree.map(np.testing.assert_array_equal, params, params2)
 
 
-def test_untied_head_round_trip(tmp_path):
-  cfg = dataclasses.replace(CFG, text=dataclasses.replace(CFG.text, tie_word_embeddings=False))
-  params = qwen3_vl.init_params(cfg, jax.random.PRNGKey(1))
+def test_untied_head_round_trip(cfg, tmp_path):
+  cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, tie_word_embeddings=False))
+  params = policy.init_params(cfg, jax.random.PRNGKey(1))
   assert "lm_head" in params
   weights.save_hf_checkpoint(params, cfg, tmp_path)
   cfg2, params2 = weights.load_hf_checkpoint(tmp_path)
@@ -198,21 +211,22 @@ def test_untied_head_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, params2)
 
 
-def test_missing_and_misshaped_tensors_are_listed(hf_and_params, tmp_path):
+def test_missing_and_misshaped_tensors_are_listed(cfg, hf_and_params, tmp_path):
   model, _ = hf_and_params
   tensors = {k: v.numpy() for k, v in model.state_dict().items()}
   del tensors["model.language_model.layers.1.mlp.up_proj.weight"]
-  tensors["model.visual.pos_embed.weight"] = tensors["model.visual.pos_embed.weight"][:10]
+  name = "model.visual.blocks.0.attn.qkv.weight"
+  tensors[name] = tensors[name][:10]
   tensors["model.extra.weight"] = np.zeros(3, np.float32)
   with pytest.raises(weights.CheckpointMismatchError) as err:
-    weights.params_from_hf(tensors, CFG)
+    weights.params_from_hf(tensors, cfg)
   msg = str(err.value)
   assert "missing: model.language_model.layers.1.mlp.up_proj.weight" in msg
   assert "unexpected: model.extra.weight" in msg
-  assert "wrong shape: model.visual.pos_embed.weight" in msg
+  assert f"wrong shape: {name}" in msg
 
 
-def test_old_key_layout_loads(hf_and_params, tmp_path):
+def test_old_key_layout_loads(cfg, hf_and_params, tmp_path):
   model, params = hf_and_params
   from safetensors.numpy import save_file
 
@@ -221,7 +235,7 @@ def test_old_key_layout_loads(hf_and_params, tmp_path):
     k = k.replace("model.visual.", "visual.").replace("model.language_model.", "model.")
     old[k] = v.numpy()
   save_file(old, str(tmp_path / "model.safetensors"))
-  (tmp_path / "config.json").write_text(json.dumps(config_lib.to_hf_config(CFG)))
+  (tmp_path / "config.json").write_text(json.dumps(config_lib.to_hf_config(cfg)))
   _, loaded = weights.load_hf_checkpoint(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, params, loaded)
 

@@ -1,0 +1,99 @@
+"""Qwen2.5-VL vision tower: RMSNorm blocks, gated SiLU MLP, windowed attention.
+
+Attention is restricted to windows of `window_size` pixels (8x8 patches for the
+released models) except in `fullatt_block_indexes`. transformers permutes the
+patches so that each window is contiguous, runs variable-length attention and
+restores the order after the merger; we keep the processor's patch order and mask
+attention to same-window pairs, which is the same computation with static shapes.
+Window membership follows HF's rule: windows tile the merged grid from the top-left
+corner, the last row/column of windows is cut short by the image edge.
+
+The language model is shared with Qwen3-VL (`policy.py`, with q/k/v bias, no q/k
+norm and blocked M-RoPE set in the config).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segresearch_jax.models import layers
+from segresearch_jax.models.config import VisionConfig
+
+Array = jax.Array
+
+
+@functools.lru_cache(maxsize=32)
+def vision_grid_constants(vision: VisionConfig, grid_h: int, grid_w: int) -> dict[str, np.ndarray]:
+  """Rotary tables and the same-window attention mask `[P, P]` for one patch grid."""
+  m = vision.spatial_merge_size
+  rows, cols = layers.merge_block_coords(grid_h, grid_w, m)
+  window = vision.window_size // m // vision.patch_size  # in merged tokens
+  if window < 1:
+    raise ValueError(f"window_size {vision.window_size} is smaller than one merged token.")
+  windows_per_row = -(-(grid_w // m) // window)
+  window_id = (rows // m // window) * windows_per_row + (cols // m // window)
+  cos, sin = layers.vision_rope_tables(rows, cols, vision.head_dim, vision.rope_theta)
+  return dict(cos=cos, sin=sin, window_mask=window_id[:, None] == window_id[None, :])
+
+
+class VisionBlock(nn.Module):
+  config: VisionConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None) -> Array:
+    cfg = self.config
+    n, p, d = x.shape  # [images, patches, width]
+    h = layers.RMSNorm(1e-6, self.dtype, name="norm1")(x)
+    qkv = layers.dense(3 * d, "qkv", bias=True, dtype=self.dtype)(h)
+    qkv = qkv.reshape(n, p, 3, cfg.num_heads, cfg.head_dim)
+    q = layers.apply_rotary(qkv[:, :, 0], cos, sin)
+    k = layers.apply_rotary(qkv[:, :, 1], cos, sin)
+    attn = layers.attention(q, k, qkv[:, :, 2], mask, cfg.head_dim**-0.5).reshape(n, p, d)
+    x = x + layers.dense(d, "proj", bias=True, dtype=self.dtype)(attn)
+    h = layers.RMSNorm(1e-6, self.dtype, name="norm2")(x)
+    return x + layers.SwiGLU(cfg.intermediate_size, bias=True, dtype=self.dtype, name="mlp")(h)
+
+
+class VisionTower(nn.Module):
+  """Patches `[N, P, C*T*p*p]` of N same-size images -> merged tokens (no DeepStack)."""
+
+  config: VisionConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, patches: Array, grid_hw: tuple[int, int]) -> tuple[Array, Array]:
+    cfg = self.config
+    const = vision_grid_constants(cfg, *grid_hw)
+    n, p, _ = patches.shape
+    x = layers.dense(cfg.hidden_size, "patch_embed", bias=False, dtype=self.dtype)(
+        patches.astype(self.dtype)
+    )
+    cos, sin = jnp.asarray(const["cos"]), jnp.asarray(const["sin"])
+    window_mask = jnp.broadcast_to(jnp.asarray(const["window_mask"]), (n, p, p))
+    for i in range(cfg.depth):
+      mask = None if i in cfg.fullatt_block_indexes else window_mask
+      x = VisionBlock(cfg, self.dtype, name=f"blocks_{i}")(x, cos, sin, mask)
+    merged = PatchMerger(cfg, self.dtype, name="merger")(x)
+    return merged, jnp.zeros((0,) + merged.shape, merged.dtype)
+
+
+class PatchMerger(nn.Module):
+  """RMSNorm -> group 2x2 neighbours -> Linear -> exact GELU -> Linear (HF `mlp.0`, `mlp.2`)."""
+
+  config: VisionConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n, p, _ = x.shape
+    unit = self.config.spatial_merge_size**2
+    x = layers.RMSNorm(1e-6, self.dtype, name="ln_q")(x).reshape(n, p // unit, -1)
+    x = nn.gelu(layers.dense(x.shape[-1], "mlp_0", bias=True, dtype=self.dtype)(x), approximate=False)
+    return layers.dense(self.config.out_hidden_size, "mlp_2", bias=True, dtype=self.dtype)(x)
