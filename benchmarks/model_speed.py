@@ -22,7 +22,9 @@ from segresearch_jax.models import decoding, policy, weights
 
 _COMPILES = []
 jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *a, **k: _COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+  lambda name, *a, **k: (
+    _COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+  )
 )
 
 
@@ -54,18 +56,23 @@ def main() -> None:
   table = []
   for preset in args.presets.split(","):
     table += bench(preset, args, torch, transformers)
-  print(f"\n{'model':<13}{'metric':<24}{'ours (jax)':>12}{'transformers':>14}{'ratio':>8}{'goal':>7}"
-        f"{'compiles':>10}")
+  print(
+    f"\n{'model':<13}{'metric':<24}{'ours (jax)':>12}{'transformers':>14}{'ratio':>8}{'goal':>7}"
+    f"{'compiles':>10}"
+  )
   for preset, name, ours, theirs, goal, compiles in table:
-    print(f"{preset:<13}{name:<24}{ours:>12.1f}{theirs:>14.1f}{ours / theirs:>7.2f}x{goal:>6.1f}x"
-          f"{compiles:>10}")
+    print(
+      f"{preset:<13}{name:<24}{ours:>12.1f}{theirs:>14.1f}{ours / theirs:>7.2f}x{goal:>6.1f}x"
+      f"{compiles:>10}"
+    )
   print("compiles = XLA compilations on the first call / over 3 further calls (goal: 1+ / 0)")
 
 
 def bench(preset, args, torch, transformers):
   """Rows (preset, metric, ours, theirs, goal, compiles) for one model preset."""
-  cfg = config_lib.get_preset(preset, image_token_id=100, vision_start_token_id=101,
-                              vision_end_token_id=102)
+  cfg = config_lib.get_preset(
+    preset, image_token_id=100, vision_start_token_id=101, vision_end_token_id=102
+  )
   params = policy.init_params(cfg, jax.random.PRNGKey(0))
   grid = (args.size // cfg.vision.patch_size,) * 2
   n_vis = grid[0] * grid[1] // 4
@@ -76,9 +83,13 @@ def bench(preset, args, torch, transformers):
   row += list(rng.integers(200, 1000, args.text))
   ids = np.array([row] * args.batch, np.int64)
   b, length = ids.shape
-  pixels = rng.standard_normal((b * args.frames * grid[0] * grid[1], cfg.vision.patch_dim)).astype(np.float32)
-  print(f"config {preset}: batch {b}, {length} tokens/row ({args.frames} frames of {args.size}px), "
-        f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M params, devices {jax.devices()}")
+  pixels = rng.standard_normal((b * args.frames * grid[0] * grid[1], cfg.vision.patch_dim)).astype(
+    np.float32
+  )
+  print(
+    f"config {preset}: batch {b}, {length} tokens/row ({args.frames} frames of {args.size}px), "
+    f"{sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M params, devices {jax.devices()}"
+  )
 
   # --- Ours -----------------------------------------------------------------------------
   merged = (grid[0] // 2, grid[1] // 2)
@@ -101,8 +112,16 @@ def bench(preset, args, torch, transformers):
   def generate_fn(params, patches, ids, pos, next_pos):
     vis, ds = encode(params, patches)
     return decoding.greedy_generate(
-        params, cfg, ids, pos, jnp.ones(ids.shape, bool), next_pos, vis, ds,
-        max_new_tokens=args.new_tokens, cache_length=length + args.new_tokens,
+      params,
+      cfg,
+      ids,
+      pos,
+      jnp.ones(ids.shape, bool),
+      next_pos,
+      vis,
+      ds,
+      max_new_tokens=args.new_tokens,
+      cache_length=length + args.new_tokens,
     )
 
   jargs = (params, patches, jnp.asarray(ids, jnp.int32), jnp.asarray(pos))
@@ -121,18 +140,19 @@ def bench(preset, args, torch, transformers):
     hf_cls = getattr(transformers, config_lib.to_hf_config(cfg)["architectures"][0])
     hf = hf_cls.from_pretrained(tmp, dtype=torch.float32).eval()
   hf_inputs = dict(
-      input_ids=torch.tensor(ids),
-      attention_mask=torch.ones(ids.shape, dtype=torch.long),
-      pixel_values=torch.tensor(pixels),
-      image_grid_thw=torch.tensor([[1, *grid]] * (b * args.frames)),
-      mm_token_type_ids=torch.tensor((ids == 100).astype(np.int64)),
+    input_ids=torch.tensor(ids),
+    attention_mask=torch.ones(ids.shape, dtype=torch.long),
+    pixel_values=torch.tensor(pixels),
+    image_grid_thw=torch.tensor([[1, *grid]] * (b * args.frames)),
+    mm_token_type_ids=torch.tensor((ids == 100).astype(np.int64)),
   )
   with torch.no_grad():
     hf_prefill = _timed(lambda: hf(**hf_inputs, logits_to_keep=1), 2)
     hf_generate = _timed(
-        lambda: hf.generate(**hf_inputs, max_new_tokens=args.new_tokens,
-                            min_new_tokens=args.new_tokens, do_sample=False),
-        1,
+      lambda: hf.generate(
+        **hf_inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+      ),
+      1,
     )
 
   # Repeated calls must hit the compilation cache.
@@ -145,10 +165,22 @@ def bench(preset, args, torch, transformers):
   prefill_tokens = b * length
   new_tokens = b * (args.new_tokens - 1)  # tokens produced by decode steps after the prefill
   return [
-      (preset, "prefill tokens/s", prefill_tokens / ours_prefill, prefill_tokens / hf_prefill, 1.0,
-       f"{prefill_compiles}/{recompiles}"),
-      (preset, "greedy decode tokens/s", new_tokens / max(ours_generate - ours_prefill, 1e-9),
-       new_tokens / max(hf_generate - hf_prefill, 1e-9), 3.0, f"{generate_compiles}/{recompiles}"),
+    (
+      preset,
+      "prefill tokens/s",
+      prefill_tokens / ours_prefill,
+      prefill_tokens / hf_prefill,
+      1.0,
+      f"{prefill_compiles}/{recompiles}",
+    ),
+    (
+      preset,
+      "greedy decode tokens/s",
+      new_tokens / max(ours_generate - ours_prefill, 1e-9),
+      new_tokens / max(hf_generate - hf_prefill, 1e-9),
+      3.0,
+      f"{generate_compiles}/{recompiles}",
+    ),
   ]
 
 

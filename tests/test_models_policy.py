@@ -20,8 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 GRID = (8, 6)  # patches; 12 merged tokens, non-square on purpose
 HF_CLASSES = {
-    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig"),
-    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
+  "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig"),
+  "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
 }
 
 
@@ -55,8 +55,11 @@ def hf_and_params(cfg):
 def _image_prompt(cfg, left_text, right_text):
   n = GRID[0] * GRID[1] // cfg.vision.spatial_merge_size**2
   return (
-      list(left_text) + [cfg.vision_start_token_id] + [cfg.image_token_id] * n
-      + [cfg.vision_end_token_id] + list(right_text)
+    list(left_text)
+    + [cfg.vision_start_token_id]
+    + [cfg.image_token_id] * n
+    + [cfg.vision_end_token_id]
+    + list(right_text)
   )
 
 
@@ -65,11 +68,11 @@ def _hf_logits(cfg, model, ids, pixels, mask=None):
   mask = np.ones_like(ids) if mask is None else mask
   with torch.no_grad():
     out = model(
-        input_ids=ids_t,
-        attention_mask=torch.tensor(mask),
-        pixel_values=torch.tensor(pixels),
-        image_grid_thw=torch.tensor([[1, *GRID]] * ids.shape[0]),
-        mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
+      input_ids=ids_t,
+      attention_mask=torch.tensor(mask),
+      pixel_values=torch.tensor(pixels),
+      image_grid_thw=torch.tensor([[1, *GRID]] * ids.shape[0]),
+      mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
     )
   return out.logits.numpy()
 
@@ -77,13 +80,15 @@ def _hf_logits(cfg, model, ids, pixels, mask=None):
 def _encode(cfg, params, pixels):
   patches = jnp.asarray(pixels).reshape(-1, GRID[0] * GRID[1], cfg.vision.patch_dim)
   return policy.Policy(cfg).apply(
-      {"params": params}, patches, GRID, method=policy.Policy.encode_images
+    {"params": params}, patches, GRID, method=policy.Policy.encode_images
   )
 
 
 def _pixels(cfg, n_images, seed=0):
   rng = np.random.default_rng(seed)
-  return rng.standard_normal((n_images * GRID[0] * GRID[1], cfg.vision.patch_dim)).astype(np.float32)
+  return rng.standard_normal((n_images * GRID[0] * GRID[1], cfg.vision.patch_dim)).astype(
+    np.float32
+  )
 
 
 def test_logit_parity_with_image(cfg, hf_and_params):
@@ -95,8 +100,12 @@ def test_logit_parity_with_image(cfg, hf_and_params):
   merged = (GRID[0] // 2, GRID[1] // 2)
   pos, _ = policy.rope_index(ids, np.ones_like(ids), [[merged]], cfg.image_token_id)
   logits, _ = policy.Policy(cfg).apply(
-      {"params": params}, jnp.asarray(ids), jnp.asarray(pos), jnp.ones(ids.shape, bool), visual,
-      deepstack,
+    {"params": params},
+    jnp.asarray(ids),
+    jnp.asarray(pos),
+    jnp.ones(ids.shape, bool),
+    visual,
+    deepstack,
   )
   assert np.abs(np.asarray(logits) - expected).max() <= 1e-4
 
@@ -109,8 +118,10 @@ def test_rope_index_matches_transformers_with_left_padding(cfg, hf_and_params):
   merged = (GRID[0] // 2, GRID[1] // 2)
   ours, next_pos = policy.rope_index(ids, mask, [[merged], [merged]], cfg.image_token_id)
   theirs, delta = model.model.get_rope_index(
-      torch.tensor(ids), torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
-      image_grid_thw=torch.tensor([[1, *GRID]] * 2), attention_mask=torch.tensor(mask),
+    torch.tensor(ids),
+    torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
+    image_grid_thw=torch.tensor([[1, *GRID]] * 2),
+    attention_mask=torch.tensor(mask),
   )
   np.testing.assert_array_equal(ours[:, mask.astype(bool)], theirs.numpy()[:, mask.astype(bool)])
   np.testing.assert_array_equal(next_pos, delta.numpy()[:, 0] + mask.sum(1))
@@ -124,19 +135,25 @@ def test_cached_decoding_matches_full_forward(cfg, hf_and_params):
   pos, _ = policy.rope_index(ids, np.ones_like(ids), [[merged]], cfg.image_token_id)
   valid = jnp.ones(ids.shape, bool)
   full, _ = policy.Policy(cfg).apply(
-      {"params": params}, jnp.asarray(ids), jnp.asarray(pos), valid, visual, deepstack
+    {"params": params}, jnp.asarray(ids), jnp.asarray(pos), valid, visual, deepstack
   )
   # Prefill all but the last 4 tokens, then feed them one at a time.
   split = ids.shape[1] - 4
   cache = policy.init_cache(cfg, 1, ids.shape[1] + 3)
   logits, cache = decoding.prefill(
-      params, cfg, cache, jnp.asarray(ids[:, :split]), jnp.asarray(pos[:, :, :split]),
-      valid[:, :split], visual, deepstack,
+    params,
+    cfg,
+    cache,
+    jnp.asarray(ids[:, :split]),
+    jnp.asarray(pos[:, :, :split]),
+    valid[:, :split],
+    visual,
+    deepstack,
   )
   steps = [logits[:, -1]]
   for t in range(split, ids.shape[1]):
     step_logits, cache = decoding.decode_step(
-        params, cfg, cache, jnp.asarray(ids[:, t]), jnp.asarray(pos[0, :, t])
+      params, cfg, cache, jnp.asarray(ids[:, t]), jnp.asarray(pos[0, :, t])
     )
     steps.append(step_logits)
   incremental = np.stack([np.asarray(s) for s in steps], axis=1)[:, :-1]
@@ -153,10 +170,18 @@ def test_left_padded_batch_greedy_equals_separate_runs(cfg, hf_and_params):
   def run(ids, mask, vis, ds):
     pos, next_pos = policy.rope_index(ids, mask, [[merged]] * len(ids), cfg.image_token_id)
     return np.asarray(
-        decoding.greedy_generate(
-            params, cfg, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask, bool),
-            jnp.asarray(next_pos), vis, ds, max_new_tokens=6, cache_length=48,
-        )
+      decoding.greedy_generate(
+        params,
+        cfg,
+        jnp.asarray(ids),
+        jnp.asarray(pos),
+        jnp.asarray(mask, bool),
+        jnp.asarray(next_pos),
+        vis,
+        ds,
+        max_new_tokens=6,
+        cache_length=48,
+      )
     )
 
   width = max(map(len, rows))
@@ -164,7 +189,9 @@ def test_left_padded_batch_greedy_equals_separate_runs(cfg, hf_and_params):
   mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
   batched = run(ids, mask, visual, deepstack)
   for i, r in enumerate(rows):
-    alone = run(np.array([r]), np.ones((1, len(r)), int), visual[i : i + 1], deepstack[:, i : i + 1])
+    alone = run(
+      np.array([r]), np.ones((1, len(r)), int), visual[i : i + 1], deepstack[:, i : i + 1]
+    )
     np.testing.assert_array_equal(batched[i], alone[0])
 
 
@@ -191,8 +218,12 @@ def test_export_then_transformers_load_gives_same_logits(cfg, hf_and_params, tmp
   visual, deepstack = _encode(cfg, params, pixels)
   pos, _ = policy.rope_index(ids, np.ones_like(ids), [[(4, 3)]], cfg.image_token_id)
   ours, _ = policy.Policy(cfg).apply(
-      {"params": params}, jnp.asarray(ids), jnp.asarray(pos), jnp.ones(ids.shape, bool), visual,
-      deepstack,
+    {"params": params},
+    jnp.asarray(ids),
+    jnp.asarray(pos),
+    jnp.ones(ids.shape, bool),
+    visual,
+    deepstack,
   )
   assert np.abs(_hf_logits(cfg, loaded, ids, pixels) - np.asarray(ours)).max() <= 1e-4
   # And back: our loader reads what we wrote.

@@ -21,23 +21,23 @@ Array = jax.Array
 
 
 def prefill(
-    params: Any,
-    config: ModelConfig,
-    cache: Cache,
-    input_ids: Array,
-    positions: Array,
-    token_valid: Array,
-    visual: Array | None = None,
-    deepstack: Array | None = None,
+  params: Any,
+  config: ModelConfig,
+  cache: Cache,
+  input_ids: Array,
+  positions: Array,
+  token_valid: Array,
+  visual: Array | None = None,
+  deepstack: Array | None = None,
 ) -> tuple[Array, Cache]:
   """Appends a chunk to the cache; returns logits [B, T, V] and the new cache."""
   return Policy(config).apply(
-      {"params": params}, input_ids, positions, token_valid, visual, deepstack, cache
+    {"params": params}, input_ids, positions, token_valid, visual, deepstack, cache
   )
 
 
 def decode_step(
-    params: Any, config: ModelConfig, cache: Cache, tokens: Array, next_pos: Array
+  params: Any, config: ModelConfig, cache: Cache, tokens: Array, next_pos: Array
 ) -> tuple[Array, Cache]:
   """One token per row at M-RoPE position `next_pos` (the same on all three axes).
 
@@ -56,18 +56,18 @@ def decode_step(
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_length"))
 def greedy_generate(
-    params: Any,
-    config: ModelConfig,
-    input_ids: Array,
-    positions: Array,
-    token_valid: Array,
-    next_pos: Array,
-    visual: Array | None,
-    deepstack: Array | None,
-    *,
-    max_new_tokens: int,
-    cache_length: int,
-    eos_id: int = -1,
+  params: Any,
+  config: ModelConfig,
+  input_ids: Array,
+  positions: Array,
+  token_valid: Array,
+  next_pos: Array,
+  visual: Array | None,
+  deepstack: Array | None,
+  *,
+  max_new_tokens: int,
+  cache_length: int,
+  eos_id: int = -1,
 ) -> Array:
   """Greedy decoding of a left-padded batch with a KV cache.
 
@@ -76,7 +76,9 @@ def greedy_generate(
   """
   b = input_ids.shape[0]
   cache = init_cache(config, b, cache_length, jnp.float32)
-  logits, cache = prefill(params, config, cache, input_ids, positions, token_valid, visual, deepstack)
+  logits, cache = prefill(
+    params, config, cache, input_ids, positions, token_valid, visual, deepstack
+  )
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
   def step(carry, _):
@@ -91,17 +93,17 @@ def greedy_generate(
 
 
 def token_logprobs(
-    params: Any,
-    config: ModelConfig,
-    input_ids: Array,
-    positions: Array,
-    token_valid: Array,
-    visual: Array | None = None,
-    deepstack: Array | None = None,
-    *,
-    chunk_size: int = 256,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
+  params: Any,
+  config: ModelConfig,
+  input_ids: Array,
+  positions: Array,
+  token_valid: Array,
+  visual: Array | None = None,
+  deepstack: Array | None = None,
+  *,
+  chunk_size: int = 256,
+  temperature: float = 1.0,
+  return_entropy: bool = False,
 ) -> Array | tuple[Array, Array]:
   """log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1; position 0 gets 0.
 
@@ -113,7 +115,7 @@ def token_logprobs(
   """
   model = Policy(config)
   hidden, _ = model.apply(
-      {"params": params}, input_ids, positions, token_valid, visual, deepstack, return_hidden=True
+    {"params": params}, input_ids, positions, token_valid, visual, deepstack, return_hidden=True
   )
   b, length, d = hidden.shape
   targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros((b, 1), input_ids.dtype)], axis=1)

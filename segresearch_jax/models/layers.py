@@ -32,7 +32,7 @@ class RMSNorm(nn.Module):
 def layer_norm(name: str, *, eps: float, dtype: jnp.dtype) -> nn.LayerNorm:
   """LayerNorm with two-pass variance and fp32 statistics, as torch computes it."""
   return nn.LayerNorm(
-      epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, name=name
+    epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, name=name
   )
 
 
@@ -52,7 +52,9 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
   return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
-def mrope_axis_of_frequency(head_dim: int, section: tuple[int, int, int], interleaved: bool) -> np.ndarray:
+def mrope_axis_of_frequency(
+  head_dim: int, section: tuple[int, int, int], interleaved: bool
+) -> np.ndarray:
   """Which position axis (0=T, 1=H, 2=W) drives each of the head_dim/2 frequencies.
 
   Qwen3-VL interleaves the axes (T H W T H W ... then T for the tail); Qwen2.5-VL
@@ -72,7 +74,7 @@ def mrope_axis_of_frequency(head_dim: int, section: tuple[int, int, int], interl
 
 
 def mrope_tables(
-    positions: Array, head_dim: int, theta: float, section: tuple[int, int, int], interleaved: bool
+  positions: Array, head_dim: int, theta: float, section: tuple[int, int, int], interleaved: bool
 ) -> tuple[Array, Array]:
   """cos/sin tables `[B, T, head_dim]` for M-RoPE positions `[3, B, T]`."""
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
@@ -88,7 +90,8 @@ def vision_rope_tables(rows: np.ndarray, cols: np.ndarray, head_dim: int, theta:
   spatial = head_dim // 2
   inv_freq = 1.0 / (theta ** (np.arange(0, spatial, 2, dtype=np.float32) / spatial))
   freqs = np.concatenate(
-      [rows[:, None].astype(np.float32) * inv_freq, cols[:, None].astype(np.float32) * inv_freq], axis=-1
+    [rows[:, None].astype(np.float32) * inv_freq, cols[:, None].astype(np.float32) * inv_freq],
+    axis=-1,
   )
   emb = np.concatenate([freqs, freqs], axis=-1)
   return np.cos(emb), np.sin(emb)
@@ -139,6 +142,6 @@ def merge_block_coords(grid_h: int, grid_w: int, merge: int) -> tuple[np.ndarray
   rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
   block = (grid_h // merge, merge, grid_w // merge, merge)
   return (
-      rows.reshape(block).transpose(0, 2, 1, 3).reshape(-1),
-      cols.reshape(block).transpose(0, 2, 1, 3).reshape(-1),
+    rows.reshape(block).transpose(0, 2, 1, 3).reshape(-1),
+    cols.reshape(block).transpose(0, 2, 1, 3).reshape(-1),
   )

@@ -39,18 +39,26 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: Array, cos: Array, sin: Array, mask: Array, kv: tuple[Array, Array] | None,
-      write_slots: Array | None,
+    self,
+    x: Array,
+    cos: Array,
+    sin: Array,
+    mask: Array,
+    kv: tuple[Array, Array] | None,
+    write_slots: Array | None,
   ) -> tuple[Array, tuple[Array, Array] | None]:
     cfg = self.config
     b, t, _ = x.shape
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
     q, k, v = (
-        layers.dense(heads * cfg.head_dim, name, bias=cfg.qkv_bias, dtype=self.dtype)(h).reshape(
-            b, t, heads, cfg.head_dim
-        )
-        for name, heads in (("q_proj", cfg.num_heads), ("k_proj", cfg.num_kv_heads),
-                            ("v_proj", cfg.num_kv_heads))
+      layers.dense(heads * cfg.head_dim, name, bias=cfg.qkv_bias, dtype=self.dtype)(h).reshape(
+        b, t, heads, cfg.head_dim
+      )
+      for name, heads in (
+        ("q_proj", cfg.num_heads),
+        ("k_proj", cfg.num_kv_heads),
+        ("v_proj", cfg.num_kv_heads),
+      )
     )
     if cfg.qk_norm:
       q = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
@@ -59,7 +67,10 @@ class DecoderLayer(nn.Module):
     if kv is not None:
       # Append this chunk at each row's own offset in the cache.
       write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))
-      kv = (write(kv[0], k.astype(kv[0].dtype), write_slots), write(kv[1], v.astype(kv[1].dtype), write_slots))
+      kv = (
+        write(kv[0], k.astype(kv[0].dtype), write_slots),
+        write(kv[1], v.astype(kv[1].dtype), write_slots),
+      )
       k, v = kv[0].astype(self.dtype), kv[1].astype(self.dtype)
     attn = layers.attention(q, k, v, mask, cfg.head_dim**-0.5).reshape(b, t, -1)
     x = x + layers.dense(cfg.hidden_size, "o_proj", bias=False, dtype=self.dtype)(attn)
@@ -98,11 +109,14 @@ class Policy(nn.Module):
       raise ValueError(f"Unknown model family {cfg.family!r}; expected one of {sorted(towers)}.")
     self.visual = towers[cfg.family](cfg.vision, self.dtype)
     self.embed_tokens = nn.Embed(
-        cfg.text.vocab_size, cfg.text.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
-        embedding_init=nn.initializers.normal(0.02),
+      cfg.text.vocab_size,
+      cfg.text.hidden_size,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      embedding_init=nn.initializers.normal(0.02),
     )
     self.decoder_layers = [
-        DecoderLayer(cfg.text, self.dtype, name=f"layers_{i}") for i in range(cfg.text.num_layers)
+      DecoderLayer(cfg.text, self.dtype, name=f"layers_{i}") for i in range(cfg.text.num_layers)
     ]
     self.norm = layers.RMSNorm(cfg.text.rms_norm_eps, self.dtype)
     if not cfg.text.tie_word_embeddings:
@@ -118,14 +132,14 @@ class Policy(nn.Module):
     return self.lm_head(hidden)
 
   def __call__(
-      self,
-      input_ids: Array,
-      positions: Array,
-      token_valid: Array,
-      visual: Array | None = None,
-      deepstack: Array | None = None,
-      cache: Cache | None = None,
-      return_hidden: bool = False,
+    self,
+    input_ids: Array,
+    positions: Array,
+    token_valid: Array,
+    visual: Array | None = None,
+    deepstack: Array | None = None,
+    cache: Cache | None = None,
+    return_hidden: bool = False,
   ) -> tuple[Array, Cache | None]:
     """Runs one chunk of tokens.
 
@@ -151,7 +165,7 @@ class Policy(nn.Module):
       if deepstack is not None and deepstack.shape[0]:
         ds_features, _ = scatter_visual(input_ids, self.config.image_token_id, deepstack)
     cos, sin = layers.mrope_tables(
-        positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved
+      positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved
     )
 
     if cache is None:
@@ -191,10 +205,10 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.fl
   t = config.text
   shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
   return {
-      "k": jnp.zeros(shape, dtype),
-      "v": jnp.zeros(shape, dtype),
-      "valid": jnp.zeros((batch, length), bool),
-      "end": jnp.zeros((batch,), jnp.int32),
+    "k": jnp.zeros(shape, dtype),
+    "v": jnp.zeros(shape, dtype),
+    "valid": jnp.zeros((batch, length), bool),
+    "end": jnp.zeros((batch,), jnp.int32),
   }
 
 
@@ -218,7 +232,7 @@ def init_params(config: ModelConfig, rng: Array, grid_hw: tuple[int, int] = (4, 
 
 
 def mrope_positions(
-    input_ids: np.ndarray, image_grids: list[tuple[int, int]], image_token_id: int, start: int = 0
+  input_ids: np.ndarray, image_grids: list[tuple[int, int]], image_token_id: int, start: int = 0
 ) -> tuple[np.ndarray, int]:
   """3-D positions for one row of real tokens (SPEC §5).
 
@@ -259,8 +273,10 @@ def mrope_positions(
 
 
 def rope_index(
-    input_ids: np.ndarray, attention_mask: np.ndarray, image_grids: list[list[tuple[int, int]]],
-    image_token_id: int,
+  input_ids: np.ndarray,
+  attention_mask: np.ndarray,
+  image_grids: list[list[tuple[int, int]]],
+  image_token_id: int,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Batched `mrope_positions` for a (left- or right-) padded batch.
 

@@ -73,7 +73,7 @@ class VisionTower(nn.Module):
     const = vision_grid_constants(cfg, *grid_hw)
     n, p, _ = patches.shape
     x = layers.dense(cfg.hidden_size, "patch_embed", bias=False, dtype=self.dtype)(
-        patches.astype(self.dtype)
+      patches.astype(self.dtype)
     )
     cos, sin = jnp.asarray(const["cos"]), jnp.asarray(const["sin"])
     window_mask = jnp.broadcast_to(jnp.asarray(const["window_mask"]), (n, p, p))
@@ -95,5 +95,7 @@ class PatchMerger(nn.Module):
     n, p, _ = x.shape
     unit = self.config.spatial_merge_size**2
     x = layers.RMSNorm(1e-6, self.dtype, name="ln_q")(x).reshape(n, p // unit, -1)
-    x = nn.gelu(layers.dense(x.shape[-1], "mlp_0", bias=True, dtype=self.dtype)(x), approximate=False)
+    x = nn.gelu(
+      layers.dense(x.shape[-1], "mlp_0", bias=True, dtype=self.dtype)(x), approximate=False
+    )
     return layers.dense(self.config.out_hidden_size, "mlp_2", bias=True, dtype=self.dtype)(x)

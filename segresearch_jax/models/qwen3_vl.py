@@ -104,11 +104,13 @@ class VisionTower(nn.Module):
     cfg = self.config
     const = vision_grid_constants(cfg, *grid_hw)
     x = layers.dense(cfg.hidden_size, "patch_embed", bias=True, dtype=self.dtype)(
-        patches.astype(self.dtype)
+      patches.astype(self.dtype)
     )
     table = self.param(
-        "pos_embed", nn.initializers.normal(0.02), (cfg.num_position_embeddings, cfg.hidden_size),
-        jnp.float32,
+      "pos_embed",
+      nn.initializers.normal(0.02),
+      (cfg.num_position_embeddings, cfg.hidden_size),
+      jnp.float32,
     )
     pos = jnp.einsum("pk,pkd->pd", const["pos_weight"], table[const["pos_index"]])
     x = x + pos.astype(x.dtype)
@@ -123,5 +125,3 @@ class VisionTower(nn.Module):
     if deepstack:
       return merged, jnp.stack(deepstack)
     return merged, jnp.zeros((0,) + merged.shape, merged.dtype)
-
-

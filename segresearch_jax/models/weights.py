@@ -25,11 +25,17 @@ from segresearch_jax.models import policy
 
 # Older exports keep the language model at the top level; normalise to the current layout.
 _KEY_ALIASES = (
-    (re.compile(r"^visual\."), "model.visual."),
-    (re.compile(r"^model\.(layers|embed_tokens|norm)\."), r"model.language_model.\1."),
+  (re.compile(r"^visual\."), "model.visual."),
+  (re.compile(r"^model\.(layers|embed_tokens|norm)\."), r"model.language_model.\1."),
 )
 
-_LEAF = {"kernel": "weight", "scale": "weight", "weight": "weight", "bias": "bias", "embedding": "weight"}
+_LEAF = {
+  "kernel": "weight",
+  "scale": "weight",
+  "weight": "weight",
+  "bias": "bias",
+  "embedding": "weight",
+}
 
 
 class CheckpointMismatchError(ValueError):
@@ -112,7 +118,7 @@ def read_safetensors(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def params_from_hf(
-    tensors: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig, dtype: Any = jnp.float32
+  tensors: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig, dtype: Any = jnp.float32
 ) -> Any:
   """Builds the Flax parameter tree from HF tensors; raises one error listing all problems."""
   shapes = jax.eval_shape(lambda: policy.init_params(cfg, jax.random.PRNGKey(0)))
@@ -125,7 +131,9 @@ def params_from_hf(
       continue
     value = _to_flax(tensors[name], layout, leaf.shape)
     if tuple(value.shape) != tuple(leaf.shape):
-      bad_shape.append(f"{name}: checkpoint {tuple(tensors[name].shape)}, model expects {leaf.shape}")
+      bad_shape.append(
+        f"{name}: checkpoint {tuple(tensors[name].shape)}, model expects {leaf.shape}"
+      )
       continue
     used.add(name)
     out[path] = jnp.asarray(value, dtype)
@@ -133,14 +141,16 @@ def params_from_hf(
   unexpected = sorted(set(tensors) - used - tied_head)
   if cfg.text.tie_word_embeddings and "lm_head.weight" in tensors:
     # A tied checkpoint may still store the head; it must equal the embedding.
-    if not np.array_equal(tensors["lm_head.weight"], tensors.get("model.language_model.embed_tokens.weight")):
+    if not np.array_equal(
+      tensors["lm_head.weight"], tensors.get("model.language_model.embed_tokens.weight")
+    ):
       unexpected.append("lm_head.weight (differs from embed_tokens while tie_word_embeddings=True)")
   if missing or unexpected or bad_shape:
     lines = [f"missing: {m}" for m in missing] + [f"unexpected: {u}" for u in unexpected]
     lines += [f"wrong shape: {s}" for s in bad_shape]
     raise CheckpointMismatchError(
-        f"Checkpoint does not match the {cfg.family} model ({len(lines)} problems):\n  "
-        + "\n  ".join(lines)
+      f"Checkpoint does not match the {cfg.family} model ({len(lines)} problems):\n  "
+      + "\n  ".join(lines)
     )
   return flax.traverse_util.unflatten_dict(out)
 
@@ -166,12 +176,14 @@ def params_to_hf(params: Any, cfg: config_lib.ModelConfig) -> dict[str, np.ndarr
   out = {}
   for path, value in flat.items():
     name, layout = hf_name(path)
-    out[name] = np.ascontiguousarray(_to_hf(np.asarray(value, np.float32), layout, _conv_shape(cfg)))
+    out[name] = np.ascontiguousarray(
+      _to_hf(np.asarray(value, np.float32), layout, _conv_shape(cfg))
+    )
   return out
 
 
 def save_hf_checkpoint(
-    params: Any, cfg: config_lib.ModelConfig, out_dir: str | os.PathLike, dtype: Any = jnp.float32
+  params: Any, cfg: config_lib.ModelConfig, out_dir: str | os.PathLike, dtype: Any = jnp.float32
 ) -> pathlib.Path:
   """Writes `config.json` + `model.safetensors` that transformers loads."""
   from safetensors.flax import save_file

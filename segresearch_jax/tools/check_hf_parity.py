@@ -19,8 +19,14 @@ import numpy as np
 from segresearch_jax.models import policy, weights
 
 
-def compare(hf_dir: str, *, grid: tuple[int, int] = (8, 8), text_tokens: int = 16, seed: int = 0,
-            dtype: str = "float32") -> float:
+def compare(
+  hf_dir: str,
+  *,
+  grid: tuple[int, int] = (8, 8),
+  text_tokens: int = 16,
+  seed: int = 0,
+  dtype: str = "float32",
+) -> float:
   """Max |logits_hf - logits_flax| on one random image + text input."""
   import torch
   import transformers
@@ -33,31 +39,47 @@ def compare(hf_dir: str, *, grid: tuple[int, int] = (8, 8), text_tokens: int = 1
   n_visual = grid[0] * grid[1] // cfg.vision.spatial_merge_size**2
   special = {cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
   vocab = np.array([t for t in range(min(cfg.text.vocab_size, 50_000)) if t not in special])
-  left, right = rng.choice(vocab, text_tokens // 2), rng.choice(vocab, text_tokens - text_tokens // 2)
-  ids = np.concatenate([
-      left, [cfg.vision_start_token_id], np.full(n_visual, cfg.image_token_id),
-      [cfg.vision_end_token_id], right,
-  ])[None].astype(np.int64)
+  left, right = (
+    rng.choice(vocab, text_tokens // 2),
+    rng.choice(vocab, text_tokens - text_tokens // 2),
+  )
+  ids = np.concatenate(
+    [
+      left,
+      [cfg.vision_start_token_id],
+      np.full(n_visual, cfg.image_token_id),
+      [cfg.vision_end_token_id],
+      right,
+    ]
+  )[None].astype(np.int64)
   pixels = rng.standard_normal((grid[0] * grid[1], cfg.vision.patch_dim)).astype(np.float32)
 
   with torch.no_grad():
-    expected = hf(
+    expected = (
+      hf(
         input_ids=torch.tensor(ids),
         attention_mask=torch.ones(ids.shape, dtype=torch.long),
         pixel_values=torch.tensor(pixels, dtype=torch_dtype),
         image_grid_thw=torch.tensor([[1, *grid]]),
         mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
-    ).logits.float().numpy()
+      )
+      .logits.float()
+      .numpy()
+    )
 
   model = policy.Policy(cfg, jnp.dtype(dtype))
   visual, deepstack = model.apply(
-      {"params": params}, jnp.asarray(pixels)[None], grid, method=policy.Policy.encode_images
+    {"params": params}, jnp.asarray(pixels)[None], grid, method=policy.Policy.encode_images
   )
   merged = (grid[0] // cfg.vision.spatial_merge_size, grid[1] // cfg.vision.spatial_merge_size)
   pos, _ = policy.rope_index(ids, np.ones_like(ids), [[merged]], cfg.image_token_id)
   logits, _ = model.apply(
-      {"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(pos), jnp.ones(ids.shape, bool),
-      visual, deepstack,
+    {"params": params},
+    jnp.asarray(ids, jnp.int32),
+    jnp.asarray(pos),
+    jnp.ones(ids.shape, bool),
+    visual,
+    deepstack,
   )
   return float(np.abs(np.asarray(logits, np.float32) - expected).max())
 
@@ -71,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   diff = compare(args.hf_dir, seed=args.seed, dtype=args.dtype)
   ok = diff <= args.tolerance
-  print(f"max |delta logits| = {diff:.3e}  (tolerance {args.tolerance:.1e})  {'OK' if ok else 'FAIL'}")
+  print(
+    f"max |delta logits| = {diff:.3e}  (tolerance {args.tolerance:.1e})  {'OK' if ok else 'FAIL'}"
+  )
   return 0 if ok else 1
 
 
