@@ -1,0 +1,510 @@
+"""Multi-turn agent episodes in one compiled program (SPEC §1).
+
+`make_rollout_fn` returns a jitted function that, for a batch of prompts x group
+size, prefills the prompts (frames + text), then runs a `lax.while_loop` of decode
+steps. Every step samples one token per active row; a row whose turn ends on an
+action (`</search>` or `</keyframe>`) waits, and once any row waits, ONE
+`io_callback` to the host serves every waiting row (search, keyframe lookup,
+observation formatting and tokenisation happen there). The observation tokens are
+written to the response (masked out of the loss) and prefilled into the KV cache at
+each row's own offset, with the keyframe's high-resolution features (encoded once
+per prompt for every shown frame) or the image_search result's features placed at
+its `<|image_pad|>` tokens and M-RoPE positions continued as for a new image.
+
+The output is what GRPO needs: response tokens, loss mask, the sampler's
+log-probs, M-RoPE positions, the images each observation inserted, stop reasons.
+`training_inputs` turns it into the arguments of `decoding.token_logprobs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from segresearch_jax.models import policy
+from segresearch_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+STOP_REASONS = ("finished", "max_turns", "max_length", "empty")
+FINISHED, MAX_TURNS, MAX_LENGTH, EMPTY = range(4)
+# Observation image kinds returned by the host.
+NO_IMAGE, KEYFRAME_IMAGE, SEARCH_IMAGE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Static shapes and sampling settings of one compiled rollout program."""
+
+  group_size: int = 1
+  max_turns: int = 6
+  max_response_length: int = 512
+  max_action_length: int = 128
+  max_obs_length: int = 256
+  temperature: float = 1.0  # 0 = greedy.
+  top_p: float = 1.0
+  top_k: int = 0
+  im_end_id: int = 151645
+  # Merged-token grids (h, w) of the three image kinds (shown frames, keyframe, search image).
+  frame_grid: tuple[int, int] = (2, 2)
+  keyframe_grid: tuple[int, int] = (2, 2)
+  search_grid: tuple[int, int] = (2, 2)
+
+
+def stop_patterns(tokenizer: Any, stop_strings: Sequence[str], max_len: int = 8) -> np.ndarray:
+  """Token sequences that end a turn, right-aligned in a [K, max_len] array (-1 = any).
+
+  A stop string can tokenise differently after different characters, so the
+  patterns are the shortest token suffixes that decode to text ending with the
+  string, collected over a few preceding contexts.
+  """
+  patterns = set()
+  for s in stop_strings:
+    for prefix in ("", " ", "\n", "  ", ". ", "} ", "]", "0 ", "a"):
+      ids = tokenizer.encode(prefix + s)
+      for k in range(1, len(ids) + 1):
+        if tokenizer.decode(ids[-k:]).endswith(s):
+          patterns.add(tuple(ids[-k:]))
+          break
+  width = max(max(map(len, patterns)), 1)
+  if width > max_len:
+    raise ValueError(f"A stop string needs {width} tokens; raise max_len above {max_len}.")
+  out = np.full((len(patterns), width), -1, np.int32)
+  for i, p in enumerate(sorted(patterns)):
+    out[i, width - len(p) :] = p
+  return out
+
+
+def sample_tokens(logits: Array, rng: Array, cfg: RolloutConfig) -> Array:
+  """Temperature / top-k / top-p sampling, greedy when temperature is 0. [B, V] -> [B]."""
+  if cfg.temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / cfg.temperature
+  neg = jnp.finfo(jnp.float32).min
+  if cfg.top_k > 0:
+    kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if cfg.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep = jnp.cumsum(probs, axis=-1) - probs < cfg.top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(logits.shape[0]))
+  return jax.vmap(jax.random.categorical)(rngs, logits).astype(jnp.int32)
+
+
+def _write_rows(buffer: Array, values: Array, starts: Array, axis: int = 0) -> Array:
+  """buffer[b, starts[b] : starts[b] + n] = values[b] for every row (per-row offsets)."""
+  return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=axis))(
+    buffer, values, starts
+  )
+
+
+def _read_rows(buffer: Array, starts: Array, size: int) -> Array:
+  return jax.vmap(lambda c, s: jax.lax.dynamic_slice_in_dim(c, s, size, axis=0))(buffer, starts)
+
+
+def observation_positions(
+  obs_tokens: Array, obs_len: Array, start: Array, grid_h: Array, grid_w: Array, image_token_id: int
+) -> tuple[Array, Array]:
+  """M-RoPE positions [3, B, O] for observation chunks holding at most one image each.
+
+  Text continues the running index; the k-th image token gets
+  (cur, cur + k // w, cur + k % w) and the index after the image jumps by max(h, w).
+
+  Returns:
+    (positions, next free position per row).
+  """
+  o = obs_tokens.shape[1]
+  idx = jnp.arange(o)[None, :]
+  real = idx < obs_len[:, None]
+  is_img = (obs_tokens == image_token_id) & real
+  img_before = jnp.cumsum(is_img, axis=1) - is_img  # image tokens strictly before i
+  n_img = jnp.sum(is_img, axis=1, keepdims=True)
+  jump = jnp.where(n_img > 0, jnp.maximum(grid_h, grid_w)[:, None], 0)
+  text_before = idx - img_before
+  after_image = (img_before == n_img) & (n_img > 0)
+  t_pos = start[:, None] + text_before + jnp.where(after_image, jump, 0)
+  cur = start[:, None] + text_before  # for an image token: text tokens before the image
+  w = grid_w[:, None]
+  h_pos = jnp.where(is_img, cur + img_before // w, t_pos)
+  w_pos = jnp.where(is_img, cur + img_before % w, t_pos)
+  t_pos = jnp.where(is_img, cur, t_pos)
+  n_text = jnp.sum(real & ~is_img, axis=1)
+  next_pos = start + n_text + jump[:, 0]
+  return jnp.stack([t_pos, h_pos, w_pos]).astype(jnp.int32), next_pos.astype(jnp.int32)
+
+
+HostFn = Callable[..., tuple[np.ndarray, ...]]
+
+
+def make_rollout_fn(
+  model_cfg: ModelConfig,
+  cfg: RolloutConfig,
+  stop_token_patterns: np.ndarray,
+  host_fn: HostFn,
+  search_patch_shape: tuple[int, int],
+) -> Callable[..., dict[str, Array]]:
+  """Builds the jitted episode runner.
+
+  Args:
+    model_cfg: the policy.
+    cfg: static rollout settings.
+    stop_token_patterns: `stop_patterns(...)` for `</search>` and `</keyframe>`.
+    host_fn: called through `io_callback` with (pending bool[B], action_tokens
+      int32[B, A], action_len int32[B]); returns (obs_tokens int32[B, O], obs_len
+      int32[B], image_kind int32[B], image_slot int32[B], search_patches
+      float32[B, Ps, patch_dim]). Rows not pending are ignored. It must not raise:
+      failures are observations.
+    search_patch_shape: (Ps, patch_dim) of one image_search result.
+
+  Returns:
+    `rollout(params, batch, rng)`; `batch` holds, per PROMPT (rows are repeated
+    `group_size` times inside): prompt_ids [P, Lp] (left padded), prompt_valid,
+    prompt_positions [3, P, Lp], next_pos [P], frame_patches [P, F, Pf, pd],
+    keyframe_patches [P, F, Pk, pd], optionally forced_tokens [B, K] (-1 = sample;
+    tests use it to script a policy without changing its log-probs).
+  """
+  model = policy.Policy(model_cfg)
+  n = cfg.group_size
+  resp_len_max, obs_max, act_max, turns = (
+    cfg.max_response_length,
+    cfg.max_obs_length,
+    cfg.max_action_length,
+    cfg.max_turns,
+  )
+  buf_len = resp_len_max + max(obs_max, act_max) + 1
+  patterns = jnp.asarray(stop_token_patterns)
+  pat_width = patterns.shape[1]
+  image_id = model_cfg.image_token_id
+
+  def encode(params, patches):  # [N, P, pd] -> tokens [N, Nv, D], deepstack [n_ds, N, Nv, D]
+    return model.apply(
+      {"params": params}, patches, _grid_of(patches.shape[1]), method=policy.Policy.encode_images
+    )
+
+  merge = model_cfg.vision.spatial_merge_size
+  patch_grids = {
+    g[0] * g[1] * merge * merge: (g[0] * merge, g[1] * merge)
+    for g in (cfg.frame_grid, cfg.keyframe_grid, cfg.search_grid)
+  }
+
+  def _grid_of(num_patches: int) -> tuple[int, int]:
+    return patch_grids[num_patches]
+
+  def rollout(params, batch, rng):
+    prompts, f = batch["frame_patches"].shape[:2]
+    b = prompts * n
+    rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
+
+    # 1. Visual features once per prompt: shown frames and their high-res copies.
+    pf = batch["frame_patches"]
+    frame_tok, frame_ds = encode(params, pf.reshape(prompts * f, *pf.shape[2:]))
+    frame_tok = frame_tok.reshape(prompts, -1, frame_tok.shape[-1])
+    frame_ds = frame_ds.reshape(frame_ds.shape[0], prompts, -1, frame_ds.shape[-1])
+    pk = batch["keyframe_patches"]
+    key_tok, key_ds = encode(params, pk.reshape(prompts * f, *pk.shape[2:]))
+    nk = key_tok.shape[1]
+    key_tok = key_tok.reshape(prompts, f, nk, -1)
+    key_ds = key_ds.reshape(key_ds.shape[0], prompts, f, nk, -1)
+
+    # 2. Prefill the prompts (each row of a group shares its prompt).
+    lp = batch["prompt_ids"].shape[1]
+    cache = policy.init_cache(model_cfg, b, lp + buf_len, jnp.float32)
+    logits, cache = model.apply(
+      {"params": params},
+      rep(batch["prompt_ids"]),
+      rep(batch["prompt_positions"], 1),
+      rep(batch["prompt_valid"]),
+      rep(frame_tok),
+      rep(frame_ds, 1),
+      cache,
+    )
+    forced = batch.get("forced_tokens", jnp.full((b, 1), -1, jnp.int32))
+
+    state = dict(
+      cache=cache,
+      logits=logits[:, -1],
+      tokens=jnp.zeros((b, buf_len), jnp.int32),
+      positions=jnp.zeros((3, b, buf_len), jnp.int32),
+      loss_mask=jnp.zeros((b, buf_len), bool),
+      logprobs=jnp.zeros((b, buf_len), jnp.float32),
+      length=jnp.zeros((b,), jnp.int32),
+      generated=jnp.zeros((b,), jnp.int32),
+      next_pos=rep(batch["next_pos"]).astype(jnp.int32),
+      turn_start=jnp.zeros((b,), jnp.int32),
+      turns=jnp.zeros((b,), jnp.int32),
+      active=jnp.ones((b,), bool),
+      stop_reason=jnp.full((b,), MAX_LENGTH, jnp.int32),
+      obs_kind=jnp.zeros((b, turns), jnp.int32),
+      obs_slot=jnp.full((b, turns), -1, jnp.int32),
+      search_patches=jnp.zeros((b, turns, *search_patch_shape), jnp.float32),
+      rng=rng,
+      step=jnp.zeros((), jnp.int32),
+    )
+    prompt_of_row = jnp.arange(b) // n
+
+    def body(s):
+      rng, sample_rng = jax.random.split(s["rng"])
+      active = s["active"]
+      # 3. Sample one token per active row; its log-prob is the policy's own.
+      token = sample_tokens(s["logits"], sample_rng, cfg)
+      gen = s["generated"]
+      scripted = jnp.take_along_axis(
+        forced, jnp.clip(gen, 0, forced.shape[1] - 1)[:, None], axis=1
+      )[:, 0]
+      token = jnp.where((gen < forced.shape[1]) & (scripted >= 0), scripted, token)
+      temp = cfg.temperature if cfg.temperature > 0 else 1.0
+      logp_all = jax.nn.log_softmax(s["logits"].astype(jnp.float32) / temp, axis=-1)
+      logp = jnp.take_along_axis(logp_all, token[:, None], axis=1)[:, 0]
+      length = s["length"]
+      pos3 = jnp.broadcast_to(s["next_pos"][None, :, None], (3, b, 1))
+      upd = lambda buf, v: jnp.where(active[:, None], _write_rows(buf, v[:, None], length), buf)
+      tokens = upd(s["tokens"], token)
+      loss_mask = upd(s["loss_mask"], jnp.ones((b,), bool))
+      logprobs = upd(s["logprobs"], logp)
+      positions = jnp.where(
+        active[None, :, None],
+        jax.vmap(lambda c, u, st: _write_rows(c, u, st), in_axes=(0, 0, None))(
+          s["positions"], pos3, length
+        ),
+        s["positions"],
+      )
+      length = length + active
+      gen = gen + active
+      next_pos = s["next_pos"] + active
+
+      # 4. Put the token in the cache (all active rows, including those that just stopped).
+      logits, cache = model.apply(
+        {"params": params}, token[:, None], pos3, active[:, None], cache=s["cache"]
+      )
+      logits = logits[:, 0]
+
+      # 5. Turn ends: end of turn token, a stop string, or the per-turn / total length.
+      window = _read_rows(
+        jnp.pad(tokens, ((0, 0), (pat_width, 0)), constant_values=-2), length, pat_width
+      )  # [B, W]: the last W tokens
+      matched = jnp.any(
+        jnp.all((patterns[None] == window[:, None]) | (patterns[None] < 0), axis=-1), axis=-1
+      )
+      is_end = token == cfg.im_end_id
+      turn_len = length - s["turn_start"]
+      action = active & ~is_end & (matched | (turn_len >= act_max))
+      too_long = length >= resp_len_max
+      can_call = s["turns"] < turns
+      finished = active & is_end
+      stop_reason = s["stop_reason"]
+      stop_reason = jnp.where(finished, jnp.where(length == 1, EMPTY, FINISHED), stop_reason)
+      stop_reason = jnp.where(active & ~is_end & too_long, MAX_LENGTH, stop_reason)
+      last_turn = action & ~too_long & ~can_call
+      stop_reason = jnp.where(last_turn, jnp.where(matched, MAX_TURNS, MAX_LENGTH), stop_reason)
+      pending = action & ~too_long & can_call
+      active = active & ~finished & ~too_long & ~last_turn
+
+      s = dict(
+        s,
+        rng=rng,
+        tokens=tokens,
+        loss_mask=loss_mask,
+        logprobs=logprobs,
+        positions=positions,
+        length=length,
+        generated=gen,
+        next_pos=next_pos,
+        logits=logits,
+        cache=cache,
+        stop_reason=stop_reason,
+        active=active,
+        step=s["step"] + 1,
+      )
+      return jax.lax.cond(jnp.any(pending), lambda s: observe(s, pending), lambda s: s, s)
+
+    def observe(s, pending):
+      # 6. One host call serves every waiting row.
+      actions = _read_rows(s["tokens"], s["turn_start"], act_max)
+      act_len = s["length"] - s["turn_start"]
+      shapes = (
+        jax.ShapeDtypeStruct((b, obs_max), jnp.int32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+        jax.ShapeDtypeStruct((b, *search_patch_shape), jnp.float32),
+      )
+      obs, obs_len, kind, slot, search = io_callback(
+        host_fn, shapes, pending, actions, act_len, ordered=False
+      )
+      obs_len = jnp.clip(obs_len, 0, obs_max)
+      # An observation that does not fit ends the episode at max_length instead.
+      fits = s["length"] + obs_len < resp_len_max
+      stop_reason = jnp.where(pending & ~fits, MAX_LENGTH, s["stop_reason"])
+      active = s["active"] & ~(pending & ~fits)
+      pending = pending & fits
+      kind = jnp.where(pending, kind, NO_IMAGE)
+
+      # 7. Visual features of the observation image, padded to one width.
+      slot_c = jnp.clip(slot, 0, key_tok.shape[1] - 1)
+      kf = key_tok[prompt_of_row, slot_c]  # [B, Nk, D]
+      kf_ds = key_ds[:, prompt_of_row, slot_c]  # [n_ds, B, Nk, D]
+      ns = cfg.search_grid[0] * cfg.search_grid[1]
+      width = max(nk, ns)
+
+      def encode_search(_):
+        return encode(params, search)
+
+      d = kf.shape[-1]
+      zeros = (jnp.zeros((b, ns, d), kf.dtype), jnp.zeros((kf_ds.shape[0], b, ns, d), kf.dtype))
+      sr, sr_ds = jax.lax.cond(jnp.any(kind == SEARCH_IMAGE), encode_search, lambda _: zeros, None)
+      pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, width - x.shape[-2]), (0, 0)])
+      is_key = (kind == KEYFRAME_IMAGE)[:, None, None]
+      visual = jnp.where(is_key, pad(kf), pad(sr))
+      deepstack = jnp.where(is_key[None], pad(kf_ds), pad(sr_ds))
+      gh = jnp.where(kind == KEYFRAME_IMAGE, cfg.keyframe_grid[0], cfg.search_grid[0])
+      gw = jnp.where(kind == KEYFRAME_IMAGE, cfg.keyframe_grid[1], cfg.search_grid[1])
+      pos, next_pos = observation_positions(obs, obs_len, s["next_pos"], gh, gw, image_id)
+
+      # 8. Prefill the observation into the cache and the response (masked out of the loss).
+      valid = (jnp.arange(obs_max)[None] < obs_len[:, None]) & pending[:, None]
+      logits, cache = model.apply(
+        {"params": params}, obs, pos, valid, visual, deepstack, s["cache"]
+      )
+      last = jnp.clip(obs_len - 1, 0, obs_max - 1)
+      new_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+      keep = pending[:, None]
+      length = s["length"]
+      tokens = jnp.where(
+        keep, _write_rows(s["tokens"], jnp.where(valid, obs, 0), length), s["tokens"]
+      )
+      positions = jnp.where(
+        keep[None],
+        jax.vmap(lambda c, u: _write_rows(c, u, length))(s["positions"], pos),
+        s["positions"],
+      )
+      turn = jnp.clip(s["turns"], 0, turns - 1)
+      hit = pending[:, None] & (jnp.arange(turns)[None] == turn[:, None])
+      new_length = jnp.where(pending, length + obs_len, length)
+      return dict(
+        s,
+        cache=cache,
+        logits=jnp.where(keep, new_logits, s["logits"]),
+        tokens=tokens,
+        positions=positions,
+        length=new_length,
+        next_pos=jnp.where(pending, next_pos, s["next_pos"]),
+        turn_start=jnp.where(pending, new_length, s["turn_start"]),
+        turns=s["turns"] + pending,
+        active=active,
+        stop_reason=stop_reason,
+        obs_kind=jnp.where(hit, kind[:, None], s["obs_kind"]),
+        obs_slot=jnp.where(hit, slot[:, None], s["obs_slot"]),
+        search_patches=jnp.where(
+          (hit & (kind == SEARCH_IMAGE)[:, None])[:, :, None, None],
+          search[:, None],
+          s["search_patches"],
+        ),
+      )
+
+    s = jax.lax.while_loop(lambda s: jnp.any(s["active"]) & (s["step"] < buf_len), body, state)
+    r = resp_len_max
+    in_resp = jnp.arange(r)[None] < s["length"][:, None]
+    return dict(
+      response_ids=jnp.where(in_resp, s["tokens"][:, :r], 0),
+      response_positions=s["positions"][:, :, :r],
+      response_valid=in_resp,
+      loss_mask=s["loss_mask"][:, :r] & in_resp,
+      logprobs=jnp.where(in_resp, s["logprobs"][:, :r], 0.0),
+      response_length=s["length"],
+      stop_reason=s["stop_reason"],
+      num_turns=s["turns"],
+      obs_kind=s["obs_kind"],
+      obs_slot=s["obs_slot"],
+      search_patches=s["search_patches"],
+    )
+
+  return jax.jit(rollout)
+
+
+def training_inputs(
+  params: Any,
+  model_cfg: ModelConfig,
+  cfg: RolloutConfig,
+  batch: dict[str, Array],
+  out: dict[str, Array],
+) -> tuple[Array, Array, Array, Array, Array]:
+  """Prompt + response as one sequence for `decoding.token_logprobs`.
+
+  Visual tokens are rebuilt from pixels (so gradients reach the vision tower): the
+  shown frames, then, per observation turn in order, the keyframe's high-res copy or
+  the image_search result.
+
+  Returns:
+    (input_ids [B, L], positions [3, B, L], token_valid [B, L], visual [B, Nv, D],
+    deepstack [n_ds, B, Nv, D]) with L = Lp + max_response_length.
+  """
+  model = policy.Policy(model_cfg)
+  n = cfg.group_size
+  rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
+  prompts, f = batch["frame_patches"].shape[:2]
+  b = prompts * n
+  merge = model_cfg.vision.spatial_merge_size
+  grid = lambda g: (g[0] * merge, g[1] * merge)
+  encode = lambda x, g: model.apply(
+    {"params": params}, x, grid(g), method=policy.Policy.encode_images
+  )
+
+  pf = batch["frame_patches"]
+  frame_tok, frame_ds = encode(pf.reshape(prompts * f, *pf.shape[2:]), cfg.frame_grid)
+  frame_tok = rep(frame_tok.reshape(prompts, -1, frame_tok.shape[-1]))
+  frame_ds = rep(frame_ds.reshape(frame_ds.shape[0], prompts, -1, frame_ds.shape[-1]), 1)
+
+  turns = cfg.max_turns
+  kind, slot = out["obs_kind"], jnp.clip(out["obs_slot"], 0, f - 1)
+  # Keyframes: the high-res patches of each turn's chosen frame. [B, T, Pk, pd]
+  pk = rep(batch["keyframe_patches"])
+  key_patches = jnp.take_along_axis(pk, slot[:, :, None, None], axis=1)
+  key_tok, key_ds = encode(key_patches.reshape(b * turns, *pk.shape[2:]), cfg.keyframe_grid)
+  sp = out["search_patches"]
+  srch_tok, srch_ds = encode(sp.reshape(b * turns, *sp.shape[2:]), cfg.search_grid)
+  nk, ns = key_tok.shape[1], srch_tok.shape[1]
+  width = max(nk, ns)
+  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, width - x.shape[-2]), (0, 0)])
+  d = key_tok.shape[-1]
+  is_key = (kind == KEYFRAME_IMAGE)[..., None, None]
+  obs_tok = jnp.where(
+    is_key, pad(key_tok).reshape(b, turns, width, d), pad(srch_tok).reshape(b, turns, width, d)
+  )
+  n_ds = key_ds.shape[0]
+  obs_ds = jnp.where(
+    is_key[None],
+    pad(key_ds).reshape(n_ds, b, turns, width, d),
+    pad(srch_ds).reshape(n_ds, b, turns, width, d),
+  )
+
+  # Pack each row's observation images contiguously after its frames.
+  n_tok = jnp.where(kind == KEYFRAME_IMAGE, nk, jnp.where(kind == SEARCH_IMAGE, ns, 0))  # [B, T]
+  starts = jnp.cumsum(n_tok, axis=1) - n_tok  # [B, T]
+  j = jnp.arange(turns * width)[None]  # [1, T*W] position in the packed obs sequence
+  t_of_j = jnp.sum(j[:, :, None] >= starts[:, None, :], axis=-1) - 1  # [B, T*W]
+  t_of_j = jnp.clip(t_of_j, 0, turns - 1)
+  src = t_of_j * width + (j - jnp.take_along_axis(starts, t_of_j, axis=1))
+  src = jnp.clip(src, 0, turns * width - 1)
+  packed = jnp.take_along_axis(obs_tok.reshape(b, turns * width, d), src[..., None], axis=1)
+  packed_ds = jnp.take_along_axis(
+    obs_ds.reshape(n_ds, b, turns * width, d), src[None, ..., None], axis=2
+  )
+  visual = jnp.concatenate([frame_tok, packed], axis=1)
+  deepstack = jnp.concatenate([frame_ds, packed_ds], axis=2)
+
+  input_ids = jnp.concatenate([rep(batch["prompt_ids"]), out["response_ids"]], axis=1)
+  positions = jnp.concatenate(
+    [rep(batch["prompt_positions"], 1), out["response_positions"]], axis=2
+  )
+  valid = jnp.concatenate([rep(batch["prompt_valid"]), out["response_valid"]], axis=1)
+  return input_ids, positions, valid, visual, deepstack
