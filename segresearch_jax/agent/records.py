@@ -1,0 +1,82 @@
+"""Trajectory records: one JSON line per episode, one file per training step.
+
+Like the official step records, each line holds what a person needs to read an
+episode back: the sample, the decoded response (observations included, special
+tokens kept so turn boundaries are visible), every tool call with its latency and
+error, the stop reason and, once known, the reward terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from segresearch_jax.agent import rollout
+
+
+def _jsonable(value: Any) -> Any:
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return _jsonable(dataclasses.asdict(value))
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, (np.integer, np.floating, np.bool_)):
+    return value.item()
+  return value
+
+
+def episode_records(
+  tokenizer: Any,
+  out: Mapping[str, np.ndarray],
+  samples: Sequence[Mapping[str, Any]],
+  tool_calls: Sequence[Sequence[Any]] | None = None,
+  rewards: Sequence[Mapping[str, float]] | None = None,
+) -> list[dict[str, Any]]:
+  """One dict per rollout row.
+
+  Args:
+    tokenizer: the run's tokenizer (for decoding).
+    out: rollout outputs as numpy (response_ids, response_length, stop_reason, num_turns).
+    samples: per row, the sample fields to keep (id, ability, question, ...).
+    tool_calls: per row, the bridge's call records.
+    rewards: per row, the reward terms.
+  """
+  rows = []
+  for r, sample in enumerate(samples):
+    n = int(out["response_length"][r])
+    rows.append(
+      {
+        **{k: _jsonable(v) for k, v in sample.items()},
+        "response": tokenizer.decode([int(t) for t in out["response_ids"][r, :n]]),
+        "response_tokens": n,
+        "generated_tokens": int(np.sum(out["loss_mask"][r])),
+        "num_turns": int(out["num_turns"][r]),
+        "stop_reason": rollout.STOP_REASONS[int(out["stop_reason"][r])],
+        "tool_calls": _jsonable(list(tool_calls[r])) if tool_calls is not None else [],
+        "reward": _jsonable(rewards[r]) if rewards is not None else None,
+      }
+    )
+  return rows
+
+
+def write_step(
+  directory: str | os.PathLike, step: int, records: Sequence[Mapping[str, Any]]
+) -> pathlib.Path:
+  """Writes `step_{step:06d}.jsonl` under `directory` and returns its path."""
+  path = pathlib.Path(directory) / f"step_{step:06d}.jsonl"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".jsonl.tmp")
+  with tmp.open("w", encoding="utf-8") as f:
+    for rec in records:
+      f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+  tmp.replace(path)
+  return path

@@ -1,0 +1,44 @@
+"""Trajectory records: decoded episodes as JSON lines, one file per step."""
+
+import dataclasses
+import json
+
+import numpy as np
+
+from segresearch_jax.agent import records, rollout
+
+
+class _Words:
+  def decode(self, ids, skip_special_tokens=False):
+    return " ".join(f"w{i}" for i in ids)
+
+
+@dataclasses.dataclass
+class _Call:
+  tool: str
+  query: str
+  latency_s: float
+  error: str | None
+
+
+def test_records_round_trip_through_jsonl(tmp_path):
+  out = dict(
+    response_ids=np.array([[5, 6, 7, 0], [8, 0, 0, 0]]),
+    response_length=np.array([3, 1]),
+    loss_mask=np.array([[1, 0, 1, 0], [1, 0, 0, 0]], bool),
+    stop_reason=np.array([rollout.FINISHED, rollout.MAX_LENGTH]),
+    num_turns=np.array([1, 0]),
+  )
+  samples = [{"id": "a", "frames": np.array([0, 4])}, {"id": "b", "frames": np.array([1, 2])}]
+  calls = [[_Call("text_search", "who", 0.01, None)], []]
+  rows = records.episode_records(_Words(), out, samples, calls, [{"score": 2.5}, {"score": 0.0}])
+  path = records.write_step(tmp_path, 7, rows)
+  assert path.name == "step_000007.jsonl"
+  back = [json.loads(line) for line in path.read_text().splitlines()]
+  assert back[0]["response"] == "w5 w6 w7"
+  assert back[0]["generated_tokens"] == 2
+  assert back[0]["stop_reason"] == "finished" and back[1]["stop_reason"] == "max_length"
+  assert back[0]["tool_calls"] == [
+    {"tool": "text_search", "query": "who", "latency_s": 0.01, "error": None}
+  ]
+  assert back[0]["frames"] == [0, 4] and back[1]["reward"] == {"score": 0.0}
