@@ -1,0 +1,297 @@
+"""grain pipelines: from a random-access source of OK-VOS samples to batches of prompts.
+
+    source (records: `okvos.OkvosDataSource`, a list of dicts, or a TFDS data source)
+      -> this process's shard (jax.process_index / process_count)
+      -> seeded shuffle, reshuffled every epoch -> repeat
+      -> prepare (worker threads: decode, resize frames to a square, render the prompt
+         with the protocol module, convert ground truth, optional `encode_fn`)
+      -> batch (numeric fields stacked, strings and ragged fields as object arrays)
+
+The iterator is grain's checkpointable `DatasetIterator`: `get_state()` is a small
+JSON-able dict, `set_state()` makes the next batch the one that followed the save.
+`save_state`/`restore_state` write it with Orbax next to the model checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from segresearch_jax.agent import protocol
+from segresearch_jax.data import okvos
+
+EncodeFn = Callable[[dict], dict]
+
+
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+  """Resizes uint8 [F, H, W, 3] to [F, size, size, 3], aspect NOT kept (SPEC §1.2), bicubic."""
+  if frames.shape[1:3] == (size, size):
+    return frames
+  return np.stack(
+    [np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC)) for f in frames]
+  )
+
+
+def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
+  """Resizes bool [F, H, W] to [F, size, size] by nearest neighbour."""
+  if masks.shape[1:3] == (size, size):
+    return masks
+  return np.stack(
+    [
+      np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST))
+      > 127
+      for m in masks
+    ]
+  )
+
+
+def render_prompt(example: dict, template_dir: str | os.PathLike | None = None) -> str:
+  """The chat prompt text for a sample; `<image>` placeholders are left for the processor."""
+  system = protocol.system_prompt(example["ability"], template_dir)
+  user = protocol.user_content(example["frame_numbers"], example["question"])
+  return protocol.chat_prompt(system, user)
+
+
+class Prepare:
+  """Turns one raw sample into model-ready fields, padded to `num_frames` frames.
+
+  Output fields: id, video, oid, ability, question, steps (list), reference_chain
+  (JSON str), prompt (str), frames uint8 [F, S, S, 3], masks bool [F, S, S],
+  frame_numbers int32 [F] (-1 for padding), frame_valid bool [F], frame_paths (list),
+  orig_size int32 [2] (w, h), ground_truth (JSON str, in `convention`),
+  ground_truth_pixels (JSON str, original pixels), plus whatever `encode_fn` returns.
+  """
+
+  def __init__(
+    self,
+    *,
+    frame_size: int,
+    num_frames: int,
+    convention: str,
+    template_dir: str | os.PathLike | None = None,
+    encode_fn: EncodeFn | None = None,
+  ):
+    if convention not in okvos.CONVENTIONS:
+      raise ValueError(f"Unknown convention {convention!r}; expected one of {okvos.CONVENTIONS}.")
+    self.frame_size = frame_size
+    self.num_frames = num_frames
+    self.convention = convention
+    self.template_dir = template_dir
+    self.encode_fn = encode_fn
+
+  def __call__(self, example: dict | None) -> dict | None:
+    if example is None:  # A sample the source skipped (on_error="skip").
+      return None
+    n = len(example["frame_numbers"])
+    if n > self.num_frames:
+      raise ValueError(
+        f"Sample {example['id']}: {n} frames but the pipeline expects at most {self.num_frames}."
+      )
+    pad = self.num_frames - n
+    height, width = example["frames"].shape[1:3]
+    size = self.frame_size
+    frames = resize_frames(example["frames"], size)
+    masks = resize_masks(example["masks"], size)
+    gt = okvos.convert_ground_truth(
+      example["ground_truth"], self.convention, width, height, resized=(size, size)
+    )
+    out = {
+      "id": example["id"],
+      "video": example["video"],
+      "oid": example["oid"],
+      "ability": example["ability"],
+      "question": example["question"],
+      "steps": list(example["steps"]),
+      "reference_chain": example.get("reference_chain", ""),
+      "prompt": render_prompt(example, self.template_dir),
+      "frames": np.pad(frames, ((0, pad), (0, 0), (0, 0), (0, 0))),
+      "masks": np.pad(masks, ((0, pad), (0, 0), (0, 0))),
+      "frame_numbers": np.pad(
+        np.asarray(example["frame_numbers"], np.int32), (0, pad), constant_values=-1
+      ),
+      "frame_valid": np.arange(self.num_frames) < n,
+      "frame_paths": list(example["frame_paths"]),
+      "orig_size": np.asarray([width, height], np.int32),
+      "ground_truth": json.dumps(gt),
+      "ground_truth_pixels": json.dumps(example["ground_truth"]),
+    }
+    if self.encode_fn is not None:
+      extra = self.encode_fn(out)
+      clash = set(extra) & set(out)
+      if clash:
+        raise ValueError(f"encode_fn returned fields that already exist: {sorted(clash)}.")
+      out.update(extra)
+    return out
+
+
+def collate(examples: Sequence[dict]) -> dict[str, Any]:
+  """Batches dicts: same-shape numeric arrays/scalars are stacked, the rest become
+  object arrays of length B (strings, lists, ragged arrays)."""
+  batch = {}
+  for key in examples[0]:
+    values = [e[key] for e in examples]
+    first = values[0]
+    if isinstance(first, (np.ndarray, np.generic, int, float, bool)) and not isinstance(first, str):
+      arrays = [np.asarray(v) for v in values]
+      if all(a.shape == arrays[0].shape and a.dtype.kind in "biuf" for a in arrays):
+        batch[key] = np.stack(arrays)
+        continue
+    column = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+      column[i] = v
+    batch[key] = column
+  return batch
+
+
+def make_dataset(
+  source: Sequence[dict | None],
+  *,
+  batch_size: int,
+  seed: int = 0,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+  frame_size: int = 448,
+  num_frames: int = 6,
+  convention: str = "norm1000",
+  template_dir: str | os.PathLike | None = None,
+  encode_fn: EncodeFn | None = None,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  num_threads: int = 2,
+  prefetch: int = 8,
+  drop_remainder: bool = True,
+) -> grain.IterDataset:
+  """The batched pipeline over `source` (see the module docstring).
+
+  Args:
+    source: random access, `len` and `[i]`; items are raw samples as made by
+      `okvos.load_example` (None = skipped).
+    batch_size: samples per batch on this process.
+    seed: the shuffle seed; epochs are reshuffled from it.
+    shuffle: False keeps source order (evaluation).
+    num_epochs: None repeats forever (training); 1 for one pass (evaluation).
+    frame_size: shown frames are resized to this square (448 in the paper).
+    num_frames: frames per sample after padding.
+    convention: coordinate convention of `ground_truth` ("norm1000" | "abs_resized").
+    template_dir: system prompt templates (see `protocol.system_prompt`).
+    encode_fn: optional per-sample hook (e.g. tokenisation) returning extra fields.
+    shard_index, shard_count: this process's shard; default jax.process_index()
+      and jax.process_count(), so each host reads a disjoint slice.
+    num_threads: worker threads for decoding/resizing.
+    prefetch: samples buffered ahead per thread pool.
+    drop_remainder: drop a short last batch (static shapes under jit).
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  if shard_index is None or shard_count is None:
+    import jax  # Only for the process topology.
+
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count}).")
+  if len(source) < shard_count:
+    raise ValueError(f"Source has {len(source)} samples, fewer than {shard_count} shards.")
+  ds = grain.MapDataset.source(source)
+  ds = ds[shard_index::shard_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(
+    Prepare(
+      frame_size=frame_size,
+      num_frames=num_frames,
+      convention=convention,
+      template_dir=template_dir,
+      encode_fn=encode_fn,
+    )
+  )
+  read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  it_ds = ds.to_iter_dataset(read)  # Drops the Nones of skipped samples.
+  return it_ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
+
+
+def okvos_dataset(
+  okvos_dir: str | os.PathLike,
+  split: str,
+  *,
+  batch_size: int,
+  seed: int = 0,
+  on_error: str = "raise",
+  num_frames: int = 6,
+  **kwargs,
+) -> tuple[grain.IterDataset, okvos.OkvosDataSource]:
+  """`make_dataset` over a raw OK-VOS split; also returns the source (for its `errors`)."""
+  source = okvos.OkvosDataSource(
+    okvos_dir, split, num_frames=num_frames, seed=seed, on_error=on_error
+  )
+  return make_dataset(
+    source, batch_size=batch_size, seed=seed, num_frames=num_frames, **kwargs
+  ), source
+
+
+# ----------------------------------------------------------------------------
+# From the config.
+# ----------------------------------------------------------------------------
+
+
+def resolve_data(data_config, workdir: str | os.PathLike, seed: int = 0) -> tuple[str, str]:
+  """The raw OK-VOS folder and the KB folder a config points at, building the synthetic set.
+
+  Args:
+    data_config: `config.data` (fields source, okvos_dir, synthetic_dir).
+    workdir: the run folder; the synthetic set goes to `workdir/synthetic` unless
+      `synthetic_dir` is set (built once, then reused from its cache).
+    seed: the synthetic set's seed.
+
+  Returns:
+    (okvos_dir, kb_dir); kb_dir is "" for real OK-VOS (the KB is `config.search.kb_dir`).
+  """
+  if data_config.source == "synthetic":
+    from segresearch_jax.data import synthetic
+
+    out = data_config.synthetic_dir or os.path.join(workdir, "synthetic")
+    paths = synthetic.build(out, seed=seed)
+    return paths.okvos_dir, paths.kb_dir
+  if data_config.source == "okvos":
+    if not data_config.okvos_dir:
+      raise ValueError("config.data.source is 'okvos' but config.data.okvos_dir is empty.")
+    return str(data_config.okvos_dir), ""
+  raise ValueError(f"Unknown config.data.source {data_config.source!r}; use synthetic | okvos.")
+
+
+# ----------------------------------------------------------------------------
+# Iterator state (checkpointing).
+# ----------------------------------------------------------------------------
+
+
+def save_state(iterator: grain.DatasetIterator, directory: str | os.PathLike) -> None:
+  """Saves the iterator's position with Orbax (JSON), so a resumed run sees the same next batch."""
+  import orbax.checkpoint as ocp
+
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckpt:
+    ckpt.save(os.path.abspath(directory), _jsonable(iterator.get_state()), force=True)
+
+
+def restore_state(iterator: grain.DatasetIterator, directory: str | os.PathLike) -> None:
+  """Restores a position written by `save_state` into a freshly built iterator."""
+  import orbax.checkpoint as ocp
+
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckpt:
+    iterator.set_state(ckpt.restore(os.path.abspath(directory)))
+
+
+def _jsonable(state: Any) -> Any:
+  if isinstance(state, dict):
+    return {str(k): _jsonable(v) for k, v in state.items()}
+  if isinstance(state, (list, tuple)):
+    return [_jsonable(v) for v in state]
+  if isinstance(state, np.generic):
+    return state.item()
+  return state

@@ -1,0 +1,147 @@
+"""The embedded synthetic OK-VOS: layout, determinism, caching and its guarantees."""
+
+import json
+import pathlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from segresearch_jax.data import okvos, synthetic
+
+KW = dict(num_train=8, num_test=8, teams_per_split=8, frames=(8, 10), size=(128, 96))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  return synthetic.build(tmp_path_factory.mktemp("syn"), seed=0, **KW)
+
+
+def rows(paths, split):
+  return pq.read_table(pathlib.Path(paths.okvos_dir) / f"{split}.parquet").to_pylist()
+
+
+def corpus(paths):
+  return [json.loads(line) for line in open(paths.text_corpus, encoding="utf-8")]
+
+
+def test_raw_layout_is_read_by_the_real_reader(built):
+  for split in ("train", "test"):
+    examples = list(okvos.iter_raw_examples(built.okvos_dir, split))
+    assert len(examples) == 8
+    assert {e["ability"] for e in examples} == set(okvos.ABILITIES)
+    for e in examples:
+      assert e["frames"].shape[1:] == (96, 128, 3)
+      assert e["ground_truth"], f"{e['id']}: target absent in all shown frames"
+      # Frame numbers step by 5, so they differ from indices.
+      assert all(int(n) % 5 == 0 for n in e["frame_numbers"])
+      if e["ability"] == "in-video":
+        assert e["steps"] == [] and json.loads(e["reference_chain"]) == []
+      else:
+        assert e["steps"] and json.loads(e["reference_chain"])
+
+
+def test_masks_match_the_rendered_object_colour(built):
+  """At the GT point (deep inside the visible mask) the frame shows the target's emblem colour."""
+  colour_of = {}
+  for record in corpus(built):
+    title, _, body = record["contents"].partition("\n")
+    if "play under a" in body:
+      colour_of[title] = body.split("play under a ")[1].split()[0]
+  for e, row in zip(okvos.iter_raw_examples(built.okvos_dir, "test"), rows(built, "test")):
+    team = json.loads(row["entities"])[int(row["oid"])]
+    want = np.asarray(synthetic.COLOURS[colour_of[team]], float)
+    for fid, v in e["ground_truth"].items():
+      k = list(e["frame_numbers"]).index(int(fid))
+      x, y = v["point_2d"]
+      got = e["frames"][k, y, x].astype(float)
+      assert np.abs(got - want).max() < 40, (e["id"], fid, got, want)
+
+
+def test_kb_is_in_the_official_format(built):
+  docs = corpus(built)
+  assert [d["id"] for d in docs] == list(range(len(docs)))
+  assert all("\n" in d["contents"] for d in docs)
+  images = [json.loads(line) for line in open(built.image_corpus, encoding="utf-8")]
+  assert len(images) == 16
+  for record in images:
+    assert set(record) == {"id", "name", "filename", "image_path"}
+    assert (pathlib.Path(built.kb_dir) / "images" / record["filename"]).is_file()
+
+
+def test_test_entities_and_facts_disjoint_from_train(built):
+  manifest = json.loads((pathlib.Path(built.okvos_dir).parent / "manifest.json").read_text())
+  train, test = set(manifest["entities"]["train"]), set(manifest["entities"]["test"])
+  assert train and test and not train & test
+  used = {
+    s: {n for r in rows(built, s) for n in json.loads(r["entities"])} for s in ("train", "test")
+  }
+  assert used["train"] <= train and used["test"] <= test
+  # No test fact (document) is ever a reference answer in train, and vice versa.
+  docs_used = {
+    s: {c["doc_id"] for r in rows(built, s) for c in json.loads(r["reference_chain"])}
+    for s in ("train", "test")
+  }
+  assert not docs_used["train"] & docs_used["test"]
+  train_text = " ".join(r["question"] for r in rows(built, "train"))
+  for name in test:
+    assert name not in train_text
+
+
+def test_every_search_query_is_answerable_from_the_kb(built):
+  docs = corpus(built)
+  for split in ("train", "test"):
+    for row in rows(built, split):
+      chain = json.loads(row["reference_chain"])
+      if row["ability"] == "in-video":
+        continue
+      assert [c["query"] for c in chain] == row["steps"]
+      # Each step's document contains its answer; the last answer is the emblem of
+      # the target (one-/multi-hop) or of the reference object (relational).
+      for c in chain:
+        assert c["answer"] in docs[c["doc_id"]]["contents"], (row["id"], c)
+      entities = json.loads(row["entities"])
+      target = entities[int(row["oid"])]
+      ref = entities[int(row["oid"]) + 1] if row["ability"] == "relational" else target
+      assert ref in docs[chain[-1]["doc_id"]]["contents"], row["id"]
+      # The question's key fact (cup or institute) is what the first document is about.
+      expression = row["question"].split("'")[1]
+      key = expression.split(" won the ")[-1].split(" founder of the ")[-1]
+      assert key != expression and key in docs[chain[0]["doc_id"]]["contents"], row["id"]
+
+
+def test_bm25_retrieves_every_reference_document(built):
+  bm25s = pytest.importorskip("bm25s")
+  del bm25s
+  from segresearch_jax.search import local_kb
+
+  kb = local_kb.LocalKnowledgeBase.from_files(built.text_corpus, method="bm25")
+  docs = corpus(built)
+  for split in ("train", "test"):
+    for row in rows(built, split):
+      for c in json.loads(row["reference_chain"]):
+        title, text = docs[c["doc_id"]]["contents"].split("\n", 1)
+        got = [(r.title, r.text) for r in kb.text_search(c["query"], 2)]
+        assert (title, text) in got, (row["id"], c["query"], got)
+
+
+def test_deterministic_and_cached(built, tmp_path):
+  other = synthetic.build(tmp_path / "a", seed=0, **KW)
+  assert rows(other, "train") == rows(built, "train")
+  assert corpus(other) == corpus(built)
+  frame = sorted((pathlib.Path(other.okvos_dir) / "train" / "JPEGImages").rglob("*.jpg"))[0]
+  mtime = frame.stat().st_mtime_ns
+  synthetic.build(tmp_path / "a", seed=0, **KW)  # Cached: nothing rewritten.
+  assert frame.stat().st_mtime_ns == mtime
+  changed = synthetic.build(tmp_path / "a", seed=1, **KW)  # Different seed: rebuilt.
+  assert rows(changed, "train") != rows(built, "train")
+
+
+def test_guessing_without_search_is_rarely_right(built):
+  """Every video holds 4-5 distinct emblems of KB teams: a blind pick is right <= 1/4."""
+  for split in ("train", "test"):
+    for row in rows(built, split):
+      entities = json.loads(row["entities"])
+      assert 4 <= len(entities) == len(set(entities))
+      masks = pathlib.Path(built.okvos_dir) / split / "Annotations" / row["video"]
+      assert len(list(masks.iterdir())) == len(entities)
