@@ -1,0 +1,344 @@
+"""The official OK-VOS training reward (SPEC §3.1), exactly, and its jittable split.
+
+`score_response` is the reference: one decoded response (special tokens removed,
+observations included) against the sample's ground truth and reference search
+steps. The same numbers come out of two halves that the trainer uses instead:
+`parse_responses` (host: regexes, JSON, sentence embeddings for IGR) turns a batch
+into fixed arrays, and `reward_terms` (`jnp`, jittable) does all the arithmetic.
+The official quirks are kept on purpose: the FIRST keyframe tag, `<answer>` matched
+WITHOUT DOTALL, the +1 pixel IoU convention, the point tested against the
+PREDICTED box, and a score that is not gated by format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+_FORMAT_KEYFRAME = re.compile(
+  r"<thinking>.*?</thinking>\s*<keyframe>\s*(\d+)\s*</keyframe>", re.DOTALL
+)
+_FORMAT_ANSWER = re.compile(r"<thinking>.*?</thinking>\s*<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+_KEYFRAME = re.compile(r"<keyframe>\s*(\d+)\s*</keyframe>")
+_ANSWER = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL: a multi-line answer scores 0
+_SEARCH_TURN = re.compile(r"<thinking>.*?</thinking>\s*<search>.*?</search>", re.DOTALL)
+_TEXT_QUERY = re.compile(r'\{"name":\s*"text_search".*?"query":\s*"(.*?)"\}', re.DOTALL)
+
+TERMS = ("iou_score", "box_l1_score", "point_l1_score", "keyframe_score", "process_score")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """The reward's constants (official values by default) and term weights."""
+
+  tpr_p: float = 0.7
+  tpr_budget: int = 10
+  igr_threshold: float = 0.5
+  iou_threshold: float = 0.5
+  box_l1_threshold: float = 10.0
+  point_distance_threshold: float = 100.0
+  weights: tuple[float, float, float, float, float] = (1.0, 1.0, 1.0, 1.0, 1.0)  # TERMS order
+
+
+EmbedFn = Callable[[Sequence[str]], np.ndarray]  # texts -> L2-normalised [N, D]
+
+
+def minilm_embedder(model_path: str | None = None) -> EmbedFn:
+  """all-MiniLM-L6-v2 (the packaged copy by default) as normalised embeddings."""
+  from sentence_transformers import SentenceTransformer
+
+  from segresearch_jax.search import local_kb
+
+  model = SentenceTransformer(model_path or local_kb.default_dense_model(), device="cpu")
+
+  def embed(texts: Sequence[str]) -> np.ndarray:
+    return model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
+
+  return embed
+
+
+def _ground_truth(ground_truth: str | Mapping) -> dict:
+  return json.loads(ground_truth) if isinstance(ground_truth, str) else dict(ground_truth)
+
+
+def _numbers(value: Any, n: int) -> list[float] | None:
+  if (
+    isinstance(value, list)
+    and len(value) == n
+    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+  ):
+    return [float(v) for v in value]
+  return None
+
+
+def format_reward(response: str) -> float:
+  """1 when a thinking+keyframe turn and a thinking+answer turn exist and the answer is
+  JSON with exactly {bbox_2d: 4 numbers, point_2d: 2 numbers}."""
+  if not _FORMAT_KEYFRAME.search(response):
+    return 0.0
+  answer = _FORMAT_ANSWER.search(response)
+  if not answer:
+    return 0.0
+  try:
+    parsed = json.loads(answer.group(1))
+  except (json.JSONDecodeError, ValueError):
+    return 0.0
+  ok = (
+    isinstance(parsed, dict)
+    and set(parsed) == {"bbox_2d", "point_2d"}
+    and _numbers(parsed["bbox_2d"], 4) is not None
+    and _numbers(parsed["point_2d"], 2) is not None
+  )
+  return 1.0 if ok else 0.0
+
+
+def box_iou_plus_one(a: Sequence[float], b: Sequence[float]) -> float:
+  """Box IoU with the +1 pixel convention (inclusive integer boxes)."""
+  ix1, iy1, ix2, iy2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+  inter = (ix2 - ix1 + 1) * (iy2 - iy1 + 1) if ix1 < ix2 and iy1 < iy2 else 0.0
+  area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
+  area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+  union = area_a + area_b - inter
+  return inter / union if union > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------
+# The reference: one response at a time.
+# ----------------------------------------------------------------------------
+
+
+def score_response(
+  response: str,
+  ground_truth: str | Mapping,
+  steps: Sequence[str] | None = None,
+  *,
+  config: RewardConfig = RewardConfig(),
+  embed_fn: EmbedFn | None = None,
+) -> dict[str, float]:
+  """The official reward of one response (SPEC §3.1).
+
+  Args:
+    response: the decoded response, special tokens removed.
+    ground_truth: {frame_number: {bbox_2d, point_2d, area, max_conn_area}} (or its JSON).
+    steps: the sample's reference search queries; None or empty = no process reward.
+    config: constants and weights.
+    embed_fn: sentence embedder for IGR (MiniLM by default, loaded on first need).
+
+  Returns:
+    iou_score, box_l1_score, point_l1_score, keyframe_score, process_score,
+    format_score, tpr, igr, num_search and score.
+  """
+  gt = _ground_truth(ground_truth)
+  fmt = format_reward(response)
+  iou = box_l1 = point_l1 = keyframe = 0.0
+  kf = _KEYFRAME.search(response)
+  if kf and kf.group(1) in gt:
+    target = gt[kf.group(1)]
+    keyframe = float(target["max_conn_area"])
+    answer = _ANSWER.search(response)
+    pred = _parse_answer(answer.group(1)) if answer else None
+    if pred is not None:
+      box, point = pred
+      gt_box, gt_point = (
+        [float(v) for v in target["bbox_2d"]],
+        [float(v) for v in target["point_2d"]],
+      )
+      iou = float(box_iou_plus_one(box, gt_box) > config.iou_threshold)
+      box_l1 = float(np.mean(np.abs(np.subtract(box, gt_box))) < config.box_l1_threshold)
+      inside = box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
+      dist = float(np.hypot(point[0] - gt_point[0], point[1] - gt_point[1]))
+      point_l1 = float(inside and dist < config.point_distance_threshold)
+  tpr = igr = 0.0
+  if steps:
+    k = min(len(_SEARCH_TURN.findall(response)), config.tpr_budget) + fmt
+    tpr = 1.0 - (1.0 - config.tpr_p) ** k
+    query = _TEXT_QUERY.search(response)
+    if query:
+      embed_fn = embed_fn or _default_embedder()
+      vectors = embed_fn([query.group(1), *steps])
+      igr = float(np.max(vectors[1:] @ vectors[0]) > config.igr_threshold)
+    process = 0.5 * (igr + tpr)
+  else:
+    process = fmt
+  terms = dict(
+    iou_score=iou,
+    box_l1_score=box_l1,
+    point_l1_score=point_l1,
+    keyframe_score=keyframe,
+    process_score=process,
+  )
+  score = float(sum(w * terms[t] for w, t in zip(config.weights, TERMS)))
+  return dict(
+    terms,
+    format_score=fmt,
+    tpr=tpr,
+    igr=igr,
+    num_search=float(response.count("<search>")),
+    score=score,
+  )
+
+
+def _parse_answer(text: str) -> tuple[list[float], list[float]] | None:
+  try:
+    parsed = json.loads(text)
+  except (json.JSONDecodeError, ValueError):
+    return None
+  if not isinstance(parsed, dict):
+    return None
+  box, point = _numbers(parsed.get("bbox_2d"), 4), _numbers(parsed.get("point_2d"), 2)
+  if box is None or point is None:
+    return None
+  return box, point
+
+
+_EMBEDDER: list[EmbedFn] = []
+
+
+def _default_embedder() -> EmbedFn:
+  if not _EMBEDDER:
+    _EMBEDDER.append(minilm_embedder())
+  return _EMBEDDER[0]
+
+
+# ----------------------------------------------------------------------------
+# The jittable split: host parsing into arrays, then jnp arithmetic.
+# ----------------------------------------------------------------------------
+
+
+def parse_responses(
+  responses: Sequence[str],
+  ground_truths: Sequence[str | Mapping],
+  steps: Sequence[Sequence[str] | None],
+  *,
+  config: RewardConfig = RewardConfig(),
+  embed_fn: EmbedFn | None = None,
+  step_cache: dict[tuple[str, ...], np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+  """Everything non-numeric of a batch, as fixed arrays for `reward_terms`.
+
+  IGR needs sentence embeddings, so it is computed here: all first text_search
+  queries of the batch are embedded in one call, and the embeddings of each sample's
+  reference steps are cached across calls in `step_cache`.
+  """
+  b = len(responses)
+  out = dict(
+    format=np.zeros(b, np.float32),
+    keyframe_ok=np.zeros(b, bool),
+    answer_ok=np.zeros(b, bool),
+    pred_box=np.zeros((b, 4), np.float32),
+    pred_point=np.zeros((b, 2), np.float32),
+    gt_box=np.zeros((b, 4), np.float32),
+    gt_point=np.zeros((b, 2), np.float32),
+    max_conn_area=np.zeros(b, np.float32),
+    search_turns=np.zeros(b, np.float32),
+    has_steps=np.zeros(b, bool),
+    igr=np.zeros(b, np.float32),
+    num_search=np.zeros(b, np.float32),
+  )
+  queries: dict[int, str] = {}
+  for i, (response, gt, st) in enumerate(zip(responses, ground_truths, steps)):
+    gt = _ground_truth(gt)
+    out["format"][i] = format_reward(response)
+    out["num_search"][i] = response.count("<search>")
+    kf = _KEYFRAME.search(response)
+    if kf and kf.group(1) in gt:
+      target = gt[kf.group(1)]
+      out["keyframe_ok"][i] = True
+      out["max_conn_area"][i] = float(target["max_conn_area"])
+      out["gt_box"][i] = target["bbox_2d"]
+      out["gt_point"][i] = target["point_2d"]
+      answer = _ANSWER.search(response)
+      pred = _parse_answer(answer.group(1)) if answer else None
+      if pred is not None:
+        out["answer_ok"][i] = True
+        out["pred_box"][i], out["pred_point"][i] = pred
+    if st:
+      out["has_steps"][i] = True
+      out["search_turns"][i] = len(_SEARCH_TURN.findall(response))
+      query = _TEXT_QUERY.search(response)
+      if query:
+        queries[i] = query.group(1)
+  if queries:
+    embed_fn = embed_fn or _default_embedder()
+    step_cache = {} if step_cache is None else step_cache
+    missing = sorted({tuple(steps[i]) for i in queries} - set(step_cache))
+    if missing:
+      flat = embed_fn([s for group in missing for s in group])
+      offset = 0
+      for group in missing:
+        step_cache[group] = flat[offset : offset + len(group)]
+        offset += len(group)
+    rows = sorted(queries)
+    query_vectors = embed_fn([queries[i] for i in rows])
+    for i, q in zip(rows, query_vectors):
+      out["igr"][i] = float(np.max(step_cache[tuple(steps[i])] @ q) > config.igr_threshold)
+  return out
+
+
+def reward_terms(
+  parsed: Mapping[str, Any], config: RewardConfig = RewardConfig()
+) -> dict[str, Any]:
+  """The reward arithmetic in `jnp` (jittable); arrays [B] in, [B] out."""
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  pb, gb = f32(parsed["pred_box"]), f32(parsed["gt_box"])  # [B, 4]
+  pp, gp = f32(parsed["pred_point"]), f32(parsed["gt_point"])  # [B, 2]
+  scored = jnp.asarray(parsed["keyframe_ok"]) & jnp.asarray(parsed["answer_ok"])
+  # 1. Box IoU with the +1 convention.
+  lo, hi = jnp.maximum(pb[:, :2], gb[:, :2]), jnp.minimum(pb[:, 2:], gb[:, 2:])
+  overlap = jnp.all(lo < hi, axis=-1)
+  inter = jnp.where(overlap, jnp.prod(hi - lo + 1, axis=-1), 0.0)
+  area = lambda x: (x[:, 2] - x[:, 0] + 1) * (x[:, 3] - x[:, 1] + 1)
+  union = area(pb) + area(gb) - inter
+  iou = jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+  iou_score = scored & (iou > config.iou_threshold)
+  # 2. Mean L1 of the box corners.
+  box_l1_score = scored & (jnp.mean(jnp.abs(pb - gb), axis=-1) < config.box_l1_threshold)
+  # 3. Point inside its own box and near the GT point.
+  inside = jnp.all((pp >= pb[:, :2]) & (pp <= pb[:, 2:]), axis=-1)
+  dist = jnp.sqrt(jnp.sum((pp - gp) ** 2, axis=-1))
+  point_score = scored & inside & (dist < config.point_distance_threshold)
+  keyframe_score = jnp.where(jnp.asarray(parsed["keyframe_ok"]), f32(parsed["max_conn_area"]), 0.0)
+  # 4. Process: tapering search reward + initial guidance, or format without steps.
+  fmt = f32(parsed["format"])
+  k = jnp.minimum(f32(parsed["search_turns"]), config.tpr_budget) + fmt
+  tpr = 1.0 - (1.0 - config.tpr_p) ** k
+  has_steps = jnp.asarray(parsed["has_steps"])
+  process = jnp.where(has_steps, 0.5 * (f32(parsed["igr"]) + tpr), fmt)
+  terms = dict(
+    iou_score=f32(iou_score),
+    box_l1_score=f32(box_l1_score),
+    point_l1_score=f32(point_score),
+    keyframe_score=keyframe_score,
+    process_score=process,
+  )
+  score = sum(w * terms[t] for w, t in zip(config.weights, TERMS))
+  return dict(
+    terms,
+    format_score=fmt,
+    tpr=jnp.where(has_steps, tpr, 0.0),
+    igr=f32(parsed["igr"]),
+    num_search=f32(parsed["num_search"]),
+    score=score,
+  )
+
+
+def score_batch(
+  responses: Sequence[str],
+  ground_truths: Sequence[str | Mapping],
+  steps: Sequence[Sequence[str] | None],
+  *,
+  config: RewardConfig = RewardConfig(),
+  embed_fn: EmbedFn | None = None,
+  step_cache: dict | None = None,
+) -> dict[str, np.ndarray]:
+  """The batched reward: host parse + the `jnp` arithmetic, as numpy arrays."""
+  parsed = parse_responses(
+    responses, ground_truths, steps, config=config, embed_fn=embed_fn, step_cache=step_cache
+  )
+  return {k: np.asarray(v) for k, v in reward_terms(parsed, config).items()}
