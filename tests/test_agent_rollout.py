@@ -43,6 +43,9 @@ def host_fn(pending, actions, act_len):
 OBS_MAX = 24
 
 
+BANNED = (CFG.image_token_id, CFG.vision_start_token_id, CFG.vision_end_token_id)
+
+
 def _setup(scripts, max_turns=3, group_size=1, temperature=1.0):
   rcfg = rollout.RolloutConfig(
     group_size=group_size,
@@ -55,6 +58,7 @@ def _setup(scripts, max_turns=3, group_size=1, temperature=1.0):
     frame_grid=FRAME_GRID,
     keyframe_grid=KEY_GRID,
     search_grid=SEARCH_GRID,
+    banned_ids=BANNED,
   )
   fn = rollout.make_rollout_fn(CFG, rcfg, PATTERNS, host_fn, (4, PD))
   b = len(scripts)
@@ -155,11 +159,22 @@ def test_sampler_logprobs_equal_trainer_logprobs(temperature):
   out = fn(params, batch, jax.random.PRNGKey(3))
   ids, pos, valid, visual, deepstack = rollout.training_inputs(params, CFG, rcfg, batch, out)
   logp = decoding.token_logprobs(
-    params, CFG, ids, pos, valid, visual, deepstack, temperature=temperature, chunk_size=32
+    params,
+    CFG,
+    ids,
+    pos,
+    valid,
+    visual,
+    deepstack,
+    temperature=temperature,
+    chunk_size=32,
+    banned_ids=BANNED,
   )
   lp = batch["prompt_ids"].shape[1]
   mask = np.asarray(out["loss_mask"])
   assert mask.sum() > 10
+  generated = np.asarray(out["response_ids"])[mask]
+  assert not np.isin(generated, BANNED).any()
   np.testing.assert_allclose(
     np.asarray(logp)[:, lp:][mask], np.asarray(out["logprobs"])[mask], atol=1e-5
   )

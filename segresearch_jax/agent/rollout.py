@@ -55,6 +55,9 @@ class RolloutConfig:
   frame_grid: tuple[int, int] = (2, 2)
   keyframe_grid: tuple[int, int] = (2, 2)
   search_grid: tuple[int, int] = (2, 2)
+  # Never sampled (e.g. <|image_pad|>, <|vision_start|>): a generated image token would
+  # be taken for an image position. `decoding.token_logprobs` must ban the same ids.
+  banned_ids: tuple[int, ...] = ()
 
 
 def stop_patterns(tokenizer: Any, stop_strings: Sequence[str], max_len: int = 8) -> np.ndarray:
@@ -144,6 +147,33 @@ def observation_positions(
 
 
 HostFn = Callable[..., tuple[np.ndarray, ...]]
+
+
+def bridge_host_fn(bridge: Any, image_cfg: Any, search_size: int) -> HostFn:
+  """Adapts a `bridge.SearchBridge` to the rollout's host function.
+
+  Rows are the bridge's row ids, so call `bridge.set_shown_frames` with one entry
+  per ROW (prompts repeated `group_size` times) before each rollout. image_search
+  pixels are cut into patches here, on the host, with the policy's processor.
+  """
+  from segresearch_jax.models import processor
+
+  def host_fn(pending, actions, act_len):
+    out = bridge.observe(pending, actions, act_len, np.arange(len(pending)))
+    b = len(pending)
+    patches = None
+    for r in np.flatnonzero(np.asarray(out.image_kind) == SEARCH_IMAGE):
+      p, _ = processor.preprocess_image(out.image_pixels[r], image_cfg, (search_size, search_size))
+      if patches is None:
+        patches = np.zeros((b, *p.shape), np.float32)
+      patches[r] = p
+    if patches is None:
+      side = search_size // image_cfg.patch_size
+      patch_dim = 3 * image_cfg.temporal_patch_size * image_cfg.patch_size**2
+      patches = np.zeros((b, side * side, patch_dim), np.float32)
+    return out.obs_tokens, out.obs_lengths, out.image_kind, out.image_slot, patches
+
+  return host_fn
 
 
 def make_rollout_fn(
@@ -255,15 +285,18 @@ def make_rollout_fn(
     def body(s):
       rng, sample_rng = jax.random.split(s["rng"])
       active = s["active"]
+      logits = s["logits"]
+      if cfg.banned_ids:
+        logits = logits.at[:, list(cfg.banned_ids)].set(-1e30)
       # 3. Sample one token per active row; its log-prob is the policy's own.
-      token = sample_tokens(s["logits"], sample_rng, cfg)
+      token = sample_tokens(logits, sample_rng, cfg)
       gen = s["generated"]
       scripted = jnp.take_along_axis(
         forced, jnp.clip(gen, 0, forced.shape[1] - 1)[:, None], axis=1
       )[:, 0]
       token = jnp.where((gen < forced.shape[1]) & (scripted >= 0), scripted, token)
       temp = cfg.temperature if cfg.temperature > 0 else 1.0
-      logp_all = jax.nn.log_softmax(s["logits"].astype(jnp.float32) / temp, axis=-1)
+      logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temp, axis=-1)
       logp = jnp.take_along_axis(logp_all, token[:, None], axis=1)[:, 0]
       length = s["length"]
       pos3 = jnp.broadcast_to(s["next_pos"][None, :, None], (3, b, 1))

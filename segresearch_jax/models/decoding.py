@@ -103,12 +103,14 @@ def token_logprobs(
   *,
   chunk_size: int = 256,
   temperature: float = 1.0,
+  banned_ids: tuple[int, ...] = (),
   return_entropy: bool = False,
 ) -> Array | tuple[Array, Array]:
   """log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1; position 0 gets 0.
 
   The LM head and softmax run over sequence chunks under `jax.checkpoint`, so
   neither the forward nor the backward pass holds the full [B, L, V] logits.
+  `temperature` and `banned_ids` must match the sampler's (see `rollout.RolloutConfig`).
 
   Returns:
     [B, L] log-probs (and [B, L] entropies of the predicting distribution if asked).
@@ -129,6 +131,8 @@ def token_logprobs(
   @jax.checkpoint
   def chunk(h, tgt):
     logits = model.apply({"params": params}, h, method=Policy.logits).astype(jnp.float32)
+    if banned_ids:
+      logits = logits.at[..., list(banned_ids)].set(-1e30)
     logp = jax.nn.log_softmax(logits / temperature, axis=-1)
     picked = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
