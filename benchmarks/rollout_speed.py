@@ -7,6 +7,11 @@ Same model, weights and prompts on both sides. Rows sample until `--new_tokens`
 tokens/s and its ratio to transformers, the decode step time against the memory
 bandwidth floor (parameter + KV-cache bytes per step over the measured copy
 bandwidth), and the XLA compilations over 5 batches.
+
+`--episodes` adds whole episodes with tool use: the embedded policy and tokenizer
+on a synthetic OK-VOS knowledge base (dense retrieval with the packaged MiniLM),
+every row scripted to search once and pick a keyframe, through the real bridge;
+episodes/s with the search cache cold (new file) and then warm.
 """
 
 from __future__ import annotations
@@ -49,7 +54,10 @@ def main() -> None:
   parser.add_argument("--frames", type=int, default=6)
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--new_tokens", type=int, default=48)
+  parser.add_argument("--episodes", action="store_true", help="also time episodes with search")
   args = parser.parse_args()
+  if args.episodes:
+    episodes(args.batch)
   import torch
   import transformers
 
@@ -202,6 +210,128 @@ def main() -> None:
     f"(copy bandwidth {bandwidth / 1e9:.1f} GB/s; params {param_bytes / 1e6:.0f} MB, "
     f"KV cache {kv_bytes / 1e6:.0f} MB)"
   )
+
+
+def episodes(batch_size: int) -> None:
+  """Episodes/s with real search through the bridge, search cache cold then warm."""
+  from segresearch_jax.agent import bridge as bridge_lib
+  from segresearch_jax.agent import protocol
+  from segresearch_jax.data import synthetic
+  from segresearch_jax.models import processor
+  from segresearch_jax.models import tokenizer as tokenizer_lib
+  from segresearch_jax.search import factory
+
+  tok = tokenizer_lib.embedded_tokenizer()
+  cfg = config_lib.get_preset(
+    "embedded",
+    image_token_id=tok.image_pad_id,
+    vision_start_token_id=tok.vision_start_id,
+    vision_end_token_id=tok.vision_end_id,
+  )
+  cfg = config_lib.with_vocab(cfg, tok.vocab_size)
+  params = policy.init_params(cfg, jax.random.PRNGKey(0))
+  small = processor.dataclasses.replace(processor.QWEN3_VL, min_pixels=0)
+  frame_grid, key_grid, search_grid = (4, 4), (4, 4), (2, 2)
+  with tempfile.TemporaryDirectory() as tmp:
+    paths = synthetic.build(tmp + "/syn", seed=0, num_train=8, num_test=8)
+    rcfg = rollout.RolloutConfig(
+      group_size=1,
+      max_turns=2,
+      max_response_length=384,
+      max_action_length=96,
+      max_obs_length=256,
+      temperature=1.0,
+      im_end_id=tok.im_end_id,
+      frame_grid=frame_grid,
+      keyframe_grid=key_grid,
+      search_grid=search_grid,
+      banned_ids=(tok.image_pad_id, tok.vision_start_id, tok.vision_end_id),
+    )
+    frame_numbers = [0, 5, 10]
+    text = protocol.chat_prompt(
+      protocol.system_prompt("one-hop"), protocol.user_content(frame_numbers, "q")
+    )
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in frame_numbers]
+    enc = processor.encode_prompt(text, frames, tok, small, (128, 128))
+    ids = np.repeat(enc["input_ids"][None], batch_size, 0)
+    pos, next_pos = policy.rope_index(
+      ids, np.ones_like(ids), [[frame_grid] * 3] * batch_size, cfg.image_token_id
+    )
+    words = ["Cup", "winner", "Institute", "founder", "team", "emblem", "Prize", "coach"]
+    scripts = [
+      tok.encode(
+        f'<thinking> q </thinking> <search> {{"name": "text_search", "query": '
+        f'"{words[i % 8]} {words[(i * 3 + 1) % 8]} {i}"}} </search>'
+        "<thinking> k </thinking> <keyframe> 5 </keyframe><thinking> a </thinking> "
+        '<answer> {"bbox_2d": [1, 2, 3, 4], "point_2d": [2, 3]} </answer><|im_end|>'
+      )
+      for i in range(batch_size)
+    ]
+    width = max(map(len, scripts))
+    forced = np.full((batch_size, width), -1, np.int32)
+    for i, sc in enumerate(scripts):
+      forced[i, : len(sc)] = sc
+    pixels = jnp.asarray(enc["pixel_values"]).reshape(1, 3, 64, -1)
+    batch = dict(
+      prompt_ids=jnp.asarray(ids),
+      prompt_valid=jnp.ones(ids.shape, bool),
+      prompt_positions=jnp.asarray(pos),
+      next_pos=jnp.asarray(next_pos),
+      frame_patches=jnp.repeat(pixels, batch_size, 0),
+      keyframe_patches=jnp.repeat(pixels, batch_size, 0),
+      forced_tokens=jnp.asarray(forced),
+    )
+    search_cfg = {
+      "backend": "local",
+      "text_corpus": paths.text_corpus,
+      "image_corpus": paths.image_corpus,
+      "images_dir": paths.kb_dir + "/images",
+      "method": "dense",
+      "cache_path": tmp + "/search_cache.sqlite",
+      "cache_mode": "read_write",
+    }
+
+    def host_for(cache_path):
+      backend = factory.make_backend({**search_cfg, "cache_path": cache_path})
+      br = bridge_lib.SearchBridge(
+        backend,
+        tok,
+        max_obs_length=256,
+        keyframe_image_tokens=16,
+        search_image_tokens=4,
+        search_image_size=64,
+        pad_id=tok.pad_id,
+      )
+      br.set_shown_frames([frame_numbers] * batch_size)
+      return br, rollout.bridge_host_fn(br, small, 64)
+
+    current = {}
+    fn = rollout.make_rollout_fn(
+      cfg,
+      rcfg,
+      rollout.stop_patterns(tok, ["</search>", "</keyframe>"]),
+      lambda *a: current["fn"](*a),
+      (16, cfg.vision.patch_dim),
+    )
+    _, current["fn"] = host_for(tmp + "/warmup.sqlite")  # compile with a throwaway cache
+    jax.block_until_ready(fn(params, batch, jax.random.PRNGKey(0)))
+    rows = []
+    for phase in ("cold", "cached"):
+      br, current["fn"] = host_for(search_cfg["cache_path"])
+      t0 = time.perf_counter()
+      out = jax.block_until_ready(fn(params, batch, jax.random.PRNGKey(1)))
+      dt = time.perf_counter() - t0
+      assert int(np.min(out["num_turns"])) == 2, "every scripted row searches and picks a keyframe"
+      lat = sorted(r.latency_s for r in br.pop_records() if r.action == "search")
+      rows.append((phase, batch_size / dt, 1e3 * lat[len(lat) // 2], 1e3 * lat[-1]))
+  print(
+    f"\nepisodes: embedded policy, batch {batch_size}, one text_search + keyframe + answer each, "
+    "dense KB"
+  )
+  print(f"{'search cache':<14}{'episodes/s':>12}{'search p50 ms':>15}{'search max ms':>15}")
+  for phase, eps, p50, pmax in rows:
+    print(f"{phase:<14}{eps:>12.2f}{p50:>15.1f}{pmax:>15.1f}")
 
 
 if __name__ == "__main__":
