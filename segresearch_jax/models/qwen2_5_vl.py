@@ -2,9 +2,10 @@
 
 Attention is restricted to windows of `window_size` pixels (8x8 patches for the
 released models) except in `fullatt_block_indexes`. transformers permutes the
-patches so that each window is contiguous, runs variable-length attention and
-restores the order after the merger; we keep the processor's patch order and mask
-attention to same-window pairs, which is the same computation with static shapes.
+patches so that each window is contiguous and runs variable-length attention; with
+static shapes we gather the patches of each window into a fixed-size slot block
+(padding masked), attend inside each block, and scatter the results back to the
+processor's patch order, so the rest of the tower never sees a permutation.
 Window membership follows HF's rule: windows tile the merged grid from the top-left
 corner, the last row/column of windows is cut short by the image edge.
 
@@ -30,7 +31,12 @@ Array = jax.Array
 
 @functools.lru_cache(maxsize=32)
 def vision_grid_constants(vision: VisionConfig, grid_h: int, grid_w: int) -> dict[str, np.ndarray]:
-  """Rotary tables and the same-window attention mask `[P, P]` for one patch grid."""
+  """Rotary tables and the window layout for one patch grid (host side).
+
+  Returns cos/sin [P, head_dim], `window_index` [n_windows, slots] (patch index in
+  merge-block order, -1 = padding slot) and `window_inverse` [P] (flat slot of each
+  patch), so that `x[window_index]` groups windows and `y.reshape(-1)[inverse]` undoes it.
+  """
   m = vision.spatial_merge_size
   rows, cols = layers.merge_block_coords(grid_h, grid_w, m)
   window = vision.window_size // m // vision.patch_size  # in merged tokens
@@ -38,8 +44,17 @@ def vision_grid_constants(vision: VisionConfig, grid_h: int, grid_w: int) -> dic
     raise ValueError(f"window_size {vision.window_size} is smaller than one merged token.")
   windows_per_row = -(-(grid_w // m) // window)
   window_id = (rows // m // window) * windows_per_row + (cols // m // window)
+  n_windows = int(window_id.max()) + 1
+  slots = window * window * m * m
+  index = np.full((n_windows, slots), -1, np.int64)
+  inverse = np.zeros(len(window_id), np.int64)
+  fill = np.zeros(n_windows, np.int64)
+  for p, w in enumerate(window_id):  # patches keep their relative order inside a window
+    index[w, fill[w]] = p
+    inverse[p] = w * slots + fill[w]
+    fill[w] += 1
   cos, sin = layers.vision_rope_tables(rows, cols, vision.head_dim, vision.rope_theta)
-  return dict(cos=cos, sin=sin, window_mask=window_id[:, None] == window_id[None, :])
+  return dict(cos=cos, sin=sin, window_index=index, window_inverse=inverse)
 
 
 class VisionBlock(nn.Module):
@@ -47,7 +62,9 @@ class VisionBlock(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array | None) -> Array:
+  def __call__(
+    self, x: Array, cos: Array, sin: Array, windows: tuple[np.ndarray, np.ndarray] | None
+  ) -> Array:
     cfg = self.config
     n, p, d = x.shape  # [images, patches, width]
     h = layers.RMSNorm(1e-6, self.dtype, name="norm1")(x)
@@ -55,7 +72,20 @@ class VisionBlock(nn.Module):
     qkv = qkv.reshape(n, p, 3, cfg.num_heads, cfg.head_dim)
     q = layers.apply_rotary(qkv[:, :, 0], cos, sin)
     k = layers.apply_rotary(qkv[:, :, 1], cos, sin)
-    attn = layers.attention(q, k, qkv[:, :, 2], mask, cfg.head_dim**-0.5).reshape(n, p, d)
+    v = qkv[:, :, 2]
+    if windows is None:
+      attn = layers.attention(q, k, v, None, cfg.head_dim**-0.5)
+    else:
+      index, inverse = windows  # [W, S] patch per slot (-1 pad), [P] slot per patch
+      w, slots = index.shape
+      group = lambda t: t[:, np.maximum(index, 0)].reshape(n * w, slots, *t.shape[2:])
+      key_valid = np.broadcast_to((index >= 0)[:, None, :], (w, slots, slots))
+      mask = jnp.asarray(
+        np.broadcast_to(key_valid[None], (n, w, slots, slots)).reshape(n * w, slots, slots)
+      )
+      attn = layers.attention(group(q), group(k), group(v), mask, cfg.head_dim**-0.5)
+      attn = attn.reshape(n, w * slots, *attn.shape[2:])[:, inverse]
+    attn = attn.reshape(n, p, d)
     x = x + layers.dense(d, "proj", bias=True, dtype=self.dtype)(attn)
     h = layers.RMSNorm(1e-6, self.dtype, name="norm2")(x)
     return x + layers.SwiGLU(cfg.intermediate_size, bias=True, dtype=self.dtype, name="mlp")(h)
@@ -76,10 +106,10 @@ class VisionTower(nn.Module):
       patches.astype(self.dtype)
     )
     cos, sin = jnp.asarray(const["cos"]), jnp.asarray(const["sin"])
-    window_mask = jnp.broadcast_to(jnp.asarray(const["window_mask"]), (n, p, p))
+    windows = (const["window_index"], const["window_inverse"])
     for i in range(cfg.depth):
-      mask = None if i in cfg.fullatt_block_indexes else window_mask
-      x = VisionBlock(cfg, self.dtype, name=f"blocks_{i}")(x, cos, sin, mask)
+      full = i in cfg.fullatt_block_indexes
+      x = VisionBlock(cfg, self.dtype, name=f"blocks_{i}")(x, cos, sin, None if full else windows)
     merged = PatchMerger(cfg, self.dtype, name="merger")(x)
     return merged, jnp.zeros((0,) + merged.shape, merged.dtype)
 
