@@ -1,0 +1,136 @@
+"""The GRPO update step: one pure function, jitted with the train state donated.
+
+    update_fn(state, batch, rng) -> (state, metrics)
+
+`logprob_fn(params, micro_batch) -> (logp [n, L], entropy [n, L])` is injected by
+the trainer, so this module does not know how images enter the batch. The batch is
+split into micro-batches along its first axis; their loss sums, counts and
+gradients are accumulated and divided once, which gives exactly the gradient of the
+mini-batch's global mean. An update whose gradient norm is not finite is skipped:
+params and optimizer state are returned unchanged and `skipped` is 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from segresearch_jax.rl import losses
+
+Array = jax.Array
+LogprobFn = Callable[[Any, dict[str, Array]], tuple[Array, Array]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: Any
+  opt_state: Any
+  step: Array  # optimizer updates applied so far
+
+
+def learning_rate_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
+  """Linear warmup then constant. Warmup counts from step 1: the first update uses
+  lr / warmup_steps (the official schedule gives it lr 0, SPEC §9)."""
+  if warmup_steps <= 0:
+    return optax.constant_schedule(lr)
+  return lambda count: lr * jnp.minimum(1.0, (count + 1) / warmup_steps)
+
+
+def make_optimizer(
+  lr: float,
+  warmup_steps: int = 10,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.01,
+  grad_clip: float = 1.0,
+) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping (SPEC §6 defaults)."""
+  return optax.chain(
+    optax.clip_by_global_norm(grad_clip),
+    optax.adamw(
+      learning_rate_schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
+    ),
+  )
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def make_update_fn(
+  logprob_fn: LogprobFn,
+  optimizer: optax.GradientTransformation,
+  loss_config: losses.LossConfig,
+  *,
+  micro_batches: int = 1,
+  schedule: optax.Schedule | None = None,
+) -> Callable[[TrainState, dict[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
+  """Builds the (unjitted) update function; jit it with `donate_argnums=0`."""
+
+  def micro_loss(params, micro):
+    logp, entropy = logprob_fn(params, micro)
+    loss_sum, count, metrics = losses.grpo_loss(logp, entropy, micro, loss_config)
+    return loss_sum, (count, metrics)
+
+  def update_fn(state: TrainState, batch: dict[str, Array], rng: Array):
+    del rng  # The loss is deterministic; kept for a uniform step signature.
+    n = jax.tree.leaves(batch)[0].shape[0]
+    if n % micro_batches:
+      raise ValueError(f"Batch of {n} does not split into {micro_batches} micro-batches.")
+    split = jax.tree.map(
+      lambda x: x.reshape(micro_batches, n // micro_batches, *x.shape[1:]), batch
+    )
+
+    # 1. Accumulate gradient sums, loss sums and counts over micro-batches.
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+    def accumulate(carry, micro):
+      grads, total_loss, total_count, total_metrics = carry
+      (loss_sum, (count, metrics)), g = jax.value_and_grad(micro_loss, has_aux=True)(
+        state.params, micro
+      )
+      grads = jax.tree.map(jnp.add, grads, g)
+      total_metrics = jax.tree.map(jnp.add, total_metrics, metrics)
+      return (grads, total_loss + loss_sum, total_count + count, total_metrics), None
+
+    metric_zeros = {k: jnp.zeros(()) for k in ("clip_fraction", "kl", "entropy", "ratio", "tokens")}
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), metric_zeros)
+    (grads, loss_sum, count, sums), _ = jax.lax.scan(accumulate, init, split)
+    # 2. Divide once: the exact mean over the whole mini-batch.
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.global_norm(grads)
+    # 3. Apply, unless the gradient is not finite.
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = TrainState(
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt, state.opt_state),
+      step=state.step + ok.astype(jnp.int32),
+    )
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    metrics = {
+      "loss": loss_sum / denom,
+      "grad_norm": grad_norm,
+      "param_norm": optax.global_norm(new_state.params),
+      "update_norm": jnp.where(ok, optax.global_norm(updates), 0.0),
+      "skipped": 1.0 - ok.astype(jnp.float32),
+      "clip_fraction": sums["clip_fraction"] / tokens,
+      "kl": sums["kl"] / tokens,
+      "entropy": sums["entropy"] / tokens,
+      "ratio": sums["ratio"] / tokens,
+      "tokens": sums["tokens"],
+    }
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    return new_state, metrics
+
+  return update_fn
