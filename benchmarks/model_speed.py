@@ -105,8 +105,11 @@ def bench(preset, args, torch, transformers):
   @jax.jit
   def prefill_fn(params, patches, ids, pos):
     vis, ds = encode(params, patches)
-    logits, _ = model.apply({"params": params}, ids, pos, jnp.ones(ids.shape, bool), vis, ds)
-    return logits[:, -1]
+    # Like transformers' logits_to_keep=1: the LM head only on the last position.
+    hidden, _ = model.apply(
+      {"params": params}, ids, pos, jnp.ones(ids.shape, bool), vis, ds, return_hidden=True
+    )
+    return model.apply({"params": params}, hidden[:, -1], method=policy.Policy.logits)
 
   @jax.jit
   def generate_fn(params, patches, ids, pos, next_pos):

@@ -26,7 +26,7 @@ import numpy as np
 
 from segresearch_jax.agent import rollout
 from segresearch_jax.models import config as config_lib
-from segresearch_jax.models import policy, weights
+from segresearch_jax.models import decoding, policy, weights
 
 _COMPILES = []
 jax.monitoring.register_event_duration_secs_listener(
@@ -122,16 +122,18 @@ def main() -> None:
       method=policy.Policy.encode_images,
     )
     cache = policy.init_cache(cfg, b, ids.shape[1] + 2 * args.new_tokens + 10)
-    logits, cache = model.apply(
-      {"params": params},
+    logits, _ = decoding.prefill(
+      params,
+      cfg,
+      cache,
       batch["prompt_ids"],
       batch["prompt_positions"],
       batch["prompt_valid"],
       tok.reshape(b, -1, tok.shape[-1]),
       ds.reshape(ds.shape[0], b, -1, ds.shape[-1]),
-      cache,
+      logits_at=jnp.full((b,), ids.shape[1] - 1, jnp.int32),
     )
-    return logits[:, -1]
+    return logits
 
   batch = batch_for(0)
   n0 = len(_COMPILES)

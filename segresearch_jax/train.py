@@ -118,10 +118,16 @@ def main(argv: list[str]) -> None:
     )
     visual = visual.reshape(1, -1, visual.shape[-1])
     deepstack = deepstack.reshape(deepstack.shape[0], 1, -1, deepstack.shape[-1])
-    logits, _ = model.apply(
-      {"params": params}, ids, positions, jnp.ones(ids.shape, bool), visual, deepstack
+    hidden, _ = model.apply(
+      {"params": params},
+      ids,
+      positions,
+      jnp.ones(ids.shape, bool),
+      visual,
+      deepstack,
+      return_hidden=True,
     )
-    return logits[:, -1]
+    return model.apply({"params": params}, hidden[:, -1], method=policy.Policy.logits)
 
   positions, _ = policy.rope_index(
     ids, np.ones_like(ids), [[tuple(merged)] * len(frames)], model_cfg.image_token_id

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from segresearch_jax.models import policy
+from segresearch_jax.models import decoding, policy
 from segresearch_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -249,20 +249,22 @@ def make_rollout_fn(
     # 2. Prefill the prompts (each row of a group shares its prompt).
     lp = batch["prompt_ids"].shape[1]
     cache = policy.init_cache(model_cfg, b, lp + buf_len, jnp.float32)
-    logits, cache = model.apply(
-      {"params": params},
+    logits, cache = decoding.prefill(
+      params,
+      model_cfg,
+      cache,
       rep(batch["prompt_ids"]),
       rep(batch["prompt_positions"], 1),
       rep(batch["prompt_valid"]),
       rep(frame_tok),
       rep(frame_ds, 1),
-      cache,
+      logits_at=jnp.full((b,), lp - 1, jnp.int32),  # left-padded: the last token is real
     )
     forced = batch.get("forced_tokens", jnp.full((b, 1), -1, jnp.int32))
 
     state = dict(
       cache=cache,
-      logits=logits[:, -1],
+      logits=logits,
       tokens=jnp.zeros((b, buf_len), jnp.int32),
       positions=jnp.zeros((3, b, buf_len), jnp.int32),
       loss_mask=jnp.zeros((b, buf_len), bool),
@@ -405,11 +407,10 @@ def make_rollout_fn(
 
       # 8. Prefill the observation into the cache and the response (masked out of the loss).
       valid = (jnp.arange(obs_max)[None] < obs_len[:, None]) & pending[:, None]
-      logits, cache = model.apply(
-        {"params": params}, obs, pos, valid, visual, deepstack, s["cache"]
-      )
       last = jnp.clip(obs_len - 1, 0, obs_max - 1)
-      new_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+      new_logits, cache = decoding.prefill(
+        params, model_cfg, s["cache"], obs, pos, valid, visual, deepstack, logits_at=last
+      )
       keep = pending[:, None]
       length = s["length"]
       tokens = jnp.where(

@@ -29,11 +29,26 @@ def prefill(
   token_valid: Array,
   visual: Array | None = None,
   deepstack: Array | None = None,
+  *,
+  logits_at: Array | None = None,
 ) -> tuple[Array, Cache]:
-  """Appends a chunk to the cache; returns logits [B, T, V] and the new cache."""
-  return Policy(config).apply(
-    {"params": params}, input_ids, positions, token_valid, visual, deepstack, cache
-  )
+  """Appends a chunk to the cache.
+
+  Args:
+    logits_at: optional [B] chunk index per row. The LM head then runs on that one
+      position per row and the logits are [B, V]; over a whole long prompt it is
+      the most expensive matmul of the prefill (vocab x hidden per token).
+
+  Returns:
+    (logits [B, T, V] or [B, V], the new cache).
+  """
+  model = Policy(config)
+  args = ({"params": params}, input_ids, positions, token_valid, visual, deepstack, cache)
+  if logits_at is None:
+    return model.apply(*args)
+  hidden, cache = model.apply(*args, return_hidden=True)
+  last = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)[:, 0]
+  return model.apply({"params": params}, last, method=Policy.logits), cache
 
 
 def decode_step(

@@ -196,17 +196,19 @@ class Policy(nn.Module):
     out = x if return_hidden else self.logits(x)
     if cache is None:
       return out, None
-    new_cache.update(k=jnp.stack(new_k), v=jnp.stack(new_v))
+    new_cache.update(k=tuple(new_k), v=tuple(new_v))
     return out, new_cache
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> Cache:
   """An empty KV cache for `batch` rows of up to `length` tokens."""
   t = config.text
-  shape = (t.num_layers, batch, length, t.num_kv_heads, t.head_dim)
+  shape = (batch, length, t.num_kv_heads, t.head_dim)
+  # One array per layer (not one stacked array): each step updates them in place,
+  # where restacking would copy the whole cache every decode step.
   return {
-    "k": jnp.zeros(shape, dtype),
-    "v": jnp.zeros(shape, dtype),
+    "k": tuple(jnp.zeros(shape, dtype) for _ in range(t.num_layers)),
+    "v": tuple(jnp.zeros(shape, dtype) for _ in range(t.num_layers)),
     "valid": jnp.zeros((batch, length), bool),
     "end": jnp.zeros((batch,), jnp.int32),
   }
