@@ -369,98 +369,59 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
 def to_hf_config(config: ModelConfig) -> dict[str, Any]:
   """A transformers `config.json` dict for the family's `...ForConditionalGeneration`."""
   t, v = config.text, config.vision
-  if config.family == "qwen2_5_vl":
-    return _to_hf_config_qwen2_5(config)
-  return {
-    "architectures": ["Qwen3VLForConditionalGeneration"],
-    "model_type": "qwen3_vl",
-    "image_token_id": config.image_token_id,
-    "video_token_id": config.image_token_id + 1,
-    "vision_start_token_id": config.vision_start_token_id,
-    "vision_end_token_id": config.vision_end_token_id,
+  qwen3 = config.family == "qwen3_vl"
+  text = {
+    "model_type": f"{config.family}_text",
+    "vocab_size": t.vocab_size,
+    "hidden_size": t.hidden_size,
+    "intermediate_size": t.intermediate_size,
+    "num_hidden_layers": t.num_layers,
+    "num_attention_heads": t.num_heads,
+    "num_key_value_heads": t.num_kv_heads,
+    "hidden_act": "silu",
+    "rms_norm_eps": t.rms_norm_eps,
+    "max_position_embeddings": 262144 if qwen3 else 128000,
     "tie_word_embeddings": t.tie_word_embeddings,
-    "text_config": {
-      "model_type": "qwen3_vl_text",
-      "vocab_size": t.vocab_size,
-      "hidden_size": t.hidden_size,
-      "intermediate_size": t.intermediate_size,
-      "num_hidden_layers": t.num_layers,
-      "num_attention_heads": t.num_heads,
-      "num_key_value_heads": t.num_kv_heads,
-      "head_dim": t.head_dim,
-      "hidden_act": "silu",
-      "rms_norm_eps": t.rms_norm_eps,
-      "attention_bias": False,
-      "max_position_embeddings": 262144,
-      "tie_word_embeddings": t.tie_word_embeddings,
-      "rope_parameters": {
-        "rope_type": "default",
-        "rope_theta": t.rope_theta,
-        "mrope_section": list(t.mrope_section),
-        "mrope_interleaved": True,
-      },
-    },
-    "vision_config": {
-      "model_type": "qwen3_vl_vision",
-      "depth": v.depth,
-      "hidden_size": v.hidden_size,
-      "intermediate_size": v.intermediate_size,
-      "num_heads": v.num_heads,
-      "hidden_act": "gelu_pytorch_tanh",
-      "patch_size": v.patch_size,
-      "temporal_patch_size": v.temporal_patch_size,
-      "spatial_merge_size": v.spatial_merge_size,
-      "in_channels": v.in_channels,
-      "out_hidden_size": v.out_hidden_size,
-      "num_position_embeddings": v.num_position_embeddings,
-      "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
-      "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+    "rope_parameters": {
+      "rope_type": "default",
+      "rope_theta": t.rope_theta,
+      "mrope_section": list(t.mrope_section),
     },
   }
-
-
-def _to_hf_config_qwen2_5(config: ModelConfig) -> dict[str, Any]:
-  t, v = config.text, config.vision
+  vision = {
+    "model_type": f"{config.family}_vision",
+    "depth": v.depth,
+    "hidden_size": v.hidden_size,
+    "intermediate_size": v.intermediate_size,
+    "num_heads": v.num_heads,
+    "hidden_act": "gelu_pytorch_tanh" if qwen3 else "silu",
+    "patch_size": v.patch_size,
+    "temporal_patch_size": v.temporal_patch_size,
+    "spatial_merge_size": v.spatial_merge_size,
+    "in_channels": v.in_channels,
+    "out_hidden_size": v.out_hidden_size,
+    "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+  }
+  if qwen3:
+    text.update(head_dim=t.head_dim, attention_bias=False)
+    text["rope_parameters"]["mrope_interleaved"] = True
+    vision.update(
+      num_position_embeddings=v.num_position_embeddings,
+      deepstack_visual_indexes=list(v.deepstack_visual_indexes),
+    )
+  else:
+    vision.update(window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes))
+  architecture = (
+    "Qwen3VLForConditionalGeneration" if qwen3 else "Qwen2_5_VLForConditionalGeneration"
+  )
   return {
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-    "model_type": "qwen2_5_vl",
+    "architectures": [architecture],
+    "model_type": config.family,
     "image_token_id": config.image_token_id,
     "video_token_id": config.image_token_id + 1,
     "vision_start_token_id": config.vision_start_token_id,
     "vision_end_token_id": config.vision_end_token_id,
     "tie_word_embeddings": t.tie_word_embeddings,
-    "text_config": {
-      "model_type": "qwen2_5_vl_text",
-      "vocab_size": t.vocab_size,
-      "hidden_size": t.hidden_size,
-      "intermediate_size": t.intermediate_size,
-      "num_hidden_layers": t.num_layers,
-      "num_attention_heads": t.num_heads,
-      "num_key_value_heads": t.num_kv_heads,
-      "hidden_act": "silu",
-      "rms_norm_eps": t.rms_norm_eps,
-      "max_position_embeddings": 128000,
-      "tie_word_embeddings": t.tie_word_embeddings,
-      "rope_parameters": {
-        "rope_type": "default",
-        "rope_theta": t.rope_theta,
-        "mrope_section": list(t.mrope_section),
-      },
-    },
-    "vision_config": {
-      "model_type": "qwen2_5_vl_vision",
-      "depth": v.depth,
-      "hidden_size": v.hidden_size,
-      "intermediate_size": v.intermediate_size,
-      "num_heads": v.num_heads,
-      "hidden_act": "silu",
-      "patch_size": v.patch_size,
-      "temporal_patch_size": v.temporal_patch_size,
-      "spatial_merge_size": v.spatial_merge_size,
-      "in_channels": v.in_channels,
-      "out_hidden_size": v.out_hidden_size,
-      "window_size": v.window_size,
-      "fullatt_block_indexes": list(v.fullatt_block_indexes),
-      "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-    },
+    "text_config": text,
+    "vision_config": vision,
   }

@@ -125,7 +125,9 @@ def grpo_loss(
     "clip_fraction": tok(was_clipped.astype(jnp.float32)),
     "kl": tok(kl),
     "entropy": tok(ent),
-    "ratio": tok(jnp.exp(jnp.clip(logp - batch["old_logprobs"], -20.0, 20.0))),
+    "ratio": tok(
+      jnp.exp(jnp.clip(logp - batch["old_logprobs"], -cfg.log_ratio_clamp, cfg.log_ratio_clamp))
+    ),
     "tokens": jnp.sum(mask),
   }
   return loss_sum, count, metrics
