@@ -1,5 +1,6 @@
 """TFDS builders (array_record): same content as the raw readers; ReasonSeg/ReasonVOS parsing."""
 
+import importlib.util
 import json
 import shutil
 
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-tfds = pytest.importorskip("tensorflow_datasets")
+if importlib.util.find_spec("tensorflow_datasets") is None:
+  pytest.skip("tensorflow_datasets is not installed", allow_module_level=True)
 
+# builders loads torch (when installed) before TensorFlow: the other order segfaults.
 from segresearch_jax.data import builders, okvos, pipeline, synthetic  # noqa: E402
 
 

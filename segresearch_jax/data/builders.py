@@ -24,6 +24,15 @@ import os
 import pathlib
 
 import numpy as np
+
+try:
+  # Loading TensorFlow before triton (which torch / transformers load lazily) in one
+  # process segfaults at triton's import; the reverse order works. So when they are
+  # installed, load them before TensorFlow.
+  import torch  # noqa: F401
+  import triton  # noqa: F401
+except ImportError:
+  pass
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
