@@ -51,6 +51,11 @@ class Tokenizer:
         raise ValueError(f"Tokenizer {name} has no {token} token; it cannot render the protocol.")
 
   @property
+  def backend(self) -> Any:
+    """The underlying `tokenizers.Tokenizer` or transformers tokenizer (e.g. to save it)."""
+    return self._backend
+
+  @property
   def vocab_size(self) -> int:
     if self._fast:
       return self._backend.get_vocab_size(with_added_tokens=True)
