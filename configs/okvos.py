@@ -44,14 +44,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.frame_size = 128  # Shown frames are resized to this square (448 in the paper).
   c.data.keyframe_size = 128  # The high-res keyframe observation (864 in the paper).
   c.data.search_image_size = 64  # image_search results (256 in the paper).
+  c.data.min_pixels = 0  # Image processor minimum; -1 = the family's (Qwen3-VL: 65536).
   c.data.on_error = "skip"  # skip (and count) | raise, for broken samples.
 
   c.search = ml_collections.ConfigDict()
-  c.search.backend = "local"  # local | serper | ddgs | service
-  c.search.kb_dir = ""  # Official-format KB; empty = the synthetic KB.
+  c.search.backend = "local"  # local | service | serper | ddgs | none (search disabled)
+  c.search.kb_dir = ""  # Official-format KB (text_corpus.jsonl, ...); empty = the synthetic KB.
   c.search.method = "bm25"  # bm25 | dense | hybrid
+  c.search.dense_model = ""  # Local embedding model dir; empty = the packaged MiniLM.
+  c.search.service_url = ""  # backend=service: a `segresearch_jax.search.service` root.
   c.search.text_top_k = 2
   c.search.image_top_k = 1
+  c.search.timeout_s = 30.0
   c.search.cache_mode = "read_write"  # off | read_write | replay
   c.search.cache_path = ""  # Empty = workdir/search_cache.sqlite.
 
@@ -70,7 +74,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reward.tpr_p = 0.7
   c.reward.tpr_budget = 10
   c.reward.igr_threshold = 0.5
-  c.reward.mask_weight = 0.0
+  c.reward.mask_weight = 0.0  # Weight of the SAM2 mask-cache term (SPEC §3.2); 0 = SPEC §3.1.
+
+  # The precomputed mask-IoU tables behind the mask reward (SPEC §3.2), built with
+  # `python -m segresearch_jax.tools.build_mask_cache --config=...`.
+  c.mask_cache = ml_collections.ConfigDict()
+  c.mask_cache.segmenter = "weight_free"  # weight_free | sam2
+  c.mask_cache.sam2_config = "configs/sam2.1/sam2.1_hiera_l.yaml"
+  c.mask_cache.sam2_checkpoint = ""  # Local SAM2.1 checkpoint (.pt); required for sam2.
+  c.mask_cache.point_grid = 32  # G: G x G point prompts per frame.
+  c.mask_cache.box_bins = 16  # K: bins per box coordinate.
+  c.mask_cache.dir = ""  # Empty = next to the dataset (okvos_dir/mask_cache).
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.clip_low = 0.2
+  c.loss.clip_high = 0.2  # DAPO clip-higher: 0.28
+  c.loss.dual_clip = 3.0  # 0 disables.
+  c.loss.log_ratio_clamp = 20.0
+  c.loss.kl_coef = 0.0  # > 0 keeps a frozen reference policy (the initial params).
+  c.loss.kl_estimator = "low_var_kl"  # k1 | low_var_kl
+  c.loss.entropy_coef = 0.0
+  c.loss.aggregation = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+  c.loss.mini_batches = 2  # Optimizer updates per step (official: 16 prompts / 8 = 2).
+  c.loss.micro_batches = 1  # Gradient accumulation inside one update.
+
+  # DAPO options (off by default; the official DAPO script never reads them, SPEC §9).
+  c.dapo = ml_collections.ConfigDict()
+  c.dapo.filter_groups = False  # Drop groups with zero reward variance and refill.
+  c.dapo.max_refills = 3  # Extra rollout batches to draw when refilling.
+  c.dapo.overlong_buffer = 0  # > 0: soft overlong penalty over the last N tokens.
+  c.dapo.overlong_penalty = 1.0
+  c.dapo.overlong_mask = False  # Mask truncated (max_length) trajectories out of the loss.
+
+  # Supervised warm start on the synthetic expert trajectories (search -> keyframe
+  # -> answer), for a policy that starts from random weights.
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 0
+  c.sft.lr = 1e-3
+  c.sft.batch_size = 8
+  c.sft.warmup_steps = 10
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
@@ -86,6 +128,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
 
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 10
+  c.checkpoint.keep = 3
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0  # 0 = only at the end.
+  c.eval.num_samples = 0  # 0 = the whole split.
+  c.eval.segmenter = "weight_free"  # weight_free | sam2
+  c.eval.sam2_config = "configs/sam2.1/sam2.1_hiera_l.yaml"
+  c.eval.sam2_checkpoint = ""
+  c.eval.official_two_calls = False  # Reproduce the official box-dropping SAM2 prompts (SPEC §9).
+  c.eval.report_samples = 16  # Cards in the HTML report.
+
+  c.log_every = 1
   c.batch_size = 4  # Prompts per step.
 
   if arg is None or arg == "":
@@ -98,6 +154,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.frame_size = 448
     c.data.keyframe_size = 864
     c.data.search_image_size = 256
+    c.data.min_pixels = -1
     c.search.method = "dense"
     c.rollout.group_size = 8
     c.rollout.max_turns = 6

@@ -167,7 +167,9 @@ def cmd_run(args: argparse.Namespace, run: _Runner) -> None:
   train = [args.python, "-u", "-m", "segresearch_jax.train", f"--config={args.config}"]
   if args.search_url:
     train += ["--config.search.backend=service", f"--config.search.service_url={args.search_url}"]
-  command = shlex.join((["env", *args.env] if args.env else []) + train + args.trainer_flags)
+  # Every worker joins one JAX job (the trainer calls jax.distributed.initialize()).
+  env = ["SEGRESEARCH_DISTRIBUTED=1", *args.env]
+  command = shlex.join(["env", *env] + train + args.trainer_flags)
   log_dir = _quote_path(args.log_dir)
   log = f"{log_dir}/train-$(hostname).log"  # Worker hostnames end in -w-<index>.
   if args.foreground:

@@ -2,36 +2,56 @@ r"""Seg-ReSearch GRPO trainer.
 
     python -m segresearch_jax.train --config=configs/okvos.py
 
-Stages of this file (banner-separated): policy, then in `main` the data and one
-forward step.
-The GRPO loop (rollout -> rewards -> advantages -> updates -> checkpoints) lands
-here as its pieces (rollout, rewards, rl) are wired in; until then the command
-builds the configured policy, prints its size and runs one forward pass over a
-real prompt of the configured data to prove the path from data to logits.
+One step (SPEC §6): draw a batch of prompts -> run `group_size` episodes per prompt
+in the jitted rollout (searches served by the host bridge) -> score them (SPEC §3.1,
+plus the mask-cache term) -> group advantages -> `mini_batches` PPO-clip updates
+-> log, trajectory records, checkpoint, periodic validation (greedy, held-out split).
+
+The file reads top to bottom: setup (policy, data, search), the warm start
+(supervised, on expert trajectories, for policies that start from random weights),
+the GRPO step, validation, and the loop. Library code lives in the package:
+rollout in `agent/`, rewards in `rewards/`, losses and the update in `rl/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pathlib
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from segresearch_jax import checkpoint as checkpoint_lib
+from segresearch_jax import metrics as metrics_lib
+from segresearch_jax.agent import bridge as bridge_lib
+from segresearch_jax.agent import episodes as episodes_lib
+from segresearch_jax.agent import records as records_lib
+from segresearch_jax.agent import rollout
 from segresearch_jax.data import pipeline
 from segresearch_jax.models import config as config_lib
-from segresearch_jax.models import policy, processor, weights
+from segresearch_jax.models import decoding, policy, weights
 from segresearch_jax.models import tokenizer as tokenizer_lib
+from segresearch_jax.rewards import scoring
+from segresearch_jax.rl import losses
+from segresearch_jax.rl import update as update_lib
+from segresearch_jax.search import factory as search_factory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
-flags.mark_flags_as_required(["config"])
+
+OUTCOME_TERMS = ("iou_score", "box_l1_score", "point_l1_score", "keyframe_score")
 
 
 # ----------------------------------------------------------------------------
-# Policy.
+# Setup: policy, data, search.
 # ----------------------------------------------------------------------------
 
 
@@ -41,9 +61,8 @@ def build_policy(config, tokenizer) -> tuple[config_lib.ModelConfig, dict]:
   Small presets take their vocabulary and special-token ids from the run's
   tokenizer; a HF checkpoint brings its own config and weights.
   """
-  dtype = jnp.dtype(config.model.dtype)
   if config.model.hf_dir:
-    return weights.load_hf_checkpoint(config.model.hf_dir, dtype)
+    return weights.load_hf_checkpoint(config.model.hf_dir, jnp.float32)
   model_cfg = config_lib.get_preset(config.model.preset)
   if model_cfg.text.vocab_size < tokenizer.vocab_size or config.model.preset in (
     "tiny",
@@ -59,88 +78,686 @@ def build_policy(config, tokenizer) -> tuple[config_lib.ModelConfig, dict]:
   return model_cfg, params
 
 
-def processor_config(model_cfg: config_lib.ModelConfig) -> processor.ImageProcessorConfig:
-  return processor.QWEN3_VL if model_cfg.family == "qwen3_vl" else processor.QWEN2_5_VL
+def initialize_distributed() -> None:
+  """Joins a multi-process job; one code path for one host and many.
+
+  SLURM and manual launches set SEGRESEARCH_COORDINATOR (host:port),
+  SEGRESEARCH_NUM_PROCESSES and SEGRESEARCH_PROCESS_ID (`launch/slurm.py` does);
+  TPU pod workers set SEGRESEARCH_DISTRIBUTED=1 and JAX finds its peers itself
+  (`launch/tpu_pod.py` does). Without them this is a single-process run.
+  """
+  coordinator = os.environ.get("SEGRESEARCH_COORDINATOR")
+  if coordinator:
+    jax.distributed.initialize(
+      coordinator_address=coordinator,
+      num_processes=int(os.environ["SEGRESEARCH_NUM_PROCESSES"]),
+      process_id=int(os.environ["SEGRESEARCH_PROCESS_ID"]),
+    )
+  elif os.environ.get("SEGRESEARCH_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+
+
+def check_config(config) -> None:
+  """Fails before any data is built or anything compiles on an unusable config."""
+  if config.model.hf_dir and not os.path.isdir(config.model.hf_dir):
+    raise FileNotFoundError(f"config.model.hf_dir={config.model.hf_dir!r} is not a directory.")
+  if config.data.source == "okvos" and not os.path.isdir(config.data.okvos_dir or ""):
+    raise FileNotFoundError(
+      f"config.data.okvos_dir={config.data.okvos_dir!r} is not a directory (data.source=okvos)."
+    )
+  if config.search.kb_dir and not os.path.isdir(config.search.kb_dir):
+    raise FileNotFoundError(f"config.search.kb_dir={config.search.kb_dir!r} is not a directory.")
+  n, p, mb = config.rollout.group_size, config.batch_size, config.loss.mini_batches
+  if p % mb:
+    raise ValueError(f"batch_size={p} prompts do not split into loss.mini_batches={mb}.")
+  if (p // mb) % config.loss.micro_batches:
+    raise ValueError(
+      f"{p // mb} prompts per mini-batch do not split into loss.micro_batches="
+      f"{config.loss.micro_batches}."
+    )
+  if n < 1:
+    raise ValueError(f"rollout.group_size must be >= 1, got {n}.")
+
+
+def make_search_backend(config, kb_dir: str):
+  """The configured backend (None when `search.backend == "none"`), checked with one query."""
+  s = config.search
+  if s.backend == "none":
+    return None
+  kb = s.kb_dir or kb_dir
+  fields = {"backend": s.backend, "timeout_s": s.timeout_s, "cache_mode": s.cache_mode}
+  if s.backend == "local":
+    if not kb:
+      raise ValueError("search.backend=local needs search.kb_dir (or the synthetic data set).")
+    fields.update(
+      text_corpus=os.path.join(kb, "text_corpus.jsonl"),
+      image_corpus=os.path.join(kb, "image_corpus.jsonl"),
+      images_dir=kb,
+      method=s.method,
+      dense_model=s.dense_model or None,
+    )
+  elif s.backend == "service":
+    fields["service_url"] = s.service_url
+  if s.cache_mode != "off":
+    fields["cache_path"] = s.cache_path or os.path.join(config.workdir, "search_cache.sqlite")
+  backend = search_factory.make_backend(fields)
+  try:  # A backend that is down fails here, not in the middle of a rollout.
+    backend.text_search("health check", 1)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(
+      f"Search backend {s.backend!r} does not answer ({type(e).__name__}: {e}); "
+      "fix config.search or run with --config.search.backend=none."
+    ) from e
+  return backend
+
+
+def make_bridge(config, backend, tokenizer, shapes: episodes_lib.EpisodeShapes):
+  return bridge_lib.SearchBridge(
+    backend,
+    tokenizer,
+    max_obs_length=config.rollout.max_obs_length,
+    text_top_k=config.search.text_top_k,
+    image_top_k=config.search.image_top_k,
+    keyframe_image_tokens=shapes.tokens(shapes.keyframe_size),
+    search_image_tokens=shapes.tokens(shapes.search_size),
+    search_image_size=shapes.search_size,
+    call_timeout_s=2 * config.search.timeout_s,
+    pad_id=tokenizer.pad_id,
+  )
+
+
+def make_dataset(config, okvos_dir, split, encoder, *, train: bool, batch_size: int):
+  """Batches of prepared + encoded prompts; training repeats forever, evaluation once."""
+  dataset, source = pipeline.okvos_dataset(
+    okvos_dir,
+    split,
+    batch_size=batch_size,
+    seed=config.seed,
+    on_error=config.data.on_error,
+    num_frames=config.data.num_frames,
+    frame_size=config.data.frame_size,
+    convention=encoder.model_cfg.coord_convention,
+    encode_fn=encoder,
+    shuffle=train,
+    num_epochs=None if train else 1,
+    drop_remainder=train,
+  )
+  return dataset, source
+
+
+def per_row(batch: Mapping[str, Any], key: str, group_size: int) -> list[Any]:
+  """A per-prompt field repeated for each of its `group_size` rows."""
+  return [v for v in batch[key] for _ in range(group_size)]
 
 
 # ----------------------------------------------------------------------------
-# Main.
+# Training rows and the log-prob function.
+# ----------------------------------------------------------------------------
+
+# Per-prompt inputs [P, ...] and per-row outputs [P, n, ...]: micro-batches split
+# whole groups, so the frames of a prompt are stored (and encoded) once.
+ROW_FIELDS = (
+  "response_ids",
+  "response_positions",
+  "response_valid",
+  "obs_kind",
+  "obs_slot",
+  "search_patches",
+)
+
+
+def training_rows(
+  prompts: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray], group_size: int
+) -> dict[str, np.ndarray]:
+  """A batch for the update: prompt fields [P, ...], row fields [P, n, ...]."""
+  n = group_size
+  rows = {k: np.asarray(prompts[k]) for k in episodes_lib.PROMPT_FIELDS}
+  rows["prompt_positions"] = np.moveaxis(rows["prompt_positions"], 0, 1)  # [P, 3, Lp]
+  group = lambda x: x.reshape(-1, n, *x.shape[1:])
+  for k in ROW_FIELDS:
+    x = np.asarray(out[k])
+    if k == "response_positions":
+      x = np.moveaxis(x, 0, 1)  # [B, 3, R]
+    rows[k] = group(x)
+  rows["loss_mask"] = group(np.asarray(out["loss_mask"]))
+  rows["old_logprobs"] = group(np.asarray(out["logprobs"], np.float32))
+  return rows
+
+
+def _flat_rows(micro: Mapping[str, Any]) -> dict[str, Any]:
+  """[P, n, ...] row fields -> [P * n, ...] (loss inputs)."""
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+  return {
+    "loss_mask": flat(micro["loss_mask"]),
+    "old_logprobs": flat(micro["old_logprobs"]),
+    "advantages": flat(micro["advantages"]),
+    **({"ref_logprobs": flat(micro["ref_logprobs"])} if "ref_logprobs" in micro else {}),
+  }
+
+
+def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
+  """`logprob_fn(params, micro) -> (logp [B, R], entropy [B, R])` over response tokens.
+
+  Visual tokens are rebuilt from pixels inside, so the gradient reaches the vision
+  tower; temperature and banned ids match the sampler's (their log-probs agree).
+  """
+  temperature = rcfg.temperature if rcfg.temperature > 0 else 1.0
+
+  def logprob_fn(params, micro):
+    n = micro["response_ids"].shape[1]
+    flat = lambda x: x.reshape(-1, *x.shape[2:])
+    prompts = {
+      "prompt_ids": micro["prompt_ids"],
+      "prompt_valid": micro["prompt_valid"],
+      "prompt_positions": jnp.moveaxis(micro["prompt_positions"], 1, 0),
+      "frame_patches": micro["frame_patches"],
+      "keyframe_patches": micro["keyframe_patches"],
+    }
+    out = {k: flat(micro[k]) for k in ROW_FIELDS}
+    out["response_positions"] = jnp.moveaxis(out["response_positions"], 1, 0)
+    cfg = dataclasses.replace(rcfg, group_size=n)
+    inputs = rollout.training_inputs(params, model_cfg, cfg, prompts, out)
+    logp, entropy = decoding.token_logprobs(
+      params,
+      model_cfg,
+      *inputs,
+      temperature=temperature,
+      banned_ids=rcfg.banned_ids,
+      return_entropy=True,
+    )
+    lp = micro["prompt_ids"].shape[1]
+    return logp[:, lp:], entropy[:, lp:]
+
+  return logprob_fn
+
+
+def make_update(config, model_cfg, rcfg, *, sft: bool = False):
+  """(optimizer, jitted update_fn) for GRPO or the supervised warm start."""
+  o = config.optim
+  lr, warmup = (config.sft.lr, config.sft.warmup_steps) if sft else (o.lr, o.warmup_steps)
+  optimizer = update_lib.make_optimizer(lr, warmup, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip)
+  loss_cfg = losses.LossConfig(
+    clip_low=config.loss.clip_low,
+    clip_high=config.loss.clip_high,
+    dual_clip=config.loss.dual_clip,
+    log_ratio_clamp=config.loss.log_ratio_clamp,
+    kl_coef=0.0 if sft else config.loss.kl_coef,
+    kl_estimator=config.loss.kl_estimator,
+    entropy_coef=0.0 if sft else config.loss.entropy_coef,
+    aggregation=config.loss.aggregation,
+  )
+  base_loss = losses.sft_loss if sft else losses.grpo_loss
+  update_fn = update_lib.make_update_fn(
+    make_logprob_fn(model_cfg, rcfg),
+    optimizer,
+    loss_cfg,
+    micro_batches=config.loss.micro_batches,
+    schedule=update_lib.learning_rate_schedule(lr, warmup),
+    loss_fn=lambda logp, ent, micro, cfg: base_loss(logp, ent, _flat_rows(micro), cfg),
+  )
+  return optimizer, jax.jit(update_fn, donate_argnums=0)
+
+
+def split_mini_batches(rows: Mapping[str, np.ndarray], count: int) -> list[dict[str, np.ndarray]]:
+  p = len(rows["prompt_ids"])
+  size = p // count
+  return [{k: v[i * size : (i + 1) * size] for k, v in rows.items()} for i in range(count)]
+
+
+# ----------------------------------------------------------------------------
+# Warm start: supervised on expert trajectories.
 # ----------------------------------------------------------------------------
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  config = _CONFIG.value
-  t0 = time.time()
+def expert_rows(config, dataset, runner: episodes_lib.Runner, model_cfg, shapes) -> dict:
+  """Expert episodes of every training sample, as training rows with group size 1.
+
+  Each sample's reference trajectory (`episodes.expert_turns`) goes through the
+  real bridge, so observations are exactly what the rollout would show.
+  """
+  host_fn = rollout.bridge_host_fn(runner.bridge, shapes.image_cfg, shapes.search_size)
+  cfg = dataclasses.replace(runner.cfg, group_size=1)
+  rows, skipped = [], 0
+  for batch in dataset:
+    for i in range(len(batch["id"])):
+      sample = {k: batch[k][i] for k in batch}
+      runner.bridge.set_shown_frames([episodes_lib.shown_frames(batch, 1)[i]])
+      ep = episodes_lib.expert_episode(
+        episodes_lib.expert_turns(sample),
+        host_fn,
+        runner.tokenizer,
+        model_cfg,
+        cfg,
+        shapes.search_patch_shape,
+        int(sample["next_pos"]),
+      )
+      if ep is None:
+        skipped += 1
+        continue
+      prompt = {k: np.asarray(batch[k][i : i + 1]) for k in episodes_lib.PROMPT_FIELDS}
+      prompt["prompt_positions"] = np.moveaxis(prompt["prompt_positions"], 1, 0)
+      rows.append(training_rows(prompt, ep, 1))
+  runner.bridge.pop_records()
+  if not rows:
+    raise RuntimeError("No expert episode fits the rollout limits; raise rollout.max_* lengths.")
+  if skipped:
+    print(f"warm start: {skipped} expert episodes did not fit the length limits and were skipped")
+  return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def warm_start(config, params, data: dict, model_cfg, rcfg, writer) -> Any:
+  """`config.sft.steps` supervised updates on random mini-batches of expert rows."""
+  optimizer, update_fn = make_update(config, model_cfg, rcfg, sft=True)
+  state = update_lib.init_state(params, optimizer)
+  rng = np.random.default_rng(config.seed)
+  n = len(data["prompt_ids"])
+  size = min(config.sft.batch_size, n)
+  data = dict(data, advantages=np.ones(data["loss_mask"].shape[:2], np.float32))
+  writer.start(0)
+  for step in range(1, config.sft.steps + 1):
+    idx = rng.choice(n, size, replace=False)
+    state, m = update_fn(state, {k: v[idx] for k, v in data.items()}, jax.random.PRNGKey(step))
+    if step % config.log_every == 0 or step == config.sft.steps:
+      m = jax.device_get(m)
+      writer.write(
+        step,
+        m,
+        phase="sft",
+        console=f"sft {step}/{config.sft.steps} | loss {float(m['loss']):.3f} | "
+        f"lr {float(m['lr']):.2e} | grad norm {float(m['grad_norm']):.2f}",
+      )
+  return state.params
+
+
+# ----------------------------------------------------------------------------
+# Rewards for a rollout batch.
+# ----------------------------------------------------------------------------
+
+
+class Scorer:
+  """Host parse + the jitted numeric half (`rewards.scoring`) for one group size."""
+
+  def __init__(self, config, group_size: int):
+    cfg = dataclasses.replace(scoring.score_config(config), group_size=group_size)
+    self.group_size = group_size
+    self.parse = scoring.Parser(cfg.reward)
+    self.score_fn = scoring.make_score_fn(cfg)
+
+  def __call__(self, batch, eps: episodes_lib.Episodes) -> dict[str, np.ndarray]:
+    n = self.group_size
+    parsed = self.parse(
+      eps.responses, per_row(batch, "ground_truth", n), per_row(batch, "steps", n)
+    )
+    scores = self.score_fn(parsed, eps.out["response_length"], eps.out["stop_reason"])
+    return {k: np.asarray(v) for k, v in jax.device_get(scores).items()}
+
+
+def episode_metrics(eps: episodes_lib.Episodes, scores: Mapping[str, np.ndarray]) -> dict:
+  """Means of the reward terms, searches, lengths and stop reasons of a batch."""
+  out = eps.out
+  m = {f"reward/{k}": float(np.mean(v)) for k, v in scores.items() if v.dtype.kind == "f"}
+  m["search/per_trajectory"] = float(np.mean(scores["num_search"]))
+  calls = [c for row in eps.tool_calls for c in row]
+  m["search/errors"] = float(np.mean([c.error is not None for c in calls])) if calls else 0.0
+  m["response_length"] = float(np.mean(out["response_length"]))
+  m["generated_tokens"] = float(np.mean(np.sum(out["loss_mask"], axis=1)))
+  m["turns"] = float(np.mean(out["num_turns"]))
+  for i, name in enumerate(rollout.STOP_REASONS):
+    m[f"stop/{name}"] = float(np.mean(out["stop_reason"] == i))
+  return m
+
+
+def write_records(directory, step, tokenizer, batch, eps, scores, group_size) -> None:
+  """Trajectory records of one step (`agent.records`), rewards included."""
+  samples = [
+    {"id": i, "ability": a, "question": q}
+    for i, a, q in zip(
+      per_row(batch, "id", group_size),
+      per_row(batch, "ability", group_size),
+      per_row(batch, "question", group_size),
+    )
+  ]
+  rewards = [
+    {k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"} for r in range(len(samples))
+  ]
+  recs = records_lib.episode_records(tokenizer, eps.out, samples, eps.tool_calls, rewards)
+  records_lib.write_step(directory, step, recs)
+
+
+# ----------------------------------------------------------------------------
+# The GRPO step.
+# ----------------------------------------------------------------------------
+
+
+def collect_rollouts(config, first_batch, data_iter, runner, scorer, params, rng):
+  """Episodes for one step; with DAPO dynamic sampling, extra batches until enough groups
+  have reward variance (at most `dapo.max_refills` extra)."""
+  n, p = config.rollout.group_size, config.batch_size
+  drawn = []
+  for attempt in range(1 + (config.dapo.max_refills if config.dapo.filter_groups else 0)):
+    batch = first_batch if attempt == 0 else next(data_iter)
+    eps = runner(params, batch, jax.random.fold_in(rng, attempt))
+    drawn.append((batch, eps, scorer(batch, eps)))
+    useful = sum(int(np.sum(~s["zero_variance"])) // n for _, _, s in drawn)
+    if not config.dapo.filter_groups or useful >= p:
+      break
+  return drawn
+
+
+def assemble_rows(config, drawn) -> tuple[dict, np.ndarray]:
+  """Training rows of exactly `batch_size` groups from the drawn rollouts.
+
+  With DAPO dynamic sampling, groups with reward variance come first and any
+  zero-variance group that still has to fill the batch is masked out of the loss
+  (static shapes; the loss's token count excludes it, as if dropped). With
+  overlong masking, truncated trajectories are masked out too.
+
+  Returns:
+    (rows, bool [groups] whether each kept group trains).
+  """
+  n, p = config.rollout.group_size, config.batch_size
+  parts = []
+  for batch, eps, scores in drawn:
+    rows = training_rows(episodes_lib.rollout_batch(batch), eps.out, n)
+    rows["advantages"] = scores["advantages"].reshape(-1, n).astype(np.float32)
+    if config.dapo.overlong_mask:
+      rows["loss_mask"] &= ~scores["truncated"].reshape(-1, n, 1).astype(bool)
+    parts.append((rows, ~scores["zero_variance"].reshape(-1, n)[:, 0]))
+  rows = {k: np.concatenate([r[k] for r, _ in parts]) for k in parts[0][0]}
+  trains = np.concatenate([t for _, t in parts])
+  if config.dapo.filter_groups:
+    order = np.argsort(~trains, kind="stable")[:p]  # useful groups first
+    rows = {k: v[order] for k, v in rows.items()}
+    trains = trains[order]
+    rows["loss_mask"] = rows["loss_mask"] & trains[:, None, None]
+  else:
+    rows = {k: v[:p] for k, v in rows.items()}
+    trains = np.ones(p, bool)
+  return rows, trains
+
+
+def grpo_step(config, state, rows, update_fn, rng, ref=None) -> tuple[Any, dict]:
+  """`loss.mini_batches` updates over the rows; metrics averaged over them."""
+  if ref is not None:  # KL to the frozen reference policy.
+    ref_params, ref_fn = ref
+    rows = dict(rows)
+    rows["ref_logprobs"] = np.concatenate(
+      [np.asarray(ref_fn(ref_params, mb)) for mb in split_mini_batches(rows, config.batch_size)]
+    )
+  metrics = []
+  for i, mb in enumerate(split_mini_batches(rows, config.loss.mini_batches)):
+    state, m = update_fn(state, mb, jax.random.fold_in(rng, i))
+    metrics.append(m)
+  metrics = jax.device_get(metrics)
+  out = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+  skipped = sum(float(m["skipped"]) for m in metrics)
+  if skipped == len(metrics):
+    raise FloatingPointError(
+      f"Every update of this step had a non-finite gradient norm ({metrics[0]['grad_norm']})."
+    )
+  return state, out
+
+
+# ----------------------------------------------------------------------------
+# Validation.
+# ----------------------------------------------------------------------------
+
+
+def pad_batch(batch: Mapping[str, Any], size: int) -> tuple[dict, int]:
+  """Repeats the last sample so a short final batch keeps the compiled shape."""
+  real = len(batch["id"])
+  if real == size:
+    return dict(batch), real
+  idx = np.minimum(np.arange(size), real - 1)
+  return {k: np.asarray(v)[idx] for k, v in batch.items()}, real
+
+
+def validate(config, params, dataset, runner, scorer, *, search: bool = True) -> tuple[dict, list]:
+  """Greedy episodes over a held-out split.
+
+  Returns:
+    (mean metrics incl. `outcome` = the sum of the outcome terms, per-sample
+    prediction records: id, ability, question, response, reward terms, tool calls).
+  """
+  limit = config.eval.num_samples or None
+  preds, all_scores = [], []
+  for batch in dataset:
+    batch, real = pad_batch(batch, config.batch_size)
+    eps = runner(params, batch, jax.random.PRNGKey(0), search=search)
+    scores = scorer(batch, eps)
+    for r in range(real):
+      preds.append(
+        {
+          "id": str(batch["id"][r]),
+          "ability": str(batch["ability"][r]),
+          "question": str(batch["question"][r]),
+          "response": eps.responses[r],
+          "stop_reason": rollout.STOP_REASONS[int(eps.out["stop_reason"][r])],
+          "reward": {k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"},
+          "tool_calls": [dataclasses.asdict(c) for c in eps.tool_calls[r]],
+        }
+      )
+      all_scores.append({k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"})
+    if limit and len(preds) >= limit:
+      preds, all_scores = preds[:limit], all_scores[:limit]
+      break
+  if not preds:
+    raise RuntimeError("The evaluation split is empty.")
+  m = {k: float(np.mean([s[k] for s in all_scores])) for k in all_scores[0]}
+  m["outcome"] = sum(m[k] for k in OUTCOME_TERMS)
+  m["search/per_trajectory"] = m.pop("num_search")
+  m["samples"] = len(preds)
+  return m, preds
+
+
+def format_comparison(with_search: Mapping[str, float], without: Mapping[str, float]) -> str:
+  """A table of the validation terms with and without search."""
+  keys = (*OUTCOME_TERMS, "outcome", "process_score", "score", "search/per_trajectory")
+  lines = [f"{'term':<24}{'with search':>14}{'search off':>14}{'diff':>10}"]
+  for k in keys:
+    a, b = with_search.get(k, float("nan")), without.get(k, float("nan"))
+    lines.append(f"{k:<24}{a:>14.3f}{b:>14.3f}{a - b:>+10.3f}")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+
+
+def train(config) -> dict:
+  """Runs the configured job; returns the summary it also writes to `workdir/summary.json`."""
+  check_config(config)
+  t_start = time.time()
+  workdir = pathlib.Path(config.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+
+  # 1. Policy, data, search.
   tokenizer = tokenizer_lib.load_tokenizer(config.model.tokenizer_dir or None)
   model_cfg, params = build_policy(config, tokenizer)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(
     f"policy {model_cfg.family} ({config.model.hf_dir or config.model.preset}): "
     f"{n_params / 1e6:.2f}M parameters, vocab {model_cfg.text.vocab_size}, "
-    f"devices {jax.devices()}"
+    f"{jax.device_count()} device(s) {jax.devices()[0].platform}",
+    flush=True,
   )
-
-  # Data: the configured split (the synthetic set is built on first use).
+  shapes = episodes_lib.shapes_from_config(config, model_cfg)
+  encoder = episodes_lib.PromptEncoder(tokenizer, model_cfg, shapes)
   okvos_dir, kb_dir = pipeline.resolve_data(config.data, config.workdir, config.seed)
-  dataset, source = pipeline.okvos_dataset(
-    okvos_dir,
-    config.data.train_split,
-    batch_size=config.batch_size,
-    seed=config.seed,
-    on_error=config.data.on_error,
-    num_frames=config.data.num_frames,
-    frame_size=config.data.frame_size,
-    convention=model_cfg.coord_convention,
+  backend = make_search_backend(config, kb_dir)
+  bridge = make_bridge(config, backend, tokenizer, shapes)
+  n = config.rollout.group_size
+  rcfg = episodes_lib.rollout_config(config, model_cfg, shapes, tokenizer)
+  runner = episodes_lib.Runner(model_cfg, rcfg, shapes, tokenizer, bridge)
+  eval_rcfg = episodes_lib.rollout_config(
+    config, model_cfg, shapes, tokenizer, group_size=1, temperature=0.0
   )
-  batch = next(iter(dataset))
+  eval_runner = episodes_lib.Runner(model_cfg, eval_rcfg, shapes, tokenizer, bridge)
+  train_ds, train_source = make_dataset(
+    config, okvos_dir, config.data.train_split, encoder, train=True, batch_size=config.batch_size
+  )
+  eval_ds = lambda: make_dataset(
+    config, okvos_dir, config.data.eval_split, encoder, train=False, batch_size=config.batch_size
+  )[0]
   print(
-    f"data: {len(source)} {config.data.train_split} samples in {okvos_dir} "
-    f"(knowledge base {kb_dir or config.search.kb_dir}), batch of {len(batch['id'])}"
+    f"data: {len(train_source)} {config.data.train_split} samples in {okvos_dir}; "
+    f"search: {config.search.backend} over {config.search.kb_dir or kb_dir or '-'}",
+    flush=True,
   )
-
-  # One forward step over the first prompt of the batch.
-  size = config.data.frame_size
-  frames = list(batch["frames"][0][batch["frame_valid"][0]])
-  enc = processor.encode_prompt(
-    batch["prompt"][0], frames, tokenizer, processor_config(model_cfg), (size, size)
+  data_iter = iter(train_ds)
+  scorer, eval_scorer = Scorer(config, n), Scorer(config, 1)
+  optimizer, update_fn = make_update(config, model_cfg, rcfg)
+  writer = metrics_lib.MetricsWriter(workdir, config.total_steps)
+  ckpt = checkpoint_lib.Checkpointer(
+    workdir / "checkpoints", keep=config.checkpoint.keep, save_every=config.checkpoint.every_steps
   )
-  ids = np.asarray(enc["input_ids"], np.int32)[None]
-  grid = tuple(int(g) for g in enc["grid_thw"][0][1:])
-  merged = [(g // model_cfg.vision.spatial_merge_size) for g in grid]
-  patches = jnp.asarray(enc["pixel_values"]).reshape(len(frames), grid[0] * grid[1], -1)
-  model = policy.Policy(model_cfg)
+  metadata = checkpoint_lib.make_metadata(model_cfg, config, tokenizer)
+  rng = jax.random.PRNGKey(config.seed)
 
-  @jax.jit
-  def forward(params, ids, positions, patches):
-    visual, deepstack = model.apply(
-      {"params": params}, patches, grid, method=policy.Policy.encode_images
+  # 2. Resume from the latest checkpoint, or warm-start and save step 0.
+  latest = ckpt.latest_step()
+  if latest is None:
+    if config.sft.steps > 0:
+      t0 = time.time()
+      expert_ds, _ = make_dataset(
+        config, okvos_dir, config.data.train_split, encoder, train=False, batch_size=1
+      )
+      data = expert_rows(config, expert_ds, runner, model_cfg, shapes)
+      print(
+        f"warm start: {len(data['prompt_ids'])} expert episodes "
+        f"({time.time() - t0:.1f}s), {config.sft.steps} supervised steps",
+        flush=True,
+      )
+      params = warm_start(config, params, data, model_cfg, rcfg, writer)
+    state = update_lib.init_state(params, optimizer)
+    ckpt.save(0, state, rng, data_iter, metadata, force=True)
+    start = 0
+  else:
+    abstract = jax.eval_shape(lambda: update_lib.init_state(params, optimizer))
+    state, rng, _ = ckpt.restore(latest, abstract, data_iter)
+    start = latest
+    writer.truncate_after(start)
+    print(f"resumed from step {start} in {ckpt.directory}", flush=True)
+  params = None  # The train state owns the parameters from here on.
+  ref = None
+  if config.loss.kl_coef > 0:
+    ref = (jax.tree.map(jnp.copy, state.params), jax.jit(make_logprob_fn(model_cfg, rcfg)))
+    ref = (ref[0], lambda p, mb, f=ref[1]: f(p, mb)[0].reshape(mb["loss_mask"].shape))
+
+  # 3. GRPO steps.
+  writer.start(start)
+  for step in range(start + 1, config.total_steps + 1):
+    t0 = time.time()
+    step_rng = jax.random.fold_in(rng, step)
+    drawn = collect_rollouts(
+      config, next(data_iter), data_iter, runner, scorer, state.params, step_rng
     )
-    visual = visual.reshape(1, -1, visual.shape[-1])
-    deepstack = deepstack.reshape(deepstack.shape[0], 1, -1, deepstack.shape[-1])
-    hidden, _ = model.apply(
-      {"params": params},
-      ids,
-      positions,
-      jnp.ones(ids.shape, bool),
-      visual,
-      deepstack,
-      return_hidden=True,
+    t_rollout = time.time() - t0
+    rows, trains = assemble_rows(config, drawn)
+    state, m = grpo_step(config, state, rows, update_fn, step_rng, ref)
+    batch, eps, scores = drawn[0]
+    m.update(episode_metrics(eps, scores))
+    m.update(
+      {
+        "time/step_s": time.time() - t0,
+        "time/rollout_s": t_rollout,
+        "dapo/rollout_batches": len(drawn),
+        "dapo/groups_trained": float(np.mean(trains)),
+      }
     )
-    return model.apply({"params": params}, hidden[:, -1], method=policy.Policy.logits)
+    write_records(workdir / "trajectories", step, tokenizer, batch, eps, scores, n)
+    if step % config.log_every == 0 or step == config.total_steps:
+      writer.write(
+        step,
+        m,
+        console=(
+          f"step {step}/{config.total_steps} | reward {m['reward/score']:.3f} "
+          f"(outcome {sum(m['reward/' + k] for k in OUTCOME_TERMS):.2f}, "
+          f"process {m['reward/process_score']:.2f}) | search/traj "
+          f"{m['search/per_trajectory']:.2f} | len {m['response_length']:.0f} | "
+          f"loss {m['loss']:+.4f} | clip {m['clip_fraction']:.3f} | "
+          f"{m['time/step_s']:.1f}s/step | ETA {writer.eta(step)}"
+        ),
+      )
+    ckpt.save(step, state, rng, data_iter, metadata, force=step == config.total_steps)
+    if (
+      config.eval.every_steps and step % config.eval.every_steps == 0 and step < config.total_steps
+    ):
+      val, _ = validate(config, state.params, eval_ds(), eval_runner, eval_scorer)
+      writer.write(step, val, phase="eval", console=f"eval @ {step}: {_short(val)}")
+  ckpt.wait()
 
-  positions, _ = policy.rope_index(
-    ids, np.ones_like(ids), [[tuple(merged)] * len(frames)], model_cfg.image_token_id
+  # 4. Final validation on the held-out split, with and without search.
+  summary = {"steps": config.total_steps, "parameters": int(n_params)}
+  with_search, preds = validate(config, state.params, eval_ds(), eval_runner, eval_scorer)
+  without, _ = validate(config, state.params, eval_ds(), eval_runner, eval_scorer, search=False)
+  writer.write(config.total_steps, with_search, phase="eval")
+  writer.write(config.total_steps, without, phase="eval_no_search")
+  table = format_comparison(with_search, without)
+  print(f"validation on {config.data.eval_split} ({with_search['samples']} samples, greedy):")
+  print(table, flush=True)
+  with (workdir / "predictions.jsonl").open("w", encoding="utf-8") as f:
+    for p in preds:
+      f.write(json.dumps(p, ensure_ascii=False) + "\n")
+  train_rows = writer.read("train")
+  if train_rows:
+    summary["reward_first_steps"] = float(np.mean([r["reward/score"] for r in train_rows[:5]]))
+    summary["reward_last_steps"] = float(np.mean([r["reward/score"] for r in train_rows[-5:]]))
+    plot_rewards(train_rows, workdir / "reward_curve.png")
+  summary.update(
+    eval_with_search=with_search,
+    eval_without_search=without,
+    wall_time_s=time.time() - t_start,
   )
-  logits = forward(params, jnp.asarray(ids), jnp.asarray(positions), patches)
-  next_token = int(jnp.argmax(logits[0]))
-  print(
-    f"forward on {batch['id'][0]} ({batch['ability'][0]}): {ids.shape[1]} prompt tokens "
-    f"({len(frames)} frames of {size}px) -> "
-    f"logits {tuple(logits.shape)}, next token {next_token!r} "
-    f"({tokenizer.decode([next_token])!r}), {time.time() - t0:.1f}s total"
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+  writer.close()
+  ckpt.close()
+  print(f"done in {metrics_lib.format_duration(time.time() - t_start)}; outputs in {workdir}")
+  return summary
+
+
+def _short(m: Mapping[str, float]) -> str:
+  return ", ".join(
+    f"{k} {m[k]:.3f}" for k in ("score", "outcome", "search/per_trajectory") if k in m
   )
-  logging.info("The GRPO loop is not wired in yet; stopping after the forward step.")
+
+
+def plot_rewards(rows: list[dict], path: pathlib.Path) -> None:
+  """Mean reward and its outcome / process parts over GRPO steps."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  steps = [r["step"] for r in rows]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(steps, [r["reward/score"] for r in rows], label="reward (score)", lw=2)
+  ax.plot(
+    steps,
+    [sum(r[f"reward/{k}"] for k in OUTCOME_TERMS) for r in rows],
+    label="outcome terms",
+  )
+  ax.plot(steps, [r["reward/process_score"] for r in rows], label="process term")
+  ax.set_xlabel("GRPO step")
+  ax.set_ylabel("mean over rollouts")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/okvos.py")
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it renames.
+  initialize_distributed()
+  train(config)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,118 @@
-"""The main command runs end to end on a shrunk embedded config."""
+"""The trainer: the main command end to end, resume after kill -9, early config errors."""
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
+
+from configs import okvos as okvos_config
+from segresearch_jax import train
+from segresearch_jax.data import synthetic
+
+# The embedded default shrunk to seconds: tiny policy, small frames, short episodes.
+SHRUNK = [
+  "--config.model.preset=tiny",
+  "--config.data.frame_size=64",
+  "--config.data.keyframe_size=64",
+  "--config.batch_size=2",
+  "--config.rollout.group_size=2",
+  "--config.rollout.max_turns=2",
+  "--config.rollout.max_response_length=192",
+  "--config.rollout.max_action_length=48",
+  "--config.rollout.max_obs_length=160",
+  "--config.loss.mini_batches=2",
+  "--config.total_steps=2",
+  "--config.sft.steps=2",
+  "--config.sft.batch_size=2",
+  "--config.checkpoint.every_steps=1",
+  "--config.eval.num_samples=2",
+]
 
 
-def test_main_command_runs_on_the_embedded_default(tmp_path):
-  cmd = [
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("synthetic")
+  synthetic.build(out, seed=0)  # The default set, built once for every run here.
+  return str(out)
+
+
+def _command(workdir, synthetic_dir, *extra):
+  return [
     sys.executable,
     "-m",
     "segresearch_jax.train",
     "--config=configs/okvos.py",
-    f"--config.workdir={tmp_path}",
-    "--config.model.preset=tiny",
-    "--config.data.frame_size=64",
-    "--config.batch_size=2",
+    f"--config.workdir={workdir}",
+    f"--config.data.synthetic_dir={synthetic_dir}",
+    *SHRUNK,
+    *extra,
   ]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "parameters" in out.stdout and "forward on" in out.stdout
-  assert (tmp_path / "synthetic" / "okvos" / "train.parquet").is_file()
+
+
+def _train_rows(workdir):
+  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r for r in rows if r["phase"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, synthetic_dir):
+  workdir = tmp_path_factory.mktemp("run")
+  out = subprocess.run(
+    _command(workdir, synthetic_dir), capture_output=True, text=True, timeout=1200
+  )
+  assert out.returncode == 0, out.stderr[-4000:]
+  return workdir, out.stdout
+
+
+@pytest.mark.slow
+def test_main_command_trains_logs_checkpoints_and_validates(uninterrupted):
+  workdir, stdout = uninterrupted
+  assert "parameters" in stdout and "sft 2/2" in stdout and "step 2/2" in stdout
+  assert "validation on test" in stdout and "search off" in stdout
+  rows = _train_rows(workdir)
+  assert sorted(rows) == [1, 2]
+  for key in ("loss", "grad_norm", "reward/score", "search/per_trajectory", "stop/max_length"):
+    assert key in rows[2]
+  records = (workdir / "trajectories" / "step_000002.jsonl").read_text().splitlines()
+  assert len(records) == 4  # 2 prompts x group of 2
+  rec = json.loads(records[0])
+  assert {"response", "tool_calls", "reward", "stop_reason"} <= set(rec)
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["eval_with_search"]["samples"] == 2
+  assert {"0", "1", "2"} <= set(os.listdir(workdir / "checkpoints"))
+  assert (workdir / "reward_curve.png").stat().st_size > 1000
+  assert len((workdir / "predictions.jsonl").read_text().splitlines()) == 2
+  assert list((workdir / "tb").iterdir())  # TensorBoard events
+
+
+@pytest.mark.slow
+def test_resume_after_kill_reproduces_the_next_metrics(tmp_path, synthetic_dir, uninterrupted):
+  reference = _train_rows(uninterrupted[0])
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(
+    _command(workdir, synthetic_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+  )
+  # Kill -9 as soon as step 1 is checkpointed (the run is then in step 2 or saving).
+  deadline = time.time() + 900
+  while not (workdir / "checkpoints" / "1").is_dir():
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  proc.stderr.close()
+  out = subprocess.run(
+    _command(workdir, synthetic_dir), capture_output=True, text=True, timeout=1200
+  )
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "resumed from step 1" in out.stdout
+  resumed = _train_rows(workdir)
+  for key in ("loss", "grad_norm", "param_norm", "reward/score", "response_length"):
+    assert resumed[2][key] == pytest.approx(reference[2][key], rel=1e-5, abs=1e-6), key
 
 
 def test_misspelled_config_key_fails_before_any_work(tmp_path):
@@ -34,3 +128,33 @@ def test_misspelled_config_key_fails_before_any_work(tmp_path):
   assert out.returncode != 0
   assert "presett" in out.stderr
   assert not (tmp_path / "synthetic").exists()
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("model.hf_dir", "/nonexistent/ckpt", "config.model.hf_dir"),
+    ("data.okvos_dir", "/nonexistent/okvos", "config.data.okvos_dir"),
+    ("search.kb_dir", "/nonexistent/kb", "config.search.kb_dir"),
+    ("loss.mini_batches", 3, "mini_batches"),
+  ],
+)
+def test_unusable_config_fails_with_a_clear_message(field, value, message):
+  config = okvos_config.get_config()
+  if field == "data.okvos_dir":
+    config.data.source = "okvos"
+  section, key = field.split(".")
+  config[section][key] = value
+  with pytest.raises((FileNotFoundError, ValueError), match=message.replace(".", r"\.")):
+    train.check_config(config)
+
+
+def test_search_backend_that_is_down_fails_before_training(tmp_path):
+  config = okvos_config.get_config()
+  config.workdir = str(tmp_path)
+  config.search.backend = "service"
+  config.search.service_url = "http://127.0.0.1:9"  # discard port: nothing listens
+  config.search.timeout_s = 1.0
+  config.search.cache_mode = "off"
+  with pytest.raises(RuntimeError, match="does not answer"):
+    train.make_search_backend(config, "")

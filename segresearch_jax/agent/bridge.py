@@ -250,7 +250,9 @@ class SearchBridge:
     action = protocol.parse_action(text, shown)
     found: list = []
     if action.kind in ("none", "answer"):
-      msg = "No tool call found: use <search> … </search> or <keyframe> N </keyframe>."
+      # No literal tags here: the reward counts `<search>` in the whole response,
+      # observations included, so an error message must not contain one.
+      msg = "No tool call found: end the turn with a search, a keyframe or an answer."
       outcome = _Outcome(protocol.error_observation(msg), error_kind="invalid_action")
     elif action.error is not None:
       kind = "bad_keyframe" if action.kind == "keyframe" else "bad_search"

@@ -131,3 +131,28 @@ def grpo_loss(
     "tokens": jnp.sum(mask),
   }
   return loss_sum, count, metrics
+
+
+def sft_loss(
+  logp: Array,
+  entropy: Array | None,
+  batch: dict[str, Array],
+  cfg: LossConfig,
+) -> tuple[Array, Array, dict[str, Array]]:
+  """Masked cross-entropy on the generated tokens (the supervised warm start).
+
+  Same signature and (sum, count) contract as `grpo_loss`, so the update step and
+  its micro-batch accumulation are shared; `cfg.aggregation` applies.
+  """
+  mask = batch["loss_mask"].astype(jnp.float32)
+  loss_sum, count = aggregate(-logp, mask, cfg.aggregation)
+  ent = jnp.zeros_like(logp) if entropy is None else entropy
+  tok = lambda x: jnp.sum(x * mask)
+  metrics = {
+    "clip_fraction": jnp.zeros(()),
+    "kl": jnp.zeros(()),
+    "entropy": tok(ent),
+    "ratio": tok(jnp.ones_like(logp)),
+    "tokens": jnp.sum(mask),
+  }
+  return loss_sum, count, metrics

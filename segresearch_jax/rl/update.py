@@ -70,12 +70,17 @@ def make_update_fn(
   *,
   micro_batches: int = 1,
   schedule: optax.Schedule | None = None,
+  loss_fn: Callable[..., Any] = losses.grpo_loss,
 ) -> Callable[[TrainState, dict[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
-  """Builds the (unjitted) update function; jit it with `donate_argnums=0`."""
+  """Builds the (unjitted) update function; jit it with `donate_argnums=0`.
+
+  `loss_fn(logp, entropy, micro_batch, loss_config) -> (sum, count, metric sums)`:
+  `losses.grpo_loss` (default) or `losses.sft_loss` for the warm start.
+  """
 
   def micro_loss(params, micro):
     logp, entropy = logprob_fn(params, micro)
-    loss_sum, count, metrics = losses.grpo_loss(logp, entropy, micro, loss_config)
+    loss_sum, count, metrics = loss_fn(logp, entropy, micro, loss_config)
     return loss_sum, (count, metrics)
 
   def update_fn(state: TrainState, batch: dict[str, Array], rng: Array):

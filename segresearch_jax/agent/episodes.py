@@ -1,0 +1,450 @@
+"""From data batches to rollout inputs, and expert episodes for the warm start.
+
+Host-side glue between the data pipeline, the jitted rollout and the trainer:
+
+- `EpisodeShapes` derives the static shapes of one run (image grids, patch counts,
+  prompt length) from the config, so every compiled program sees fixed shapes.
+- `PromptEncoder` is the pipeline's `encode_fn`: it runs in grain's worker threads
+  and turns a prepared sample into the rollout's per-prompt arrays (left-padded
+  prompt ids, M-RoPE positions, shown-frame patches and the high-resolution
+  keyframe patches of the ORIGINAL frame files, SPEC §1.2).
+- `expert_turns` writes the reference trajectory of a synthetic sample (search ->
+  keyframe -> answer, from its reference chain and ground truth) and
+  `expert_episode` runs it through the real bridge on the host, producing exactly
+  the arrays the rollout would produce had the policy written those turns (the
+  tests check this token for token against a forced rollout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from segresearch_jax.agent import protocol, rollout
+from segresearch_jax.models import policy, processor
+from segresearch_jax.models.config import ModelConfig
+
+
+def image_processor_config(model_cfg: ModelConfig, min_pixels: int = -1):
+  """The family's image processor; `min_pixels >= 0` overrides its minimum size.
+
+  Qwen3-VL's minimum (65536 pixels) upsizes a 128 px frame to 256 px; small CPU
+  runs set `min_pixels=0` to keep 128 px frames at 16 tokens.
+  """
+  cfg = processor.QWEN3_VL if model_cfg.family == "qwen3_vl" else processor.QWEN2_5_VL
+  return cfg if min_pixels < 0 else dataclasses.replace(cfg, min_pixels=int(min_pixels))
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeShapes:
+  """Static shapes of one run's prompts and observations.
+
+  Attributes:
+    image_cfg: the image processor settings.
+    num_frames: F, shown frames per prompt (padded).
+    frame_size, keyframe_size, search_size: square sides of the shown frames, the
+      high-res keyframe and image_search results (SPEC §1.2: 448 / 864 / 256).
+    max_prompt_length: Lp, prompts are left-padded to it.
+  """
+
+  image_cfg: processor.ImageProcessorConfig
+  num_frames: int
+  frame_size: int
+  keyframe_size: int
+  search_size: int
+  max_prompt_length: int
+
+  def patch_grid(self, size: int) -> tuple[int, int]:
+    """(grid_h, grid_w) in patches of a size x size image after smart_resize."""
+    c = self.image_cfg
+    h, w = processor.smart_resize(size, size, c.factor, c.min_pixels, c.max_pixels)
+    return h // c.patch_size, w // c.patch_size
+
+  def merged_grid(self, size: int) -> tuple[int, int]:
+    """(h, w) in merged visual tokens (what the LM sees)."""
+    gh, gw = self.patch_grid(size)
+    return gh // self.image_cfg.merge_size, gw // self.image_cfg.merge_size
+
+  def num_patches(self, size: int) -> int:
+    gh, gw = self.patch_grid(size)
+    return gh * gw
+
+  @property
+  def patch_dim(self) -> int:
+    c = self.image_cfg
+    return 3 * c.temporal_patch_size * c.patch_size**2
+
+  @property
+  def search_patch_shape(self) -> tuple[int, int]:
+    return self.num_patches(self.search_size), self.patch_dim
+
+  def tokens(self, size: int) -> int:
+    h, w = self.merged_grid(size)
+    return h * w
+
+
+def shapes_from_config(config: Any, model_cfg: ModelConfig) -> EpisodeShapes:
+  """`EpisodeShapes` of `config.data` / `config.rollout` for this policy."""
+  d = config.data
+  return EpisodeShapes(
+    image_cfg=image_processor_config(model_cfg, d.min_pixels),
+    num_frames=d.num_frames,
+    frame_size=d.frame_size,
+    keyframe_size=d.keyframe_size,
+    search_size=d.search_image_size,
+    max_prompt_length=config.rollout.max_prompt_length,
+  )
+
+
+def rollout_config(
+  config: Any,
+  model_cfg: ModelConfig,
+  shapes: EpisodeShapes,
+  tokenizer: Any,
+  *,
+  group_size: int | None = None,
+  temperature: float | None = None,
+) -> rollout.RolloutConfig:
+  """The rollout settings of `config.rollout` (override group size / temperature for eval)."""
+  r = config.rollout
+  return rollout.RolloutConfig(
+    group_size=r.group_size if group_size is None else group_size,
+    max_turns=r.max_turns,
+    max_response_length=r.max_response_length,
+    max_action_length=r.max_action_length,
+    max_obs_length=r.max_obs_length,
+    temperature=r.temperature if temperature is None else temperature,
+    top_p=r.top_p,
+    top_k=r.top_k,
+    im_end_id=tokenizer.im_end_id,
+    frame_grid=shapes.merged_grid(shapes.frame_size),
+    keyframe_grid=shapes.merged_grid(shapes.keyframe_size),
+    search_grid=shapes.merged_grid(shapes.search_size),
+    banned_ids=(tokenizer.image_pad_id, tokenizer.vision_start_id, tokenizer.vision_end_id),
+  )
+
+
+# ----------------------------------------------------------------------------
+# Prompts (the pipeline's encode_fn).
+# ----------------------------------------------------------------------------
+
+
+def load_keyframe(path: str, size: int) -> np.ndarray:
+  """The ORIGINAL frame file resized to size x size (aspect not kept), uint8 [S, S, 3]."""
+  with Image.open(path) as im:
+    im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(im, np.uint8)
+
+
+class PromptEncoder:
+  """Per-sample rollout inputs, computed in the data pipeline's worker threads.
+
+  Output fields (fixed shapes, so grain's collate stacks them):
+    prompt_ids int32 [Lp] (left-padded with `pad_id`), prompt_valid bool [Lp],
+    prompt_positions int32 [3, Lp], next_pos int32 [], frame_patches float32
+    [F, Pf, pd] (zeros for padded frames), keyframe_patches float32 [F, Pk, pd].
+  """
+
+  def __init__(self, tokenizer: Any, model_cfg: ModelConfig, shapes: EpisodeShapes):
+    self.tokenizer = tokenizer
+    self.model_cfg = model_cfg
+    self.shapes = shapes
+
+  def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    s = self.shapes
+    n = int(np.sum(example["frame_valid"]))
+    frames = list(example["frames"][:n])
+    enc = processor.encode_prompt(
+      example["prompt"], frames, self.tokenizer, s.image_cfg, (s.frame_size, s.frame_size)
+    )
+    ids = enc["input_ids"]
+    lp = s.max_prompt_length
+    if len(ids) > lp:
+      raise ValueError(
+        f"Sample {example['id']}: the prompt has {len(ids)} tokens, more than "
+        f"rollout.max_prompt_length={lp}; raise it or shrink data.frame_size."
+      )
+    grid = s.merged_grid(s.frame_size)
+    positions, next_pos = policy.mrope_positions(ids, [grid] * n, self.model_cfg.image_token_id)
+    pad = lp - len(ids)
+    pf, pk = s.num_patches(s.frame_size), s.num_patches(s.keyframe_size)
+    frame_patches = np.zeros((s.num_frames, pf, s.patch_dim), np.float32)
+    frame_patches[:n] = enc["pixel_values"].reshape(n, pf, s.patch_dim)
+    keyframe_patches = np.zeros((s.num_frames, pk, s.patch_dim), np.float32)
+    for i, path in enumerate(example["frame_paths"][:n]):
+      image = load_keyframe(path, s.keyframe_size)
+      keyframe_patches[i], _ = processor.preprocess_image(
+        image, s.image_cfg, (s.keyframe_size, s.keyframe_size)
+      )
+    return {
+      "prompt_ids": np.pad(ids, (pad, 0), constant_values=self.tokenizer.pad_id).astype(np.int32),
+      "prompt_valid": np.arange(lp) >= pad,
+      "prompt_positions": np.pad(positions, ((0, 0), (pad, 0))).astype(np.int32),
+      "next_pos": np.int32(next_pos),
+      "frame_patches": frame_patches,
+      "keyframe_patches": keyframe_patches,
+    }
+
+
+PROMPT_FIELDS = (
+  "prompt_ids",
+  "prompt_valid",
+  "prompt_positions",
+  "next_pos",
+  "frame_patches",
+  "keyframe_patches",
+)
+
+
+def rollout_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The rollout's per-prompt inputs of a pipeline batch (positions to [3, P, Lp])."""
+  out = {k: np.asarray(batch[k]) for k in PROMPT_FIELDS}
+  out["prompt_positions"] = np.moveaxis(out["prompt_positions"], 1, 0)
+  return out
+
+
+def shown_frames(batch: Mapping[str, Any], group_size: int) -> list[list[int]]:
+  """Shown frame numbers per ROW (prompts repeated `group_size` times), for the bridge."""
+  per_prompt = [
+    [int(f) for f, ok in zip(numbers, valid) if ok]
+    for numbers, valid in zip(batch["frame_numbers"], batch["frame_valid"])
+  ]
+  return [frames for frames in per_prompt for _ in range(group_size)]
+
+
+def decode_responses(
+  tokenizer: Any, out: Mapping[str, np.ndarray], skip_special_tokens: bool = True
+) -> list[str]:
+  """Decoded responses (observations included); the reward reads them without special tokens."""
+  return [
+    tokenizer.decode(
+      [int(t) for t in out["response_ids"][r, : int(out["response_length"][r])]],
+      skip_special_tokens=skip_special_tokens,
+    )
+    for r in range(len(out["response_length"]))
+  ]
+
+
+# ----------------------------------------------------------------------------
+# Expert episodes (supervised warm start).
+# ----------------------------------------------------------------------------
+
+_IN_VIDEO = re.compile(r"'the (.+)'")
+
+
+def _keyframe_choice(ground_truth: Mapping[str, Any], shown: Sequence[int]) -> int | None:
+  """The shown frame where the target is largest, or None when it is absent from all."""
+  best, best_area = None, -1.0
+  for f in shown:
+    target = ground_truth.get(str(int(f)))
+    if target is not None and float(target["area"]) > best_area:
+      best, best_area = int(f), float(target["area"])
+  return best
+
+
+def expert_turns(sample: Mapping[str, Any]) -> list[str]:
+  """The reference trajectory of a synthetic sample, one string per generated turn.
+
+  Searches follow the sample's `reference_chain` (its queries and the facts they
+  reveal), the keyframe is the shown frame where the target is largest, and the
+  answer is the ground-truth box and point of that frame (in the policy's
+  convention). A target absent from every shown frame gets the "no target" answer.
+  The last turn ends with `<|im_end|>`.
+
+  Args:
+    sample: a prepared sample (fields ability, question, reference_chain,
+      ground_truth, frame_numbers, frame_valid).
+  """
+  chain = sample["reference_chain"]
+  chain = json.loads(chain) if isinstance(chain, str) and chain else list(chain or [])
+  gt = sample["ground_truth"]
+  gt = json.loads(gt) if isinstance(gt, str) else gt
+  shown = [int(f) for f, ok in zip(sample["frame_numbers"], sample["frame_valid"]) if ok]
+  ability = sample["ability"]
+  turns = []
+  learned = None
+  for step in chain:
+    if step["tool"] != "text_search":
+      raise ValueError(f"Expert chains use text_search only, got {step['tool']!r}.")
+    known = f"I know {learned}. " if learned else ""
+    call = json.dumps({"name": "text_search", "query": step["query"]})
+    turns.append(
+      f"<thinking> {known}I need to search: {step['query']} </thinking> <search> {call} </search>"
+    )
+    learned = step["answer"]
+  if ability == "in-video":
+    match = _IN_VIDEO.search(sample["question"])
+    target = f"the {match.group(1)}" if match else "the target"
+  elif ability == "relational":
+    target = f"the object just left of the {learned}"
+  else:
+    target = f"the {learned}"
+  frame = _keyframe_choice(gt, shown)
+  if frame is None:
+    turns.append(
+      f"<thinking> The target is {target}, and no frame shows it. </thinking> "
+      f"<keyframe> {protocol.NO_TARGET_KEYFRAME} </keyframe>"
+    )
+    box, point = list(protocol.NO_TARGET_BOX), list(protocol.NO_TARGET_POINT)
+  else:
+    turns.append(
+      f"<thinking> The target is {target}; frame {frame} shows it best. </thinking> "
+      f"<keyframe> {frame} </keyframe>"
+    )
+    box = [int(round(v)) for v in gt[str(frame)]["bbox_2d"]]
+    point = [int(round(v)) for v in gt[str(frame)]["point_2d"]]
+  answer = json.dumps({"bbox_2d": box, "point_2d": point})
+  turns.append(
+    f"<thinking> I locate {target} in this frame. </thinking> <answer> {answer} </answer>"
+    + protocol.IM_END
+  )
+  return turns
+
+
+def expert_episode(
+  turns: Sequence[str],
+  host_fn: rollout.HostFn,
+  tokenizer: Any,
+  model_cfg: ModelConfig,
+  cfg: rollout.RolloutConfig,
+  search_patch_shape: tuple[int, int],
+  next_pos: int,
+) -> dict[str, np.ndarray] | None:
+  """One row of rollout output for scripted turns, with real observations.
+
+  Every turn but the last is an action: its tokens go to `host_fn` (the bridge,
+  set up with this sample's shown frames as row 0) exactly as the rollout would
+  send them, and the observation comes back masked out of the loss.
+
+  Returns:
+    The rollout's output fields for one row ([1, ...] arrays, `logprobs` zero), or
+    None when the episode does not fit `max_response_length`, a turn does not fit
+    `max_action_length`, or it has more actions than `max_turns`.
+  """
+  r, turns_max = cfg.max_response_length, cfg.max_turns
+  if len(turns) - 1 > turns_max:
+    return None
+  ids: list[int] = []
+  mask: list[bool] = []
+  kinds = np.zeros((1, turns_max), np.int32)
+  slots = np.full((1, turns_max), -1, np.int32)
+  search = np.zeros((1, turns_max, *search_patch_shape), np.float32)
+  grids = []
+  for t, text in enumerate(turns):
+    action = tokenizer.encode(text)
+    if len(action) > cfg.max_action_length:
+      return None
+    ids += action
+    mask += [True] * len(action)
+    if t == len(turns) - 1:
+      break
+    padded = np.zeros((1, cfg.max_action_length), np.int32)
+    padded[0, : len(action)] = action
+    obs, obs_len, kind, slot, patches = host_fn(
+      np.ones((1,), bool), padded, np.asarray([len(action)], np.int32)
+    )
+    n = int(min(obs_len[0], cfg.max_obs_length))
+    ids += [int(x) for x in obs[0, :n]]
+    mask += [False] * n
+    kinds[0, t], slots[0, t] = int(kind[0]), int(slot[0])
+    if int(kind[0]) == rollout.KEYFRAME_IMAGE:
+      grids.append(cfg.keyframe_grid)
+    elif int(kind[0]) == rollout.SEARCH_IMAGE:
+      grids.append(cfg.search_grid)
+      search[0, t] = patches[0]
+  if len(ids) > r:
+    return None
+  positions, _ = policy.mrope_positions(
+    np.asarray(ids, np.int32), grids, model_cfg.image_token_id, start=int(next_pos)
+  )
+  n = len(ids)
+  out = {
+    "response_ids": np.zeros((1, r), np.int32),
+    "response_positions": np.zeros((3, 1, r), np.int32),
+    "response_valid": (np.arange(r) < n)[None],
+    "loss_mask": np.zeros((1, r), bool),
+    "logprobs": np.zeros((1, r), np.float32),
+    "response_length": np.asarray([n], np.int32),
+    "stop_reason": np.asarray([rollout.FINISHED], np.int32),
+    "num_turns": np.asarray([len(turns) - 1], np.int32),
+    "obs_kind": kinds,
+    "obs_slot": slots,
+    "search_patches": search,
+  }
+  out["response_ids"][0, :n] = ids
+  out["response_positions"][:, 0, :n] = positions
+  out["loss_mask"][0, :n] = mask
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Running episodes.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Episodes:
+  """One rollout batch on the host.
+
+  Attributes:
+    out: the rollout outputs as numpy (rows = prompts x group size).
+    responses: decoded responses without special tokens (what the reward reads).
+    tool_calls: per row, the bridge's call records in order.
+  """
+
+  out: dict[str, np.ndarray]
+  responses: list[str]
+  tool_calls: list[list[Any]]
+
+
+class Runner:
+  """Runs jitted episodes against the search bridge for pipeline batches.
+
+  One compiled program per `RolloutConfig` (batch shape and sampling settings are
+  static). `search=False` runs the same program with the backend detached, so
+  every search returns an error observation (the no-search ablation).
+  """
+
+  def __init__(
+    self,
+    model_cfg: ModelConfig,
+    cfg: rollout.RolloutConfig,
+    shapes: EpisodeShapes,
+    tokenizer: Any,
+    bridge: Any,
+  ):
+    self.cfg = cfg
+    self.tokenizer = tokenizer
+    self.bridge = bridge
+    host_fn = rollout.bridge_host_fn(bridge, shapes.image_cfg, shapes.search_size)
+    patterns = rollout.stop_patterns(tokenizer, protocol.STOP_STRINGS)
+    self.fn = rollout.make_rollout_fn(model_cfg, cfg, patterns, host_fn, shapes.search_patch_shape)
+
+  def __call__(
+    self, params: Any, batch: Mapping[str, Any], rng: Any, search: bool = True
+  ) -> Episodes:
+    import jax  # Kept local: the rest of this module is host-only.
+
+    bridge = self.bridge
+    bridge.reset()
+    bridge.pop_records()
+    bridge.set_shown_frames(shown_frames(batch, self.cfg.group_size))
+    backend = bridge.backend
+    if not search:
+      bridge.backend = None
+    try:
+      out = jax.device_get(self.fn(params, rollout_batch(batch), rng))
+    finally:
+      bridge.backend = backend
+    calls: list[list[Any]] = [[] for _ in range(len(out["response_length"]))]
+    for record in bridge.pop_records():
+      if 0 <= record.row_id < len(calls):
+        calls[record.row_id].append(record)
+    out = {k: np.asarray(v) for k, v in out.items()}
+    return Episodes(out, decode_responses(self.tokenizer, out), calls)

@@ -1,0 +1,116 @@
+"""Rewards and advantages of a rollout batch: host parse, then one jitted function.
+
+    parsed = parse(responses, batch)                     # host: regexes, JSON, IGR
+    scores = score_fn(parsed, lengths, stop_reasons)     # jit: SPEC §3.1 terms,
+                                                         # mask term, DAPO shaping,
+                                                         # group advantages
+
+Everything numeric runs in `jnp` under `jax.jit` (`reward_terms` of the official
+reward, the mask-cache gather, the overlong penalty, the group normalisation), so
+the same function can move inside a larger jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segresearch_jax.agent import rollout
+from segresearch_jax.rewards import okvos
+from segresearch_jax.rl import advantages as adv_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+  """Reward and shaping settings (official values by default).
+
+  Attributes:
+    reward: the SPEC §3.1 constants.
+    group_size: rollouts per prompt (consecutive rows).
+    overlong_buffer: > 0 turns on DAPO's soft overlong penalty over the last
+      `overlong_buffer` tokens before `max_response_length`.
+    overlong_penalty: its size at `max_response_length`.
+    max_response_length: the response cap.
+  """
+
+  reward: okvos.RewardConfig = okvos.RewardConfig()
+  group_size: int = 8
+  overlong_buffer: int = 0
+  overlong_penalty: float = 1.0
+  max_response_length: int = 8192
+
+
+def score_config(config: Any) -> ScoreConfig:
+  """The `ScoreConfig` of a run config (`reward`, `rollout`, `dapo` blocks)."""
+  r = config.reward
+  return ScoreConfig(
+    reward=okvos.RewardConfig(
+      tpr_p=r.tpr_p, tpr_budget=int(r.tpr_budget), igr_threshold=r.igr_threshold
+    ),
+    group_size=config.rollout.group_size,
+    overlong_buffer=config.dapo.overlong_buffer,
+    overlong_penalty=config.dapo.overlong_penalty,
+    max_response_length=config.rollout.max_response_length,
+  )
+
+
+class Parser:
+  """Host half: decoded responses -> fixed arrays (keeps the IGR step-embedding cache)."""
+
+  def __init__(self, reward: okvos.RewardConfig, embed_fn: okvos.EmbedFn | None = None):
+    self.reward = reward
+    self.embed_fn = embed_fn
+    self.step_cache: dict = {}
+
+  def __call__(
+    self,
+    responses: Sequence[str],
+    ground_truths: Sequence[str | Mapping],
+    steps: Sequence[Sequence[str] | None],
+  ) -> dict[str, np.ndarray]:
+    return okvos.parse_responses(
+      responses,
+      ground_truths,
+      steps,
+      config=self.reward,
+      embed_fn=self.embed_fn,
+      step_cache=self.step_cache,
+    )
+
+
+def make_score_fn(cfg: ScoreConfig):
+  """The jitted numeric half.
+
+  Returns:
+    `score_fn(parsed, response_length [B], stop_reason [B]) -> dict` with the
+    reward terms [B], `score` [B] (the §3.1 score), `reward` [B] (score plus
+    shaping: what the advantages use), `advantages` [B] and `zero_variance` [B]
+    (rows of groups whose rewards are all equal; DAPO's dynamic sampling drops them).
+  """
+
+  def score_fn(parsed, response_length, stop_reason):
+    terms = okvos.reward_terms(parsed, cfg.reward)
+    reward = terms["score"]
+    if cfg.overlong_buffer > 0:
+      length = response_length.astype(jnp.float32)
+      penalty = adv_lib.overlong_penalty(
+        length, cfg.max_response_length, cfg.overlong_buffer, cfg.overlong_penalty
+      )
+      reward = reward + penalty
+      terms["overlong_penalty"] = penalty
+    grouped = reward.reshape(-1, cfg.group_size)
+    zero_var = jnp.all(grouped == grouped[:, :1], axis=1)
+    return dict(
+      terms,
+      reward=reward,
+      advantages=adv_lib.group_advantages(reward, cfg.group_size),
+      zero_variance=jnp.repeat(zero_var, cfg.group_size),
+      truncated=(stop_reason == rollout.MAX_LENGTH).astype(jnp.float32),
+    )
+
+  return jax.jit(score_fn)
