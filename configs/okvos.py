@@ -127,6 +127,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all remaining devices.
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # (regex over the '/'-joined parameter path, spec) pairs tried before
+  # sharding.DEFAULT_RULES, e.g. ((r"lm_head/kernel$", ("fsdp", "tensor")),).
+  c.mesh.rules = ()
+  # The dry run fails when a rule leaves a larger parameter whole on every device.
+  c.mesh.max_replicated_elements = 2**20
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 10
@@ -140,6 +145,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.sam2_checkpoint = ""
   c.eval.official_two_calls = False  # Reproduce the official box-dropping SAM2 prompts (SPEC §9).
   c.eval.report_samples = 16  # Cards in the HTML report.
+  c.eval.masks = True  # Segment the final evaluation's answers and report J&F.
 
   c.log_every = 1
   c.batch_size = 4  # Prompts per step.

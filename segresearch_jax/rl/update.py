@@ -88,8 +88,10 @@ def make_update_fn(
     n = jax.tree.leaves(batch)[0].shape[0]
     if n % micro_batches:
       raise ValueError(f"Batch of {n} does not split into {micro_batches} micro-batches.")
+    # Strided micro-batches (rows i, i + m, i + 2m, ...): with rows sharded over
+    # devices, each device keeps its share of every micro-batch (no resharding).
     split = jax.tree.map(
-      lambda x: x.reshape(micro_batches, n // micro_batches, *x.shape[1:]), batch
+      lambda x: x.reshape(n // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch
     )
 
     # 1. Accumulate gradient sums, loss sums and counts over micro-batches.

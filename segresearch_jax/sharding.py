@@ -1,0 +1,757 @@
+"""Device mesh, regex partition rules, sharded creation and the memory plan.
+
+The trainer runs one program over a 3-axis mesh:
+
+  data    pure data parallelism: batch rows split, parameters replicated;
+  fsdp    batch rows split AND parameters / optimizer state split (ZeRO-3 style);
+  tensor  the heads / intermediate / vocab dimension of each matmul split.
+
+Parameters get their layout from an ordered list of (regex, spec) rules over the
+'/'-joined parameter path; the first rule whose regex `re.search`-matches wins. A
+spec is a tuple with one entry per array dimension: an axis name, None, or a tuple
+of axis names (the dimension is split over their product). A dimension that an
+axis does not divide stays unsplit (logged), so one rule set serves every mesh.
+Optimizer state follows the parameters (Adam's moments are parameter-shaped),
+batches are split along their leading row axis over ("data", "fsdp").
+
+Typical use in a trainer:
+
+    mesh = sharding.make_mesh(config.mesh)
+    init_fn = functools.partial(policy.init_params, model_cfg)
+    abstract = jax.eval_shape(init_fn, rng)
+    param_sharding = sharding.param_shardings(abstract, rules, mesh)
+    params = sharding.create_sharded(init_fn, rng, shardings=param_sharding)
+
+`plan` does the same with abstract arrays and an `AbstractMesh` (no devices), and
+reports per-device memory and the layout of every parameter; the `plan` tool and
+`train.py --config.dry_run=True` print it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+from segresearch_jax.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+AXES = ("data", "fsdp", "tensor")
+# The axes a batch's rows are split over (in this order, so that a data x fsdp block
+# of devices holds consecutive rows).
+BATCH_AXES = ("data", "fsdp")
+
+SpecEntry = str | tuple[str, ...] | None
+Rule = tuple[str, Sequence[SpecEntry]]
+AnyMesh = Mesh | AbstractMesh
+
+# Rules for both Qwen3-VL and Qwen2.5-VL (parameter names mirror the HF checkpoints,
+# see `models/weights.py`). Flax kernels are [in, out]. Per matmul one dimension goes
+# over `fsdp` (storage; gathered for the matmul) and the heads / intermediate / vocab
+# dimension over `tensor`, so column-parallel and row-parallel layers pair up as in
+# Megatron: q/k/v, gate/up and fc1 split their output, o/down/fc2 their input.
+DEFAULT_RULES: tuple[Rule, ...] = (
+  # Embedding [V, D] and untied head [D, V]: vocab over tensor, hidden over fsdp.
+  (r"(^|/)embed_tokens/embedding$", ("tensor", "fsdp")),
+  (r"(^|/)lm_head/kernel$", ("fsdp", "tensor")),
+  # Vision tower. The fused qkv output is laid out [3, heads, head_dim], which a flat
+  # split does not cut along heads, so both axes go on its input dimension instead.
+  (r"visual/blocks_\d+/qkv/kernel$", (("fsdp", "tensor"), None)),
+  (r"visual/blocks_\d+/proj/kernel$", ("tensor", "fsdp")),
+  (r"visual/patch_embed/kernel$", (None, ("fsdp", "tensor"))),
+  (r"visual/pos_embed$", (None, ("fsdp", "tensor"))),
+  # Qwen2.5-VL merger MLP (Qwen3-VL mergers use linear_fc1/2 below).
+  (r"visual/merger/mlp_0/kernel$", ("fsdp", "tensor")),
+  (r"visual/merger/mlp_2/kernel$", ("tensor", "fsdp")),
+  # Attention projections: heads over tensor.
+  (r"(q_proj|k_proj|v_proj)/kernel$", ("fsdp", "tensor")),
+  (r"o_proj/kernel$", ("tensor", "fsdp")),
+  # MLPs: the LM's and Qwen2.5-VL vision SwiGLU, Qwen3-VL vision GELU MLP and mergers.
+  (r"(gate_proj|up_proj|linear_fc1)/kernel$", ("fsdp", "tensor")),
+  (r"(down_proj|linear_fc2)/kernel$", ("tensor", "fsdp")),
+  # Norm scales, biases, q/k norms: a few thousand values each, replicated.
+  (r".*", ()),
+)
+
+DEFAULT_MAX_REPLICATED_ELEMENTS = 2**20
+
+
+# ----------------------------------------------------------------------------
+# Mesh.
+# ----------------------------------------------------------------------------
+
+
+def _get(config: Any, key: str, default: Any) -> Any:
+  """Reads `key` from a dict, a ConfigDict or an object with attributes."""
+  if hasattr(config, "get"):
+    return config.get(key, default)
+  return getattr(config, key, default)
+
+
+def mesh_shape(mesh_config: Any, num_devices: int) -> dict[str, int]:
+  """Resolves the axis sizes of `mesh_config` (fields data / fsdp / tensor) for a device count.
+
+  One axis may be -1: it takes the devices the others leave. Missing axes are 1.
+
+  Raises:
+    ValueError: sizes that are not positive (or -1), more than one -1, or sizes that do
+      not multiply to `num_devices`.
+  """
+  sizes = {}
+  for axis in AXES:
+    size = _get(mesh_config, axis, 1)
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size == 0 or size < -1:
+      raise ValueError(f"Mesh axis {axis!r} must be a positive int or -1, got {size!r}.")
+    sizes[axis] = int(size)
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"Only one mesh axis may be -1 (the remaining devices), got {free}.")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  described = " x ".join(f"{a}={s}" for a, s in sizes.items())
+  if free:
+    if num_devices % fixed:
+      raise ValueError(
+        f"Mesh {described}: the fixed axes use {fixed} devices, which does not divide the "
+        f"{num_devices} available devices."
+      )
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(
+      f"Mesh {described} has {fixed} devices but {num_devices} are available; the sizes "
+      "must multiply to the device count (set one axis to -1 for 'all remaining devices')."
+    )
+  return sizes
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """Parses 'data:1,fsdp:16,tensor:4' (axes may be left out: they are 1; -1 allowed)."""
+  sizes: dict[str, int] = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, sep, value = part.partition(":")
+    name = name.strip()
+    if not sep or name not in AXES:
+      raise ValueError(f"Bad mesh entry {part!r} in {text!r}; expected e.g. 'data:1,fsdp:16'.")
+    if name in sizes:
+      raise ValueError(f"Mesh axis {name!r} given twice in {text!r}.")
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise ValueError(f"Mesh axis {name!r} size {value!r} is not an int.") from None
+  return sizes
+
+
+def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices).
+
+  Axes are `Auto`: the compiler places the collectives from the in/out shardings.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(
+    tuple(sizes[a] for a in AXES),
+    AXES,
+    axis_types=(AxisType.Auto,) * len(AXES),
+    devices=devices,
+  )
+
+
+def abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
+  """A device-free mesh of fixed `sizes` (for plans of meshes larger than this machine)."""
+  if any(int(sizes.get(a, 1)) == -1 for a in AXES):
+    raise ValueError(
+      f"An abstract mesh needs every axis size, got {dict(sizes)}; resolve -1 first with "
+      "mesh_shape(mesh_config, num_devices)."
+    )
+  total = math.prod(int(sizes.get(a, 1)) for a in AXES)
+  resolved = mesh_shape(sizes, total)
+  return AbstractMesh(
+    tuple(resolved[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES)
+  )
+
+
+# ----------------------------------------------------------------------------
+# Partition rules.
+# ----------------------------------------------------------------------------
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'/'-joined names of a pytree key path (dict keys, attributes, sequence indices)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _entry_axes(entry: SpecEntry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def parse_spec(spec: Any) -> tuple[SpecEntry, ...]:
+  """A rule's spec as a tuple of entries.
+
+  Accepts a PartitionSpec, a tuple / list of entries, or a string such as
+  'fsdp,tensor', 'None,fsdp+tensor' ('+' joins axes on one dimension) or '' (replicated),
+  which is convenient on a command line.
+  """
+  if isinstance(spec, str):
+    entries: list[SpecEntry] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+      axes = tuple(a.strip() for a in part.split("+"))
+      entries.append(None if axes == ("None",) else axes[0] if len(axes) == 1 else axes)
+    return tuple(entries)
+  out: list[SpecEntry] = []
+  for entry in spec:
+    if entry is None or isinstance(entry, str):
+      out.append(entry)
+    elif isinstance(entry, (tuple, list)) and all(isinstance(a, str) for a in entry):
+      out.append(tuple(entry))
+    else:
+      raise ValueError(f"Bad spec entry {entry!r} in {spec!r}: use an axis name, None or a tuple.")
+  return tuple(out)
+
+
+def normalize_rules(rules: Sequence[Any]) -> tuple[tuple[str, tuple[SpecEntry, ...]], ...]:
+  """Validates (regex, spec) pairs: compilable regex, known axes, no axis used twice."""
+  out = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f"A partition rule is a (regex, spec) pair, got {rule!r}.")
+    pattern, spec = rule
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"Partition rule regex {pattern!r} does not compile: {e}.") from None
+    entries = parse_spec(spec)
+    used = [a for entry in entries for a in _entry_axes(entry)]
+    unknown = sorted(set(used) - set(AXES))
+    if unknown:
+      raise ValueError(f"Rule {pattern!r} uses unknown mesh axes {unknown}; axes are {AXES}.")
+    if len(used) != len(set(used)):
+      raise ValueError(f"Rule {pattern!r} uses a mesh axis on two dimensions: {entries}.")
+    out.append((pattern, entries))
+  return tuple(out)
+
+
+def rules_from_config(mesh_config: Any) -> tuple[tuple[str, tuple[SpecEntry, ...]], ...]:
+  """The run's rules: `mesh_config.rules` (if any) tried first, then `DEFAULT_RULES`."""
+  extra = _get(mesh_config, "rules", ()) or ()
+  return normalize_rules(tuple(extra) + DEFAULT_RULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Resolved:
+  spec: PartitionSpec
+  rule: str
+  dropped: tuple[str, ...]  # Human-readable notes on dimensions that fell back to None.
+
+
+def _resolve(
+  path: str, shape: tuple[int, ...], rules: Sequence[tuple[str, tuple[SpecEntry, ...]]], sizes
+) -> _Resolved:
+  """The spec of one array: first matching rule, unsplittable dimensions set to None."""
+  for pattern, entries in rules:
+    if not re.search(pattern, path):
+      continue
+    if len(entries) > len(shape):
+      raise ValueError(
+        f"Rule {pattern!r} gives {len(entries)} dimensions {entries} but {path} has shape "
+        f"{shape}; make the regex more specific or add a rule before it."
+      )
+    resolved, dropped = [], []
+    for dim, entry in enumerate(entries):
+      split = math.prod(sizes[a] for a in _entry_axes(entry))
+      if entry is not None and shape[dim] % split:
+        dropped.append(f"{path} dim {dim} ({shape[dim]}) over {entry} ({split})")
+        entry = None
+      resolved.append(entry)
+    while resolved and resolved[-1] is None:  # P('fsdp', None) == P('fsdp'); keep it short.
+      resolved.pop()
+    return _Resolved(PartitionSpec(*resolved), pattern, tuple(dropped))
+  raise ValueError(f"No partition rule matches parameter {path} {shape}; add a catch-all '.*'.")
+
+
+def _resolve_tree(abstract_params: Any, rules: Sequence[Rule], mesh: AnyMesh) -> Any:
+  rules = normalize_rules(rules)
+  sizes = dict(mesh.shape)
+  resolved = jax.tree_util.tree_map_with_path(
+    lambda p, x: _resolve(path_str(p), tuple(x.shape), rules, sizes), abstract_params
+  )
+  dropped = [d for r in jax.tree.leaves(resolved, is_leaf=_is_resolved) for d in r.dropped]
+  if dropped:
+    logger.warning(
+      "%d parameter dimensions stay unsplit because the mesh axis does not divide them: %s%s",
+      len(dropped),
+      "; ".join(dropped[:8]),
+      " ..." if len(dropped) > 8 else "",
+    )
+  return resolved
+
+
+def _is_resolved(x: Any) -> bool:
+  return isinstance(x, _Resolved)
+
+
+def param_specs(abstract_params: Any, rules: Sequence[Rule], mesh: AnyMesh) -> Any:
+  """A PartitionSpec per parameter (same tree as `abstract_params`).
+
+  Args:
+    abstract_params: a pytree of arrays or ShapeDtypeStructs (e.g. from jax.eval_shape).
+    rules: ordered (regex, spec) pairs; the first whose regex searches the '/'-joined
+      path wins. A dimension that its axes do not divide is left unsplit (logged).
+    mesh: a Mesh or AbstractMesh with the axes of `AXES`.
+
+  Raises:
+    ValueError: a bad rule, a parameter no rule matches, or a spec longer than the rank.
+  """
+  resolved = _resolve_tree(abstract_params, rules, mesh)
+  return jax.tree.map(lambda r: r.spec, resolved, is_leaf=_is_resolved)
+
+
+def param_shardings(abstract_params: Any, rules: Sequence[Rule], mesh: AnyMesh) -> Any:
+  """`param_specs` as NamedShardings on `mesh` (for jit in/out_shardings, device_put)."""
+  return jax.tree.map(
+    lambda s: NamedSharding(mesh, s),
+    param_specs(abstract_params, rules, mesh),
+    is_leaf=lambda x: isinstance(x, PartitionSpec),
+  )
+
+
+def _fits(sharding: NamedSharding, shape: tuple[int, ...]) -> bool:
+  """Whether `sharding` can lay out an array of `shape` (rank and divisibility)."""
+  sizes = dict(sharding.mesh.shape)
+  spec = tuple(sharding.spec)
+  if len(spec) > len(shape):
+    return False
+  return all(d % math.prod(sizes[a] for a in _entry_axes(e)) == 0 for d, e in zip(shape, spec))
+
+
+def state_shardings(abstract_state: Any, param_sharding: Any) -> Any:
+  """Shardings of a state tree whose leaves are parameter-shaped copies or scalars.
+
+  Optimizer states (optax) hold copies of the parameter tree (Adam's mu and nu) next
+  to scalars (step counts). Every subtree with the parameters' tree structure takes
+  the parameters' shardings (a leaf whose shape the sharding cannot lay out, e.g. a
+  factored second moment, is replicated instead); every other leaf is replicated.
+  Works on a whole TrainState (params, opt_state, step) as well as on an optax state.
+
+  Args:
+    abstract_state: e.g. `jax.eval_shape(lambda p: update.init_state(p, opt), abstract)`.
+    param_sharding: NamedSharding tree from `param_shardings` (same tree as the params).
+  """
+  is_sharding = lambda x: isinstance(x, NamedSharding)
+  treedef = jax.tree.structure(param_sharding, is_leaf=is_sharding)
+  leaves = jax.tree.leaves(param_sharding, is_leaf=is_sharding)
+  if not leaves:
+    raise ValueError("param_sharding has no NamedSharding leaves.")
+  replicated = NamedSharding(leaves[0].mesh, PartitionSpec())
+  is_params = lambda node: jax.tree.structure(node) == treedef
+
+  def assign(node):
+    if not is_params(node):
+      return replicated
+    return jax.tree.unflatten(
+      treedef,
+      [
+        s if _fits(s, tuple(x.shape)) else replicated for s, x in zip(leaves, jax.tree.leaves(node))
+      ],
+    )
+
+  return jax.tree.map(assign, abstract_state, is_leaf=is_params)
+
+
+def create_sharded(init_fn: Callable[..., Any], *args: Any, shardings: Any) -> Any:
+  """Runs `init_fn(*args)` under jit so its outputs are born sharded.
+
+  The unsharded result never exists: each device computes only its shards.
+
+  Args:
+    init_fn: a function of arrays only (bind configs with functools.partial).
+    *args: its array arguments (e.g. a PRNG key, or params for an optimizer init).
+    shardings: a sharding tree matching the output, or a function from the abstract
+      output (`jax.eval_shape(init_fn, *args)`) to that tree.
+  """
+  if callable(shardings):
+    shardings = shardings(jax.eval_shape(init_fn, *args))
+  return jax.jit(init_fn, out_shardings=shardings)(*args)
+
+
+# ----------------------------------------------------------------------------
+# Batches.
+# ----------------------------------------------------------------------------
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (row) axis over data x fsdp, everything else replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def check_batch_divisible(
+  batch_rows: int, mesh: AnyMesh, what: str = "batch", micro_batches: int = 1
+) -> None:
+  """Raises a clear error (before any compilation) when rows do not split over the mesh.
+
+  Args:
+    batch_rows: the global number of rows.
+    mesh: the mesh (or an AbstractMesh).
+    what: names the batch in the message (e.g. 'rollout batch of 16 prompts x 8').
+    micro_batches: each micro-batch must split over the mesh too.
+  """
+  sizes = dict(mesh.shape)
+  devices = math.prod(sizes[a] for a in BATCH_AXES)
+  if micro_batches < 1 or batch_rows % micro_batches:
+    raise ValueError(f"{what}: {batch_rows} rows do not split into {micro_batches} micro-batches.")
+  rows = batch_rows // micro_batches
+  if rows % devices:
+    per = f" per micro-batch ({micro_batches} micro-batches)" if micro_batches > 1 else ""
+    raise ValueError(
+      f"{what}: {rows} rows{per} do not divide over the mesh's data x fsdp = "
+      f"{sizes['data']} x {sizes['fsdp']} = {devices} devices; use a multiple of {devices} "
+      "rows or change --config.mesh.*."
+    )
+
+
+def shard_batch(host_batch: Any, mesh: Mesh) -> Any:
+  """Places a host (numpy) batch on the mesh, rows over data x fsdp.
+
+  Every leaf's leading axis is the row axis. With one process the batch is the
+  global batch (`jax.device_put`); with several, each process passes its own rows
+  and the global batch is their concatenation in process order
+  (`jax.make_array_from_process_local_data`), so the same call works on a pod.
+  """
+  leaves = jax.tree.leaves(host_batch)
+  if not leaves:
+    raise ValueError("shard_batch got an empty batch.")
+  rows = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+  if None in rows or len(rows) != 1:
+    raise ValueError(f"Every batch leaf needs the same leading row axis, got row counts {rows}.")
+  local_rows = rows.pop()
+  processes = jax.process_count()
+  check_batch_divisible(local_rows * processes, mesh, "batch")
+  sharding = batch_sharding(mesh)
+  if processes == 1:
+    return jax.device_put(host_batch, sharding)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (local_rows * processes, *np.shape(x)[1:])
+    ),
+    host_batch,
+  )
+
+
+# ----------------------------------------------------------------------------
+# The plan (dry run).
+# ----------------------------------------------------------------------------
+
+
+class UnshardedParamError(ValueError):
+  """A rule leaves a large parameter fully replicated on a multi-device mesh."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamPlan:
+  """The layout of one parameter."""
+
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  spec: PartitionSpec
+  rule: str
+  shard_shape: tuple[int, ...]
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def bytes_per_device(self) -> int:
+    return math.prod(self.shard_shape) * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a training run would hold on each device. Bytes are per device."""
+
+  mesh_shape: dict[str, int]
+  params: tuple[ParamPlan, ...]
+  param_count: int
+  param_bytes: int  # Whole model, unsharded.
+  param_bytes_per_device: int
+  grad_bytes_per_device: int  # The accumulated gradient (one parameter-shaped tree).
+  opt_bytes_per_device: int
+  activation_bytes_per_device: int
+  activation_formula: str
+  rows: int  # Rows of one optimizer update.
+  micro_batches: int
+  rows_per_device: int  # Rows of one micro-batch on one device.
+  seq_len: int
+  fallbacks: tuple[str, ...]
+
+  @property
+  def total_bytes_per_device(self) -> int:
+    return (
+      self.param_bytes_per_device
+      + self.grad_bytes_per_device
+      + self.opt_bytes_per_device
+      + self.activation_bytes_per_device
+    )
+
+
+def check_replicated(
+  params: Sequence[ParamPlan], mesh_shape: Mapping[str, int], max_elements: int
+) -> None:
+  """Raises UnshardedParamError for parameters above `max_elements` stored whole on
+  every device, when the mesh has more than one fsdp x tensor device to split them."""
+  if mesh_shape["fsdp"] * mesh_shape["tensor"] <= 1:
+    return
+  bad = [p for p in params if p.size > max_elements and p.shard_shape == p.shape]
+  if bad:
+    lines = "\n".join(f"  {p.path} {p.shape} (rule {p.rule!r}, spec {p.spec})" for p in bad[:20])
+    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+    raise UnshardedParamError(
+      f"{len(bad)} parameters above {max_elements} elements are fully replicated on mesh "
+      f"{dict(mesh_shape)} (no rule splits them, or no axis divides them):\n{lines}{more}\n"
+      "Add a partition rule for them (config mesh.rules) or pick mesh sizes that divide them."
+    )
+
+
+def _activation_estimate(
+  model_cfg: ModelConfig,
+  rows_per_device: int,
+  seq_len: int,
+  tensor: int,
+  compute_bytes: int,
+  remat: str,
+  image_patches: Sequence[int],
+  logits_chunk: int,
+) -> tuple[int, str]:
+  """Bytes of activations one device holds for one micro-batch's forward + backward."""
+  t, v = model_cfg.text, model_cfg.vision
+  r, n, e = rows_per_device, seq_len, compute_bytes
+  # Per token per decoder layer: 4 hidden-size vectors (input, norms, attention output
+  # projection), q/k/v before and after norm + rope and the attention output
+  # ((3 H + 3 K) head_dim), 4 intermediate vectors (gate, up, silu, product), and the
+  # attention logits (fp32) + probabilities over all L keys; the head-sized parts
+  # are split over tensor.
+  per_token = e * 4 * t.hidden_size + (
+    e * ((3 * t.num_heads + 3 * t.num_kv_heads) * t.head_dim + 4 * t.intermediate_size)
+    + t.num_heads * n * (4 + e)
+  ) / max(tensor, 1)
+  layer = r * n * per_token
+  if remat == "none":
+    lm = t.num_layers * layer
+    lm_text = "layers * r*L*per_token"
+  elif remat == "full":
+    lm = t.num_layers * r * n * e * t.hidden_size + layer
+    lm_text = "layers * r*L*D*e + r*L*per_token (one layer recomputed)"
+  else:
+    raise ValueError(f"remat must be 'none' or 'full', got {remat!r}.")
+  mask = r * n * n  # The bool [B, L, L] attention mask, shared by the layers.
+  # The LM head runs in sequence chunks under jax.checkpoint: one chunk's fp32 logits,
+  # log-softmax and exp at a time.
+  head = r * logits_chunk * t.vocab_size * 4 * 3 / max(tensor, 1)
+  # Vision blocks, per image of S patches: 8 hidden + 2 intermediate vectors per patch
+  # and per-image attention logits + probabilities (Hv S^2).
+  vision = 0
+  for s in image_patches:
+    per_block = s * e * (8 * v.hidden_size + 2 * v.intermediate_size / max(tensor, 1))
+    per_block += v.num_heads * s * s * (4 + e)
+    if remat == "none":
+      vision += r * v.depth * per_block
+    else:  # Block inputs kept, one block's working set recomputed.
+      vision += r * (v.depth * s * e * v.hidden_size + per_block)
+  total = int(lm + mask + head + vision)
+  formula = (
+    f"remat={remat}: {lm_text} + r*L^2 (mask) + r*chunk*V*12/t (head) + vision; "
+    "per_token = e*4*D + (e*((3H+3K)*hd + 4I) + H*L*(4+e))/t; "
+    f"r={r} rows/device, L={n}, e={e} bytes, t={tensor}, chunk={logits_chunk}, "
+    f"vision over {len(image_patches)} images/row of {sum(image_patches)} patches "
+    "(per block e*S*(8Dv + 2Iv/t) + Hv*S^2*(4+e))"
+  )
+  return total, formula
+
+
+def plan(
+  model_cfg: ModelConfig,
+  mesh_sizes: Mapping[str, int],
+  rules: Sequence[Rule],
+  batch_rows: int,
+  seq_len: int,
+  optimizer: optax.GradientTransformation,
+  *,
+  micro_batches: int = 1,
+  compute_dtype: Any = np.float32,
+  remat: str = "none",
+  image_patches: Sequence[int] = (),
+  logits_chunk: int = 256,
+  max_replicated_elements: int = DEFAULT_MAX_REPLICATED_ELEMENTS,
+) -> Plan:
+  """Lays the model out on a mesh with abstract arrays only (no devices, no memory).
+
+  Args:
+    model_cfg: the policy's shapes.
+    mesh_sizes: {'data': .., 'fsdp': .., 'tensor': ..} (missing axes are 1; no -1).
+    rules: partition rules (see `param_specs`).
+    batch_rows: trajectories in one optimizer update (prompts x group / mini-batches).
+    seq_len: tokens per trajectory (prompt + response).
+    optimizer: the optax optimizer whose state is sized.
+    micro_batches: gradient-accumulation steps per update.
+    compute_dtype: activation dtype.
+    remat: 'none' (every layer's activations kept for the backward pass, what the
+      policy does today) or 'full' (per-layer rematerialisation).
+    image_patches: patches of each image the training forward encodes for one row.
+    logits_chunk: the chunk of the sequence the LM head runs on at once.
+    max_replicated_elements: a parameter above this size must be split.
+
+  Activation estimate: the residuals one device keeps for the backward pass of one
+  micro-batch (r rows of L tokens, e bytes per value, t = tensor devices). Per decoder
+  layer and token, e*4*D (hidden-size vectors) plus, split over tensor,
+  e*((3H + 3K)*head_dim + 4I) (q/k/v before and after norm + rope, attention output;
+  gate, up, silu, product) and H*L*(4 + e) (fp32 attention logits and probabilities:
+  the policy materialises them). remat='none' keeps all layers; 'full' keeps each
+  layer's input (e*D per token) and one layer's working set. Plus the shared bool
+  [r, L, L] mask, one LM-head chunk (r*chunk*V/t fp32 logits, log-softmax, exp) and
+  the vision blocks per image of S patches (e*S*(8*Dv + 2*Iv/t) + Hv*S^2*(4 + e)).
+
+  Raises:
+    UnshardedParamError: a large parameter stays whole on every device.
+    ValueError: the rows do not divide over the mesh's data x fsdp devices.
+  """
+  from segresearch_jax.models import policy  # Deferred: policy imports are heavy.
+
+  mesh = abstract_mesh(mesh_sizes)
+  sizes = dict(mesh.shape)
+  check_batch_divisible(batch_rows, mesh, "plan batch", micro_batches)
+  abstract_params = jax.eval_shape(
+    functools.partial(policy.init_params, model_cfg), jax.random.PRNGKey(0)
+  )
+  resolved = jax.tree.leaves(_resolve_tree(abstract_params, rules, mesh), is_leaf=_is_resolved)
+  params = tuple(
+    ParamPlan(
+      path=path_str(path),
+      shape=tuple(x.shape),
+      dtype=np.dtype(x.dtype).name,
+      spec=r.spec,
+      rule=r.rule,
+      shard_shape=tuple(NamedSharding(mesh, r.spec).shard_shape(tuple(x.shape))),
+    )
+    for (path, x), r in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0], resolved)
+  )
+  check_replicated(params, sizes, max_replicated_elements)
+
+  # Optimizer state laid out as the trainer lays it out (`state_shardings`).
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  param_sharding = jax.tree.unflatten(
+    jax.tree.structure(abstract_params), [NamedSharding(mesh, p.spec) for p in params]
+  )
+  opt_sharding = state_shardings(abstract_opt, param_sharding)
+  opt_bytes = sum(
+    math.prod(s.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
+    for x, s in zip(
+      jax.tree.leaves(abstract_opt),
+      jax.tree.leaves(opt_sharding, is_leaf=lambda x: isinstance(x, NamedSharding)),
+    )
+  )
+
+  rows_per_device = batch_rows // micro_batches // (sizes["data"] * sizes["fsdp"])
+  activations, formula = _activation_estimate(
+    model_cfg,
+    rows_per_device,
+    seq_len,
+    sizes["tensor"],
+    np.dtype(compute_dtype).itemsize,
+    remat,
+    tuple(image_patches),
+    logits_chunk,
+  )
+  param_bytes_per_device = sum(p.bytes_per_device for p in params)
+  return Plan(
+    mesh_shape=sizes,
+    params=params,
+    param_count=sum(p.size for p in params),
+    param_bytes=sum(p.size * np.dtype(p.dtype).itemsize for p in params),
+    param_bytes_per_device=param_bytes_per_device,
+    grad_bytes_per_device=param_bytes_per_device,
+    opt_bytes_per_device=opt_bytes,
+    activation_bytes_per_device=activations,
+    activation_formula=formula,
+    rows=batch_rows,
+    micro_batches=micro_batches,
+    rows_per_device=rows_per_device,
+    seq_len=seq_len,
+    fallbacks=tuple(d for r in resolved for d in r.dropped),
+  )
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:,.2f} GiB"
+
+
+def _spec_str(spec: PartitionSpec) -> str:
+  if not any(e is not None for e in spec):
+    return "replicated"
+  return "(" + ", ".join("+".join(_entry_axes(e)) if e else "-" for e in spec) + ")"
+
+
+def format_plan(p: Plan) -> str:
+  """The plan as text: sizes, per-device memory, and the layout of every parameter.
+
+  Parameters that differ only by a layer / block index and share shape and layout are
+  one line with their count (e.g. `layers_*/q_proj/kernel  x36`).
+  """
+  mesh = " x ".join(f"{a}={s}" for a, s in p.mesh_shape.items())
+  lines = [
+    f"mesh: {mesh} ({math.prod(p.mesh_shape.values())} device(s))",
+    f"parameters: {p.param_count:,} ({p.param_count / 1e9:.3f}B, {_gib(p.param_bytes)} total)",
+    f"batch: {p.rows} rows x {p.seq_len} tokens per update, {p.micro_batches} micro-batch(es), "
+    f"{p.rows_per_device} rows per device",
+    "",
+    "per-device memory:",
+    f"  params            {_gib(p.param_bytes_per_device):>14}",
+    f"  gradients         {_gib(p.grad_bytes_per_device):>14}",
+    f"  optimizer state   {_gib(p.opt_bytes_per_device):>14}",
+    f"  activations (est) {_gib(p.activation_bytes_per_device):>14}",
+    f"  total             {_gib(p.total_bytes_per_device):>14}",
+    f"  activation formula: {p.activation_formula}",
+  ]
+  if p.fallbacks:
+    lines.append(f"  {len(p.fallbacks)} dimensions left unsplit (axis does not divide them)")
+  groups: dict[tuple, list[ParamPlan]] = {}
+  for q in p.params:
+    key = (re.sub(r"_\d+(?=/|$)", "_*", q.path), q.shape, q.dtype, q.spec)
+    groups.setdefault(key, []).append(q)
+  rows = [("parameter", "shape", "dtype", "sharding", "per device", "MiB/dev", "count")]
+  for (name, shape, dtype, spec), members in groups.items():
+    q = members[0]
+    rows.append(
+      (
+        name,
+        str(shape),
+        dtype,
+        _spec_str(spec),
+        str(q.shard_shape),
+        f"{q.bytes_per_device / 2**20:.2f}",
+        f"x{len(members)}",
+      )
+    )
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  lines += ["", "parameter sharding:"]
+  for r in rows:
+    lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+  return "\n".join(lines)
