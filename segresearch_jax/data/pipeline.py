@@ -25,6 +25,7 @@ from PIL import Image
 
 from segresearch_jax.agent import protocol
 from segresearch_jax.data import okvos
+from segresearch_jax.segmentation import mask_cache
 
 EncodeFn = Callable[[dict], dict]
 
@@ -66,6 +67,9 @@ class Prepare:
   frame_numbers int32 [F] (-1 for padding), frame_valid bool [F], frame_paths (list),
   orig_size int32 [2] (w, h), ground_truth (JSON str, in `convention`),
   ground_truth_pixels (JSON str, original pixels), plus whatever `encode_fn` returns.
+  With `mask_cache_dir`, also the sample's mask-reward tables (SPEC §3.2) read with
+  `mask_cache.load_entry`, in the same frame order and zero-padded like `frames`:
+  mask_point_iou uint8 [F, G, G] and mask_box_iou uint8 [F, P, P].
   """
 
   def __init__(
@@ -76,14 +80,20 @@ class Prepare:
     convention: str,
     template_dir: str | os.PathLike | None = None,
     encode_fn: EncodeFn | None = None,
+    mask_cache_dir: str | os.PathLike | None = None,
+    mask_cache_split: str | None = None,
   ):
     if convention not in okvos.CONVENTIONS:
       raise ValueError(f"Unknown convention {convention!r}; expected one of {okvos.CONVENTIONS}.")
+    if mask_cache_dir is not None and not mask_cache_split:
+      raise ValueError("mask_cache_dir needs mask_cache_split (the split folder in the cache).")
     self.frame_size = frame_size
     self.num_frames = num_frames
     self.convention = convention
     self.template_dir = template_dir
     self.encode_fn = encode_fn
+    self.mask_cache_dir = mask_cache_dir
+    self.mask_cache_split = mask_cache_split
 
   def __call__(self, example: dict | None) -> dict | None:
     if example is None:  # A sample the source skipped (on_error="skip").
@@ -121,6 +131,12 @@ class Prepare:
       "ground_truth": json.dumps(gt),
       "ground_truth_pixels": json.dumps(example["ground_truth"]),
     }
+    if self.mask_cache_dir is not None:
+      entry = mask_cache.load_entry(
+        self.mask_cache_dir, self.mask_cache_split, example["id"], example["frame_numbers"]
+      )
+      out["mask_point_iou"] = np.pad(entry["point_iou"], ((0, pad), (0, 0), (0, 0)))
+      out["mask_box_iou"] = np.pad(entry["box_iou"], ((0, pad), (0, 0), (0, 0)))
     if self.encode_fn is not None:
       extra = self.encode_fn(out)
       clash = set(extra) & set(out)
@@ -161,6 +177,8 @@ def make_dataset(
   convention: str = "norm1000",
   template_dir: str | os.PathLike | None = None,
   encode_fn: EncodeFn | None = None,
+  mask_cache_dir: str | os.PathLike | None = None,
+  mask_cache_split: str | None = None,
   shard_index: int | None = None,
   shard_count: int | None = None,
   num_threads: int = 2,
@@ -181,6 +199,9 @@ def make_dataset(
     convention: coordinate convention of `ground_truth` ("norm1000" | "abs_resized").
     template_dir: system prompt templates (see `protocol.system_prompt`).
     encode_fn: optional per-sample hook (e.g. tokenisation) returning extra fields.
+    mask_cache_dir: the mask cache root (`tools/build_mask_cache.build`); when set,
+      samples carry mask_point_iou and mask_box_iou (see `Prepare`).
+    mask_cache_split: the split folder in the cache (required with mask_cache_dir).
     shard_index, shard_count: this process's shard; default jax.process_index()
       and jax.process_count(), so each host reads a disjoint slice.
     num_threads: worker threads for decoding/resizing.
@@ -210,6 +231,8 @@ def make_dataset(
       convention=convention,
       template_dir=template_dir,
       encode_fn=encode_fn,
+      mask_cache_dir=mask_cache_dir,
+      mask_cache_split=mask_cache_split,
     )
   )
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
@@ -225,14 +248,24 @@ def okvos_dataset(
   seed: int = 0,
   on_error: str = "raise",
   num_frames: int = 6,
+  mask_cache_dir: str | os.PathLike | None = None,
   **kwargs,
 ) -> tuple[grain.IterDataset, okvos.OkvosDataSource]:
-  """`make_dataset` over a raw OK-VOS split; also returns the source (for its `errors`)."""
+  """`make_dataset` over a raw OK-VOS split; also returns the source (for its `errors`).
+
+  With `mask_cache_dir` (the cache root), the tables are read from its `split` folder.
+  """
   source = okvos.OkvosDataSource(
     okvos_dir, split, num_frames=num_frames, seed=seed, on_error=on_error
   )
   return make_dataset(
-    source, batch_size=batch_size, seed=seed, num_frames=num_frames, **kwargs
+    source,
+    batch_size=batch_size,
+    seed=seed,
+    num_frames=num_frames,
+    mask_cache_dir=mask_cache_dir,
+    mask_cache_split=split if mask_cache_dir is not None else None,
+    **kwargs,
   ), source
 
 

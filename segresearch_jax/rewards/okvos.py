@@ -12,6 +12,7 @@ PREDICTED box, and a score that is not gated by format.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import re
@@ -49,8 +50,52 @@ class RewardConfig:
 EmbedFn = Callable[[Sequence[str]], np.ndarray]  # texts -> L2-normalised [N, D]
 
 
-def minilm_embedder(model_path: str | None = None) -> EmbedFn:
-  """all-MiniLM-L6-v2 (the packaged copy by default) as normalised embeddings."""
+class CachedEmbedder:
+  """An `EmbedFn` that embeds each distinct text once: duplicates within a call are
+  embedded together once, and results are memoised across calls (least recently used
+  dropped beyond `max_size`).
+
+  Rollouts of one prompt often issue the same first query, so a batch holds far fewer
+  distinct queries than responses; the model is deterministic, so memoising changes
+  nothing but time.
+  """
+
+  def __init__(self, embed_fn: EmbedFn, max_size: int = 65536):
+    if max_size < 1:
+      raise ValueError(f"max_size must be >= 1, got {max_size}.")
+    self.embed_fn = embed_fn
+    self.max_size = max_size
+    self._memo: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+  def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    texts = list(texts)
+    found: dict[str, np.ndarray] = {}
+    for t in texts:
+      if t in self._memo and t not in found:
+        self._memo.move_to_end(t)
+        found[t] = self._memo[t]
+    missing = [t for t in dict.fromkeys(texts) if t not in found]
+    if missing:
+      for t, v in zip(missing, np.asarray(self.embed_fn(missing))):
+        found[t] = self._memo[t] = v
+      while len(self._memo) > self.max_size:
+        self._memo.popitem(last=False)
+    if not texts:
+      return np.asarray(self.embed_fn([]))
+    return np.stack([found[t] for t in texts])
+
+  def clear(self) -> None:
+    """Forgets every memoised embedding."""
+    self._memo.clear()
+
+
+def minilm_embedder(model_path: str | None = None, *, cache_size: int = 65536) -> EmbedFn:
+  """all-MiniLM-L6-v2 (the packaged copy by default) as normalised embeddings.
+
+  Args:
+    model_path: a local sentence-transformers model; default the packaged MiniLM.
+    cache_size: texts memoised by a `CachedEmbedder`; 0 embeds every text every time.
+  """
   from sentence_transformers import SentenceTransformer
 
   from segresearch_jax.search import local_kb
@@ -60,7 +105,7 @@ def minilm_embedder(model_path: str | None = None) -> EmbedFn:
   def embed(texts: Sequence[str]) -> np.ndarray:
     return model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
 
-  return embed
+  return CachedEmbedder(embed, cache_size) if cache_size > 0 else embed
 
 
 def _ground_truth(ground_truth: str | Mapping) -> dict:
@@ -242,8 +287,14 @@ def parse_responses(
     num_search=np.zeros(b, np.float32),
   )
   queries: dict[int, str] = {}
+  parsed_gts: dict[str, dict] = {}  # Rollouts of one prompt share its ground-truth JSON.
   for i, (response, gt, st) in enumerate(zip(responses, ground_truths, steps)):
-    gt = _ground_truth(gt)
+    if isinstance(gt, str):
+      if gt not in parsed_gts:
+        parsed_gts[gt] = json.loads(gt)
+      gt = parsed_gts[gt]
+    else:
+      gt = _ground_truth(gt)
     out["format"][i] = format_reward(response)
     out["num_search"][i] = response.count("<search>")
     kf = _KEYFRAME.search(response)
