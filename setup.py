@@ -29,7 +29,7 @@ setuptools.setup(
     version="0.1.0",
     description="Seg-ReSearch (knowledge-seeking video object segmentation) in JAX/Flax.",
     packages=setuptools.find_packages(include=["segresearch_jax", "segresearch_jax.*"]),
-    package_data={"segresearch_jax": ["agent/templates/*.txt"]},
+    package_data={"segresearch_jax": ["agent/templates/*.txt", "agent/templates/*/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.35",

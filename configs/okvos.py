@@ -27,6 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.workdir = "runs/okvos"
   c.total_steps = 40
   c.dry_run = False  # Build the model with abstract arrays and print the plan, then exit.
+  # Persistent XLA compilation cache: a rerun (or a resumed run) skips compilation. "" = off.
+  c.compilation_cache_dir = "~/.cache/segresearch_jax/xla"
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "embedded"  # tiny | embedded | mid | qwen3_vl_2b | qwen3_vl_4b | qwen3_vl_8b
@@ -46,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.search_image_size = 64  # image_search results (256 in the paper).
   c.data.min_pixels = 0  # Image processor minimum; -1 = the family's (Qwen3-VL: 65536).
   c.data.on_error = "skip"  # skip (and count) | raise, for broken samples.
+  # System prompt templates: "default", "compact" (same protocol, a third of the tokens)
+  # or a folder with system_search.txt / system_no_search.txt (e.g. a checkpoint's own).
+  c.data.templates = "default"
 
   c.search = ml_collections.ConfigDict()
   c.search.backend = "local"  # local | service | serper | ddgs | none (search disabled)
@@ -75,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reward.tpr_budget = 10
   c.reward.igr_threshold = 0.5
   c.reward.mask_weight = 0.0  # Weight of the SAM2 mask-cache term (SPEC §3.2); 0 = SPEC §3.1.
+  c.reward.mask_prompt = "box"  # Which cached prompt scores the mask: box | point | mean.
 
   # The precomputed mask-IoU tables behind the mask reward (SPEC §3.2), built with
   # `python -m segresearch_jax.tools.build_mask_cache --config=...`.

@@ -16,7 +16,9 @@ rollout in `agent/`, rewards in `rewards/`, losses and the update in `rl/`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import os
 import pathlib
 import time
@@ -28,10 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from segresearch_jax import checkpoint as checkpoint_lib
 from segresearch_jax import metrics as metrics_lib
+from segresearch_jax import sharding
 from segresearch_jax.agent import bridge as bridge_lib
 from segresearch_jax.agent import episodes as episodes_lib
 from segresearch_jax.agent import records as records_lib
@@ -40,14 +44,20 @@ from segresearch_jax.data import pipeline
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import decoding, policy, weights
 from segresearch_jax.models import tokenizer as tokenizer_lib
+from segresearch_jax.rewards import mask as mask_lib
 from segresearch_jax.rewards import scoring
 from segresearch_jax.rl import losses
 from segresearch_jax.rl import update as update_lib
 from segresearch_jax.search import factory as search_factory
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
+_FLAGS: dict[str, Any] = {}
 
-OUTCOME_TERMS = ("iou_score", "box_l1_score", "point_l1_score", "keyframe_score")
+
+def define_flags() -> None:
+  """--config (only when run as a program: evaluate.py imports this module)."""
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+    "config", None, "Run config file.", lock_config=True
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -55,14 +65,18 @@ OUTCOME_TERMS = ("iou_score", "box_l1_score", "point_l1_score", "keyframe_score"
 # ----------------------------------------------------------------------------
 
 
-def build_policy(config, tokenizer) -> tuple[config_lib.ModelConfig, dict]:
+def build_policy(config, tokenizer, mesh=None) -> tuple[config_lib.ModelConfig, dict]:
   """The policy's shapes and initial parameters (from a HF directory or a preset).
 
   Small presets take their vocabulary and special-token ids from the run's
-  tokenizer; a HF checkpoint brings its own config and weights.
+  tokenizer; a HF checkpoint brings its own config and weights. With a mesh the
+  parameters are created (or placed) sharded by the config's partition rules.
   """
   if config.model.hf_dir:
-    return weights.load_hf_checkpoint(config.model.hf_dir, jnp.float32)
+    model_cfg, params = weights.load_hf_checkpoint(config.model.hf_dir, jnp.float32)
+    if mesh is not None:
+      params = jax.device_put(params, param_sharding(config, mesh, params))
+    return model_cfg, params
   model_cfg = config_lib.get_preset(config.model.preset)
   if model_cfg.text.vocab_size < tokenizer.vocab_size or config.model.preset in (
     "tiny",
@@ -74,8 +88,25 @@ def build_policy(config, tokenizer) -> tuple[config_lib.ModelConfig, dict]:
       vision_start_token_id=tokenizer.vision_start_id,
       vision_end_token_id=tokenizer.vision_end_id,
     )
-  params = jax.jit(policy.init_params, static_argnums=0)(model_cfg, jax.random.PRNGKey(config.seed))
-  return model_cfg, params
+  init_fn = functools.partial(policy.init_params, model_cfg)
+  rng = jax.random.PRNGKey(config.seed)
+  if mesh is None:
+    return model_cfg, jax.jit(init_fn)(rng)
+  shardings = param_sharding(config, mesh, jax.eval_shape(init_fn, rng))
+  return model_cfg, sharding.create_sharded(init_fn, rng, shardings=shardings)
+
+
+def param_sharding(config, mesh, abstract_params) -> Any:
+  """NamedShardings of the parameters from `mesh.rules` then the default rules."""
+  return sharding.param_shardings(abstract_params, sharding.rules_from_config(config.mesh), mesh)
+
+
+def sharded_state(params, optimizer, mesh, config) -> tuple[Any, Any]:
+  """(train state born sharded, its sharding tree): optimizer moments follow the params."""
+  init = lambda p: update_lib.init_state(p, optimizer)
+  abstract = jax.eval_shape(init, params)
+  shardings = sharding.state_shardings(abstract, param_sharding(config, mesh, params))
+  return sharding.create_sharded(init, params, shardings=shardings), shardings
 
 
 def initialize_distributed() -> None:
@@ -97,7 +128,7 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def check_config(config) -> None:
+def check_config(config, mesh=None) -> None:
   """Fails before any data is built or anything compiles on an unusable config."""
   if config.model.hf_dir and not os.path.isdir(config.model.hf_dir):
     raise FileNotFoundError(f"config.model.hf_dir={config.model.hf_dir!r} is not a directory.")
@@ -110,13 +141,22 @@ def check_config(config) -> None:
   n, p, mb = config.rollout.group_size, config.batch_size, config.loss.mini_batches
   if p % mb:
     raise ValueError(f"batch_size={p} prompts do not split into loss.mini_batches={mb}.")
-  if (p // mb) % config.loss.micro_batches:
+  if (p * n // mb) % config.loss.micro_batches:
     raise ValueError(
-      f"{p // mb} prompts per mini-batch do not split into loss.micro_batches="
+      f"{p * n // mb} rows per mini-batch do not split into loss.micro_batches="
       f"{config.loss.micro_batches}."
     )
   if n < 1:
     raise ValueError(f"rollout.group_size must be >= 1, got {n}.")
+  if mesh is not None:
+    sharding.check_batch_divisible(
+      p * n // mb,
+      mesh,
+      f"update batch ({p} prompts x {n} rollouts / {mb} mini-batches)",
+      micro_batches=config.loss.micro_batches,
+    )
+    if config.sft.steps:
+      sharding.check_batch_divisible(config.sft.batch_size, mesh, "warm-start batch")
 
 
 def make_search_backend(config, kb_dir: str):
@@ -166,8 +206,13 @@ def make_bridge(config, backend, tokenizer, shapes: episodes_lib.EpisodeShapes):
   )
 
 
-def make_dataset(config, okvos_dir, split, encoder, *, train: bool, batch_size: int):
-  """Batches of prepared + encoded prompts; training repeats forever, evaluation once."""
+def make_dataset(
+  config, okvos_dir, split, encoder, *, train: bool, batch_size: int, mask_cache_dir=None
+):
+  """Batches of prepared + encoded prompts; training repeats forever, evaluation once.
+
+  `mask_cache_dir` attaches each sample's mask-IoU tables (the mask reward's input).
+  """
   dataset, source = pipeline.okvos_dataset(
     okvos_dir,
     split,
@@ -181,6 +226,8 @@ def make_dataset(config, okvos_dir, split, encoder, *, train: bool, batch_size: 
     shuffle=train,
     num_epochs=None if train else 1,
     drop_remainder=train,
+    template_dir=config.data.templates or None,
+    mask_cache_dir=mask_cache_dir,
   )
   return dataset, source
 
@@ -194,8 +241,9 @@ def per_row(batch: Mapping[str, Any], key: str, group_size: int) -> list[Any]:
 # Training rows and the log-prob function.
 # ----------------------------------------------------------------------------
 
-# Per-prompt inputs [P, ...] and per-row outputs [P, n, ...]: micro-batches split
-# whole groups, so the frames of a prompt are stored (and encoded) once.
+# Every field of an update batch is row-major ([B, ...], B = prompts x group size),
+# so one batch sharding splits it over ("data", "fsdp"); a prompt's inputs are
+# repeated for each of its rows.
 ROW_FIELDS = (
   "response_ids",
   "response_positions",
@@ -203,59 +251,43 @@ ROW_FIELDS = (
   "obs_kind",
   "obs_slot",
   "search_patches",
+  "loss_mask",
 )
 
 
 def training_rows(
   prompts: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray], group_size: int
 ) -> dict[str, np.ndarray]:
-  """A batch for the update: prompt fields [P, ...], row fields [P, n, ...]."""
-  n = group_size
-  rows = {k: np.asarray(prompts[k]) for k in episodes_lib.PROMPT_FIELDS}
-  rows["prompt_positions"] = np.moveaxis(rows["prompt_positions"], 0, 1)  # [P, 3, Lp]
-  group = lambda x: x.reshape(-1, n, *x.shape[1:])
+  """An update batch: per-prompt inputs repeated per row, rollout outputs, M-RoPE
+  positions as [B, 3, L]."""
+  rows = {k: np.repeat(np.asarray(prompts[k]), group_size, axis=0) for k in PROMPT_INPUTS}
+  rows["prompt_positions"] = np.repeat(
+    np.moveaxis(np.asarray(prompts["prompt_positions"]), 0, 1), group_size, axis=0
+  )
   for k in ROW_FIELDS:
-    x = np.asarray(out[k])
-    if k == "response_positions":
-      x = np.moveaxis(x, 0, 1)  # [B, 3, R]
-    rows[k] = group(x)
-  rows["loss_mask"] = group(np.asarray(out["loss_mask"]))
-  rows["old_logprobs"] = group(np.asarray(out["logprobs"], np.float32))
+    rows[k] = np.asarray(out[k])
+  rows["response_positions"] = np.moveaxis(rows["response_positions"], 0, 1)  # [B, 3, R]
+  rows["old_logprobs"] = np.asarray(out["logprobs"], np.float32)
   return rows
 
 
-def _flat_rows(micro: Mapping[str, Any]) -> dict[str, Any]:
-  """[P, n, ...] row fields -> [P * n, ...] (loss inputs)."""
-  flat = lambda x: x.reshape(-1, *x.shape[2:])
-  return {
-    "loss_mask": flat(micro["loss_mask"]),
-    "old_logprobs": flat(micro["old_logprobs"]),
-    "advantages": flat(micro["advantages"]),
-    **({"ref_logprobs": flat(micro["ref_logprobs"])} if "ref_logprobs" in micro else {}),
-  }
+PROMPT_INPUTS = ("prompt_ids", "prompt_valid", "frame_patches", "keyframe_patches")
 
 
 def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
-  """`logprob_fn(params, micro) -> (logp [B, R], entropy [B, R])` over response tokens.
+  """`logprob_fn(params, rows) -> (logp [B, R], entropy [B, R])` over response tokens.
 
   Visual tokens are rebuilt from pixels inside, so the gradient reaches the vision
   tower; temperature and banned ids match the sampler's (their log-probs agree).
   """
   temperature = rcfg.temperature if rcfg.temperature > 0 else 1.0
+  cfg = dataclasses.replace(rcfg, group_size=1)
 
-  def logprob_fn(params, micro):
-    n = micro["response_ids"].shape[1]
-    flat = lambda x: x.reshape(-1, *x.shape[2:])
-    prompts = {
-      "prompt_ids": micro["prompt_ids"],
-      "prompt_valid": micro["prompt_valid"],
-      "prompt_positions": jnp.moveaxis(micro["prompt_positions"], 1, 0),
-      "frame_patches": micro["frame_patches"],
-      "keyframe_patches": micro["keyframe_patches"],
-    }
-    out = {k: flat(micro[k]) for k in ROW_FIELDS}
-    out["response_positions"] = jnp.moveaxis(out["response_positions"], 1, 0)
-    cfg = dataclasses.replace(rcfg, group_size=n)
+  def logprob_fn(params, rows):
+    prompts = {k: rows[k] for k in PROMPT_INPUTS}
+    prompts["prompt_positions"] = jnp.moveaxis(rows["prompt_positions"], 1, 0)
+    out = {k: rows[k] for k in ROW_FIELDS}
+    out["response_positions"] = jnp.moveaxis(rows["response_positions"], 1, 0)
     inputs = rollout.training_inputs(params, model_cfg, cfg, prompts, out)
     logp, entropy = decoding.token_logprobs(
       params,
@@ -265,14 +297,14 @@ def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
       banned_ids=rcfg.banned_ids,
       return_entropy=True,
     )
-    lp = micro["prompt_ids"].shape[1]
+    lp = rows["prompt_ids"].shape[1]
     return logp[:, lp:], entropy[:, lp:]
 
   return logprob_fn
 
 
 def make_update(config, model_cfg, rcfg, *, sft: bool = False):
-  """(optimizer, jitted update_fn) for GRPO or the supervised warm start."""
+  """(optimizer, update_fn) for GRPO or the supervised warm start; see `jit_update`."""
   o = config.optim
   lr, warmup = (config.sft.lr, config.sft.warmup_steps) if sft else (o.lr, o.warmup_steps)
   optimizer = update_lib.make_optimizer(lr, warmup, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip)
@@ -293,14 +325,26 @@ def make_update(config, model_cfg, rcfg, *, sft: bool = False):
     loss_cfg,
     micro_batches=config.loss.micro_batches,
     schedule=update_lib.learning_rate_schedule(lr, warmup),
-    loss_fn=lambda logp, ent, micro, cfg: base_loss(logp, ent, _flat_rows(micro), cfg),
+    loss_fn=base_loss,
   )
-  return optimizer, jax.jit(update_fn, donate_argnums=0)
+  return optimizer, update_fn
+
+
+def jit_update(update_fn, mesh, state_sharding):
+  """The update under jit: state donated and laid out by `state_sharding`, batch rows
+  split over ("data", "fsdp"), RNG and metrics replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+    update_fn,
+    in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=0,
+  )
 
 
 def split_mini_batches(rows: Mapping[str, np.ndarray], count: int) -> list[dict[str, np.ndarray]]:
-  p = len(rows["prompt_ids"])
-  size = p // count
+  """`count` consecutive slices of whole groups (batch_size % count == 0 is checked)."""
+  size = len(rows["prompt_ids"]) // count
   return [{k: v[i * size : (i + 1) * size] for k, v in rows.items()} for i in range(count)]
 
 
@@ -345,18 +389,20 @@ def expert_rows(config, dataset, runner: episodes_lib.Runner, model_cfg, shapes)
   return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
-def warm_start(config, params, data: dict, model_cfg, rcfg, writer) -> Any:
+def warm_start(config, params, data: dict, model_cfg, rcfg, mesh, writer) -> Any:
   """`config.sft.steps` supervised updates on random mini-batches of expert rows."""
   optimizer, update_fn = make_update(config, model_cfg, rcfg, sft=True)
-  state = update_lib.init_state(params, optimizer)
+  state, state_sharding = sharded_state(params, optimizer, mesh, config)
+  update_fn = jit_update(update_fn, mesh, state_sharding)
   rng = np.random.default_rng(config.seed)
   n = len(data["prompt_ids"])
   size = min(config.sft.batch_size, n)
-  data = dict(data, advantages=np.ones(data["loss_mask"].shape[:2], np.float32))
+  data = dict(data, advantages=np.ones(data["loss_mask"].shape[:1], np.float32))
   writer.start(0)
   for step in range(1, config.sft.steps + 1):
     idx = rng.choice(n, size, replace=False)
-    state, m = update_fn(state, {k: v[idx] for k, v in data.items()}, jax.random.PRNGKey(step))
+    batch = sharding.shard_batch({k: v[idx] for k, v in data.items()}, mesh)
+    state, m = update_fn(state, batch, jax.random.PRNGKey(step))
     if step % config.log_every == 0 or step == config.sft.steps:
       m = jax.device_get(m)
       writer.write(
@@ -375,20 +421,37 @@ def warm_start(config, params, data: dict, model_cfg, rcfg, writer) -> Any:
 
 
 class Scorer:
-  """Host parse + the jitted numeric half (`rewards.scoring`) for one group size."""
+  """Host parse + the jitted numeric half (`rewards.scoring`) for one group size.
 
-  def __init__(self, config, group_size: int):
+  With `mask=True` (training with `reward.mask_weight > 0`) the batch must carry the
+  mask-cache tables (`mask_point_iou`, `mask_box_iou`) and the mask term is added.
+  """
+
+  def __init__(self, config, group_size: int, convention: str, *, mask: bool = False):
     cfg = dataclasses.replace(scoring.score_config(config), group_size=group_size)
     self.group_size = group_size
+    self.convention = convention
+    self.resized = (config.data.frame_size, config.data.frame_size)  # as the GT conversion
+    self.mask = mask and cfg.mask_weight > 0
     self.parse = scoring.Parser(cfg.reward)
     self.score_fn = scoring.make_score_fn(cfg)
 
   def __call__(self, batch, eps: episodes_lib.Episodes) -> dict[str, np.ndarray]:
     n = self.group_size
-    parsed = self.parse(
-      eps.responses, per_row(batch, "ground_truth", n), per_row(batch, "steps", n)
-    )
-    scores = self.score_fn(parsed, eps.out["response_length"], eps.out["stop_reason"])
+    gts = per_row(batch, "ground_truth", n)
+    parsed = self.parse(eps.responses, gts, per_row(batch, "steps", n))
+    mask_inputs = None
+    if self.mask:
+      mask_inputs = mask_lib.parse_mask_prompts(
+        eps.responses,
+        gts,
+        np.repeat(np.asarray(batch["frame_numbers"]), n, axis=0),
+        self.convention,
+        self.resized,
+      )
+      mask_inputs["point_iou"] = np.repeat(np.asarray(batch["mask_point_iou"]), n, axis=0)
+      mask_inputs["box_iou"] = np.repeat(np.asarray(batch["mask_box_iou"]), n, axis=0)
+    scores = self.score_fn(parsed, eps.out["response_length"], eps.out["stop_reason"], mask_inputs)
     return {k: np.asarray(v) for k, v in jax.device_get(scores).items()}
 
 
@@ -459,34 +522,37 @@ def assemble_rows(config, drawn) -> tuple[dict, np.ndarray]:
   parts = []
   for batch, eps, scores in drawn:
     rows = training_rows(episodes_lib.rollout_batch(batch), eps.out, n)
-    rows["advantages"] = scores["advantages"].reshape(-1, n).astype(np.float32)
+    rows["advantages"] = scores["advantages"].astype(np.float32)
     if config.dapo.overlong_mask:
-      rows["loss_mask"] &= ~scores["truncated"].reshape(-1, n, 1).astype(bool)
+      rows["loss_mask"] &= ~scores["truncated"].astype(bool)[:, None]
     parts.append((rows, ~scores["zero_variance"].reshape(-1, n)[:, 0]))
   rows = {k: np.concatenate([r[k] for r, _ in parts]) for k in parts[0][0]}
-  trains = np.concatenate([t for _, t in parts])
+  trains = np.concatenate([t for _, t in parts])  # [groups]
   if config.dapo.filter_groups:
     order = np.argsort(~trains, kind="stable")[:p]  # useful groups first
-    rows = {k: v[order] for k, v in rows.items()}
     trains = trains[order]
-    rows["loss_mask"] = rows["loss_mask"] & trains[:, None, None]
   else:
-    rows = {k: v[:p] for k, v in rows.items()}
-    trains = np.ones(p, bool)
+    order, trains = np.arange(p), np.ones(p, bool)
+  take = (order[:, None] * n + np.arange(n)).reshape(-1)  # the rows of those groups
+  rows = {k: v[take] for k, v in rows.items()}
+  rows["loss_mask"] = rows["loss_mask"] & np.repeat(trains, n)[:, None]
   return rows, trains
 
 
-def grpo_step(config, state, rows, update_fn, rng, ref=None) -> tuple[Any, dict]:
+def grpo_step(config, state, rows, update_fn, rng, mesh, ref=None) -> tuple[Any, dict]:
   """`loss.mini_batches` updates over the rows; metrics averaged over them."""
   if ref is not None:  # KL to the frozen reference policy.
     ref_params, ref_fn = ref
     rows = dict(rows)
     rows["ref_logprobs"] = np.concatenate(
-      [np.asarray(ref_fn(ref_params, mb)) for mb in split_mini_batches(rows, config.batch_size)]
+      [
+        np.asarray(ref_fn(ref_params, sharding.shard_batch(mb, mesh)))
+        for mb in split_mini_batches(rows, config.loss.mini_batches)
+      ]
     )
   metrics = []
   for i, mb in enumerate(split_mini_batches(rows, config.loss.mini_batches)):
-    state, m = update_fn(state, mb, jax.random.fold_in(rng, i))
+    state, m = update_fn(state, sharding.shard_batch(mb, mesh), jax.random.fold_in(rng, i))
     metrics.append(m)
   metrics = jax.device_get(metrics)
   out = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
@@ -499,75 +565,57 @@ def grpo_step(config, state, rows, update_fn, rng, ref=None) -> tuple[Any, dict]
 
 
 # ----------------------------------------------------------------------------
-# Validation.
-# ----------------------------------------------------------------------------
-
-
-def pad_batch(batch: Mapping[str, Any], size: int) -> tuple[dict, int]:
-  """Repeats the last sample so a short final batch keeps the compiled shape."""
-  real = len(batch["id"])
-  if real == size:
-    return dict(batch), real
-  idx = np.minimum(np.arange(size), real - 1)
-  return {k: np.asarray(v)[idx] for k, v in batch.items()}, real
-
-
-def validate(config, params, dataset, runner, scorer, *, search: bool = True) -> tuple[dict, list]:
-  """Greedy episodes over a held-out split.
-
-  Returns:
-    (mean metrics incl. `outcome` = the sum of the outcome terms, per-sample
-    prediction records: id, ability, question, response, reward terms, tool calls).
-  """
-  limit = config.eval.num_samples or None
-  preds, all_scores = [], []
-  for batch in dataset:
-    batch, real = pad_batch(batch, config.batch_size)
-    eps = runner(params, batch, jax.random.PRNGKey(0), search=search)
-    scores = scorer(batch, eps)
-    for r in range(real):
-      preds.append(
-        {
-          "id": str(batch["id"][r]),
-          "ability": str(batch["ability"][r]),
-          "question": str(batch["question"][r]),
-          "response": eps.responses[r],
-          "stop_reason": rollout.STOP_REASONS[int(eps.out["stop_reason"][r])],
-          "reward": {k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"},
-          "tool_calls": [dataclasses.asdict(c) for c in eps.tool_calls[r]],
-        }
-      )
-      all_scores.append({k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"})
-    if limit and len(preds) >= limit:
-      preds, all_scores = preds[:limit], all_scores[:limit]
-      break
-  if not preds:
-    raise RuntimeError("The evaluation split is empty.")
-  m = {k: float(np.mean([s[k] for s in all_scores])) for k in all_scores[0]}
-  m["outcome"] = sum(m[k] for k in OUTCOME_TERMS)
-  m["search/per_trajectory"] = m.pop("num_search")
-  m["samples"] = len(preds)
-  return m, preds
-
-
-def format_comparison(with_search: Mapping[str, float], without: Mapping[str, float]) -> str:
-  """A table of the validation terms with and without search."""
-  keys = (*OUTCOME_TERMS, "outcome", "process_score", "score", "search/per_trajectory")
-  lines = [f"{'term':<24}{'with search':>14}{'search off':>14}{'diff':>10}"]
-  for k in keys:
-    a, b = with_search.get(k, float("nan")), without.get(k, float("nan"))
-    lines.append(f"{k:<24}{a:>14.3f}{b:>14.3f}{a - b:>+10.3f}")
-  return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------
 
 
+def build_components(config, tokenizer, model_cfg) -> dict[str, Any]:
+  """Data, search, bridge, rollout runners and scorers of a run (shared with evaluate)."""
+  shapes = episodes_lib.shapes_from_config(config, model_cfg)
+  encoder = episodes_lib.PromptEncoder(tokenizer, model_cfg, shapes)
+  okvos_dir, kb_dir = pipeline.resolve_data(config.data, config.workdir, config.seed)
+  backend = make_search_backend(config, kb_dir)
+  bridge = make_bridge(config, backend, tokenizer, shapes)
+  mask_cache_dir = None
+  if config.reward.mask_weight > 0:  # The mask reward reads precomputed IoU tables.
+    from segresearch_jax.tools import build_mask_cache
+
+    mask_cache_dir = build_mask_cache.build(config, config.data.train_split)
+  rcfg = episodes_lib.rollout_config(config, model_cfg, shapes, tokenizer)
+  eval_rcfg = episodes_lib.rollout_config(
+    config, model_cfg, shapes, tokenizer, group_size=1, temperature=0.0
+  )
+  return dict(
+    model_cfg=model_cfg,
+    shapes=shapes,
+    encoder=encoder,
+    okvos_dir=okvos_dir,
+    kb_dir=kb_dir,
+    bridge=bridge,
+    rcfg=rcfg,
+    mask_cache_dir=mask_cache_dir,
+    runner=episodes_lib.Runner(model_cfg, rcfg, shapes, tokenizer, bridge),
+    eval_runner=episodes_lib.Runner(model_cfg, eval_rcfg, shapes, tokenizer, bridge),
+    scorer=Scorer(config, config.rollout.group_size, model_cfg.coord_convention, mask=True),
+    eval_scorer=Scorer(config, 1, model_cfg.coord_convention),
+    eval_dataset=lambda: make_dataset(
+      config, okvos_dir, config.data.eval_split, encoder, train=False, batch_size=config.batch_size
+    )[0],
+  )
+
+
 def train(config) -> dict:
   """Runs the configured job; returns the summary it also writes to `workdir/summary.json`."""
-  check_config(config)
+  from segresearch_jax import evaluate  # evaluate imports this module.
+
+  if config.dry_run:  # Abstract arrays only: the plan of the configured mesh.
+    from segresearch_jax.tools import plan as plan_tool
+
+    text = plan_tool.run_plan(config)
+    print(text)
+    return {"plan": text}
+  mesh = sharding.make_mesh(config.mesh)
+  check_config(config, mesh)
   t_start = time.time()
   workdir = pathlib.Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -575,39 +623,31 @@ def train(config) -> dict:
 
   # 1. Policy, data, search.
   tokenizer = tokenizer_lib.load_tokenizer(config.model.tokenizer_dir or None)
-  model_cfg, params = build_policy(config, tokenizer)
+  model_cfg, params = build_policy(config, tokenizer, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(
     f"policy {model_cfg.family} ({config.model.hf_dir or config.model.preset}): "
-    f"{n_params / 1e6:.2f}M parameters, vocab {model_cfg.text.vocab_size}, "
-    f"{jax.device_count()} device(s) {jax.devices()[0].platform}",
+    f"{n_params / 1e6:.2f}M parameters, vocab {model_cfg.text.vocab_size}; mesh "
+    f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)",
     flush=True,
   )
-  shapes = episodes_lib.shapes_from_config(config, model_cfg)
-  encoder = episodes_lib.PromptEncoder(tokenizer, model_cfg, shapes)
-  okvos_dir, kb_dir = pipeline.resolve_data(config.data, config.workdir, config.seed)
-  backend = make_search_backend(config, kb_dir)
-  bridge = make_bridge(config, backend, tokenizer, shapes)
-  n = config.rollout.group_size
-  rcfg = episodes_lib.rollout_config(config, model_cfg, shapes, tokenizer)
-  runner = episodes_lib.Runner(model_cfg, rcfg, shapes, tokenizer, bridge)
-  eval_rcfg = episodes_lib.rollout_config(
-    config, model_cfg, shapes, tokenizer, group_size=1, temperature=0.0
-  )
-  eval_runner = episodes_lib.Runner(model_cfg, eval_rcfg, shapes, tokenizer, bridge)
+  c = build_components(config, tokenizer, model_cfg)
+  n, rcfg, runner = config.rollout.group_size, c["rcfg"], c["runner"]
   train_ds, train_source = make_dataset(
-    config, okvos_dir, config.data.train_split, encoder, train=True, batch_size=config.batch_size
+    config,
+    c["okvos_dir"],
+    config.data.train_split,
+    c["encoder"],
+    train=True,
+    batch_size=config.batch_size,
+    mask_cache_dir=c["mask_cache_dir"],
   )
-  eval_ds = lambda: make_dataset(
-    config, okvos_dir, config.data.eval_split, encoder, train=False, batch_size=config.batch_size
-  )[0]
   print(
-    f"data: {len(train_source)} {config.data.train_split} samples in {okvos_dir}; "
-    f"search: {config.search.backend} over {config.search.kb_dir or kb_dir or '-'}",
+    f"data: {len(train_source)} {config.data.train_split} samples in {c['okvos_dir']}; "
+    f"search: {config.search.backend} over {config.search.kb_dir or c['kb_dir'] or '-'}",
     flush=True,
   )
   data_iter = iter(train_ds)
-  scorer, eval_scorer = Scorer(config, n), Scorer(config, 1)
   optimizer, update_fn = make_update(config, model_cfg, rcfg)
   writer = metrics_lib.MetricsWriter(workdir, config.total_steps)
   ckpt = checkpoint_lib.Checkpointer(
@@ -622,29 +662,37 @@ def train(config) -> dict:
     if config.sft.steps > 0:
       t0 = time.time()
       expert_ds, _ = make_dataset(
-        config, okvos_dir, config.data.train_split, encoder, train=False, batch_size=1
+        config, c["okvos_dir"], config.data.train_split, c["encoder"], train=False, batch_size=1
       )
-      data = expert_rows(config, expert_ds, runner, model_cfg, shapes)
+      data = expert_rows(config, expert_ds, runner, model_cfg, c["shapes"])
       print(
         f"warm start: {len(data['prompt_ids'])} expert episodes "
         f"({time.time() - t0:.1f}s), {config.sft.steps} supervised steps",
         flush=True,
       )
-      params = warm_start(config, params, data, model_cfg, rcfg, writer)
-    state = update_lib.init_state(params, optimizer)
+      params = warm_start(config, params, data, model_cfg, rcfg, mesh, writer)
+    state, state_sharding = sharded_state(params, optimizer, mesh, config)
     ckpt.save(0, state, rng, data_iter, metadata, force=True)
     start = 0
   else:
-    abstract = jax.eval_shape(lambda: update_lib.init_state(params, optimizer))
+    state, state_sharding = sharded_state(params, optimizer, mesh, config)
+    abstract = jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sharding
+    )
+    del state
     state, rng, _ = ckpt.restore(latest, abstract, data_iter)
     start = latest
     writer.truncate_after(start)
     print(f"resumed from step {start} in {ckpt.directory}", flush=True)
   params = None  # The train state owns the parameters from here on.
+  update_fn = jit_update(update_fn, mesh, state_sharding)
   ref = None
   if config.loss.kl_coef > 0:
-    ref = (jax.tree.map(jnp.copy, state.params), jax.jit(make_logprob_fn(model_cfg, rcfg)))
-    ref = (ref[0], lambda p, mb, f=ref[1]: f(p, mb)[0].reshape(mb["loss_mask"].shape))
+    ref_fn = jax.jit(make_logprob_fn(model_cfg, rcfg))
+    ref = (
+      jax.tree.map(jnp.copy, state.params),
+      lambda p, mb: ref_fn(p, mb)[0],
+    )
 
   # 3. GRPO steps.
   writer.start(start)
@@ -652,11 +700,11 @@ def train(config) -> dict:
     t0 = time.time()
     step_rng = jax.random.fold_in(rng, step)
     drawn = collect_rollouts(
-      config, next(data_iter), data_iter, runner, scorer, state.params, step_rng
+      config, next(data_iter), data_iter, runner, c["scorer"], state.params, step_rng
     )
     t_rollout = time.time() - t0
     rows, trains = assemble_rows(config, drawn)
-    state, m = grpo_step(config, state, rows, update_fn, step_rng, ref)
+    state, m = grpo_step(config, state, rows, update_fn, step_rng, mesh, ref)
     batch, eps, scores = drawn[0]
     m.update(episode_metrics(eps, scores))
     m.update(
@@ -674,7 +722,7 @@ def train(config) -> dict:
         m,
         console=(
           f"step {step}/{config.total_steps} | reward {m['reward/score']:.3f} "
-          f"(outcome {sum(m['reward/' + k] for k in OUTCOME_TERMS):.2f}, "
+          f"(outcome {sum(m['reward/' + k] for k in evaluate.OUTCOME_TERMS):.2f}, "
           f"process {m['reward/process_score']:.2f}) | search/traj "
           f"{m['search/per_trajectory']:.2f} | len {m['response_length']:.0f} | "
           f"loss {m['loss']:+.4f} | clip {m['clip_fraction']:.3f} | "
@@ -685,22 +733,28 @@ def train(config) -> dict:
     if (
       config.eval.every_steps and step % config.eval.every_steps == 0 and step < config.total_steps
     ):
-      val, _ = validate(config, state.params, eval_ds(), eval_runner, eval_scorer)
+      val, _ = evaluate.greedy_episodes(
+        config, state.params, c["eval_dataset"](), c["eval_runner"], c["eval_scorer"]
+      )
       writer.write(step, val, phase="eval", console=f"eval @ {step}: {_short(val)}")
   ckpt.wait()
 
-  # 4. Final validation on the held-out split, with and without search.
+  # 4. Final evaluation on the held-out split, with and without search.
   summary = {"steps": config.total_steps, "parameters": int(n_params)}
-  with_search, preds = validate(config, state.params, eval_ds(), eval_runner, eval_scorer)
-  without, _ = validate(config, state.params, eval_ds(), eval_runner, eval_scorer, search=False)
-  writer.write(config.total_steps, with_search, phase="eval")
-  writer.write(config.total_steps, without, phase="eval_no_search")
-  table = format_comparison(with_search, without)
-  print(f"validation on {config.data.eval_split} ({with_search['samples']} samples, greedy):")
-  print(table, flush=True)
-  with (workdir / "predictions.jsonl").open("w", encoding="utf-8") as f:
-    for p in preds:
-      f.write(json.dumps(p, ensure_ascii=False) + "\n")
+  final = config.total_steps
+  with_search = evaluate.evaluate(
+    config, state.params, c, workdir / "eval", masks=config.eval.masks
+  )
+  without = evaluate.evaluate(
+    config, state.params, c, workdir / "eval_no_search", search=False, masks=config.eval.masks
+  )
+  writer.write(final, with_search, phase="eval")
+  writer.write(final, without, phase="eval_no_search")
+  print(
+    f"evaluation on {config.data.eval_split} ({with_search['samples']} samples, greedy, "
+    f"segmenter {config.eval.segmenter}):"
+  )
+  print(evaluate.format_comparison(with_search, without), flush=True)
   train_rows = writer.read("train")
   if train_rows:
     summary["reward_first_steps"] = float(np.mean([r["reward/score"] for r in train_rows[:5]]))
@@ -728,6 +782,8 @@ def plot_rewards(rows: list[dict], path: pathlib.Path) -> None:
   """Mean reward and its outcome / process parts over GRPO steps."""
   import matplotlib
 
+  from segresearch_jax.evaluate import OUTCOME_TERMS
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -749,16 +805,31 @@ def plot_rewards(rows: list[dict], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def enable_compilation_cache(config) -> None:
+  """Persists compiled programs under `config.compilation_cache_dir` (keyed by the HLO)."""
+  if config.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def quiet_logging() -> None:
+  """absl at WARNING unless --verbosity is given (Orbax logs every file it renames)."""
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+
+
 def main(argv: list[str]) -> None:
   del argv
-  config = _CONFIG.value
+  config = _FLAGS["config"].value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/okvos.py")
-  if not flags.FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it renames.
+  quiet_logging()
   initialize_distributed()
+  enable_compilation_cache(config)
   train(config)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -72,7 +72,7 @@ def uninterrupted(tmp_path_factory, synthetic_dir):
 def test_main_command_trains_logs_checkpoints_and_validates(uninterrupted):
   workdir, stdout = uninterrupted
   assert "parameters" in stdout and "sft 2/2" in stdout and "step 2/2" in stdout
-  assert "validation on test" in stdout and "search off" in stdout
+  assert "evaluation on test" in stdout and "search off" in stdout and "J&F" in stdout
   rows = _train_rows(workdir)
   assert sorted(rows) == [1, 2]
   for key in ("loss", "grad_norm", "reward/score", "search/per_trajectory", "stop/max_length"):
@@ -85,7 +85,11 @@ def test_main_command_trains_logs_checkpoints_and_validates(uninterrupted):
   assert summary["eval_with_search"]["samples"] == 2
   assert {"0", "1", "2"} <= set(os.listdir(workdir / "checkpoints"))
   assert (workdir / "reward_curve.png").stat().st_size > 1000
-  assert len((workdir / "predictions.jsonl").read_text().splitlines()) == 2
+  assert len((workdir / "eval" / "predictions.jsonl").read_text().splitlines()) == 2
+  results = json.loads((workdir / "eval" / "results.json").read_text())
+  assert results["summary"]["overall"]["count"] == 2
+  assert (workdir / "eval" / "report.html").is_file()
+  assert (workdir / "eval_no_search" / "eval_metrics.json").is_file()
   assert list((workdir / "tb").iterdir())  # TensorBoard events
 
 
@@ -158,3 +162,32 @@ def test_search_backend_that_is_down_fails_before_training(tmp_path):
   config.search.cache_mode = "off"
   with pytest.raises(RuntimeError, match="does not answer"):
     train.make_search_backend(config, "")
+
+
+@pytest.mark.slow
+def test_evaluate_command_on_a_checkpoint(tmp_path, synthetic_dir, uninterrupted):
+  workdir = uninterrupted[0]
+  cmd = [
+    sys.executable,
+    "-m",
+    "segresearch_jax.evaluate",
+    "--config=configs/okvos.py",
+    f"--config.workdir={workdir}",
+    f"--config.data.synthetic_dir={synthetic_dir}",
+    *SHRUNK,
+    f"--checkpoint={workdir / 'checkpoints'}",
+    "--step=1",
+    f"--out={tmp_path / 'eval'}",
+    "--nosearch",
+  ]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "evaluating step 1" in out.stdout
+  results = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert results["summary"]["overall"]["count"] == 2
+  preds = [
+    json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().split("\n") if x
+  ]
+  # Search detached: every search call came back as an error observation.
+  calls = [c for p in preds for c in p["search_calls"]]
+  assert all(c["error"] for c in calls)

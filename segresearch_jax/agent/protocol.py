@@ -79,6 +79,20 @@ SEARCH_TEMPLATE = "system_search.txt"
 NO_SEARCH_TEMPLATE = "system_no_search.txt"
 
 
+# Built-in prompt sets: "default" (the full wording) and "compact" (the same protocol in
+# a third of the tokens, for the small CPU runs that train a policy from scratch).
+BUILTIN_TEMPLATES = ("default", "compact")
+
+
+def template_directory(template_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """The folder of a built-in template set (by name) or a user folder (by path)."""
+  if not template_dir or str(template_dir) == "default":
+    return _TEMPLATE_DIR
+  if str(template_dir) in BUILTIN_TEMPLATES:
+    return _TEMPLATE_DIR / str(template_dir)
+  return pathlib.Path(template_dir)
+
+
 def system_prompt(ability: str, template_dir: str | os.PathLike | None = None) -> str:
   """The system text for a sample's ability (SPEC §1.1).
 
@@ -86,10 +100,11 @@ def system_prompt(ability: str, template_dir: str | os.PathLike | None = None) -
     ability: in-video | one-hop | multi-hop | relational.
     template_dir: optional folder holding `system_search.txt` and
       `system_no_search.txt`, e.g. the exact text a released checkpoint was trained
-      with. Defaults to the project's own wording.
+      with, or the name of a built-in set (`BUILTIN_TEMPLATES`). Defaults to the
+      project's own wording.
   """
   name = SEARCH_TEMPLATE if uses_search(ability) else NO_SEARCH_TEMPLATE
-  path = pathlib.Path(template_dir or _TEMPLATE_DIR) / name
+  path = template_directory(template_dir) / name
   if not path.is_file():
     raise FileNotFoundError(f"System prompt template not found: {path}")
   return _read_template(str(path))

@@ -124,7 +124,11 @@ first second third last moving small large person woman man hugs holds wears sta
 def _embedded_corpus() -> list[str]:
   """Deterministic training text covering everything the protocol writes."""
   rng = np.random.default_rng(0)
-  lines = [protocol.system_prompt("one-hop"), protocol.system_prompt("in-video")]
+  lines = [
+    protocol.system_prompt(ability, templates)
+    for templates in protocol.BUILTIN_TEMPLATES
+    for ability in ("one-hop", "in-video")
+  ]
   lines += list(protocol.SPECIAL_TOKENS) + list(_TAGS)
   for i in range(0, 1001):
     lines.append(f"{i} [{i}, {(i * 7) % 1000}] frame {i}")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segresearch_jax.agent import rollout
+from segresearch_jax.rewards import mask as mask_lib
 from segresearch_jax.rewards import okvos
 from segresearch_jax.rl import advantages as adv_lib
 
@@ -36,6 +37,8 @@ class ScoreConfig:
       `overlong_buffer` tokens before `max_response_length`.
     overlong_penalty: its size at `max_response_length`.
     max_response_length: the response cap.
+    mask_weight: weight of the mask-cache term (SPEC §3.2); 0 = exactly SPEC §3.1.
+    mask_prompt: which cached prompt scores it ("box" | "point" | "mean").
   """
 
   reward: okvos.RewardConfig = okvos.RewardConfig()
@@ -43,6 +46,8 @@ class ScoreConfig:
   overlong_buffer: int = 0
   overlong_penalty: float = 1.0
   max_response_length: int = 8192
+  mask_weight: float = 0.0
+  mask_prompt: str = "box"
 
 
 def score_config(config: Any) -> ScoreConfig:
@@ -56,6 +61,8 @@ def score_config(config: Any) -> ScoreConfig:
     overlong_buffer=config.dapo.overlong_buffer,
     overlong_penalty=config.dapo.overlong_penalty,
     max_response_length=config.rollout.max_response_length,
+    mask_weight=r.mask_weight,
+    mask_prompt=r.mask_prompt,
   )
 
 
@@ -87,14 +94,19 @@ def make_score_fn(cfg: ScoreConfig):
   """The jitted numeric half.
 
   Returns:
-    `score_fn(parsed, response_length [B], stop_reason [B]) -> dict` with the
-    reward terms [B], `score` [B] (the §3.1 score), `reward` [B] (score plus
-    shaping: what the advantages use), `advantages` [B] and `zero_variance` [B]
-    (rows of groups whose rewards are all equal; DAPO's dynamic sampling drops them).
+    `score_fn(parsed, response_length [B], stop_reason [B], mask_inputs=None) -> dict`
+    with the reward terms [B], `score` [B] (the §3.1 score, plus `mask_weight` x
+    `mask_score` when `mask_inputs` holds `rewards.mask.mask_score`'s arguments),
+    `reward` [B] (score plus shaping: what the advantages use), `advantages` [B]
+    and `zero_variance` [B] (rows of groups whose rewards are all equal; DAPO's
+    dynamic sampling drops them).
   """
 
-  def score_fn(parsed, response_length, stop_reason):
+  def score_fn(parsed, response_length, stop_reason, mask_inputs=None):
     terms = okvos.reward_terms(parsed, cfg.reward)
+    if mask_inputs is not None:
+      score = mask_lib.mask_score(**mask_inputs, prompt=cfg.mask_prompt)
+      terms = mask_lib.add_mask_term(terms, score, cfg.mask_weight)
     reward = terms["score"]
     if cfg.overlong_buffer > 0:
       length = response_length.astype(jnp.float32)

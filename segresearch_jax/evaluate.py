@@ -1,0 +1,250 @@
+r"""Evaluation: greedy episodes on a held-out split -> predictions -> masks -> J&F.
+
+    python -m segresearch_jax.evaluate --config=configs/okvos.py \
+        --checkpoint=runs/okvos/checkpoints [--step=N] [--out=DIR] [--nosearch]
+
+1. Greedy episodes (temperature 0, one per sample) with the run's search backend,
+   or with search detached (`--nosearch`: every search returns an error).
+2. Each response becomes a prediction record (`eval.predictions`: first keyframe,
+   first answer, the search calls and their results), written to predictions.jsonl
+   together with its SPEC §3.1 reward terms.
+3. The video segmenter of `config.eval` (SAM2's video predictor, or the weight-free
+   one) is prompted on the keyframe with the box AND the point; masks are written as
+   PNGs; J, F and J&F per ability and overall go to results.json, a printed table
+   and an HTML report (SPEC §7).
+
+The trainer runs steps 1-3 at the end of training (and `--config.total_steps=0`
+evaluates the initial or warm-started policy the same way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from segresearch_jax import checkpoint as checkpoint_lib
+from segresearch_jax.agent import rollout
+from segresearch_jax.eval import predictions as predictions_lib
+from segresearch_jax.models import policy
+from segresearch_jax.models import tokenizer as tokenizer_lib
+
+OUTCOME_TERMS = ("iou_score", "box_l1_score", "point_l1_score", "keyframe_score")
+
+
+# ----------------------------------------------------------------------------
+# Greedy episodes.
+# ----------------------------------------------------------------------------
+
+
+def pad_batch(batch: Mapping[str, Any], size: int) -> tuple[dict, int]:
+  """Repeats the last sample so a short final batch keeps the compiled shape."""
+  real = len(batch["id"])
+  if real == size:
+    return dict(batch), real
+  idx = np.minimum(np.arange(size), real - 1)
+  return {k: np.asarray(v)[idx] for k, v in batch.items()}, real
+
+
+def greedy_episodes(
+  config, params, dataset, runner, scorer, *, search: bool = True
+) -> tuple[dict, list[predictions_lib.Prediction]]:
+  """Greedy episodes over a held-out split, `config.eval.num_samples` at most (0 = all).
+
+  Args:
+    config: the run config.
+    params: the policy's parameters.
+    dataset: batches of `config.batch_size` prompts (the last may be short).
+    runner: an `episodes.Runner` with group size 1 and temperature 0.
+    scorer: the trainer's `Scorer` for group size 1 (SPEC §3.1 terms).
+    search: False detaches the search backend (the no-search ablation).
+
+  Returns:
+    (mean reward terms with `outcome` = the sum of the outcome terms, one
+    `Prediction` per sample with its reward terms and tool calls).
+  """
+  limit = config.eval.num_samples or None
+  preds: list[predictions_lib.Prediction] = []
+  for batch in dataset:
+    batch, real = pad_batch(batch, config.batch_size)
+    eps = runner(params, batch, jax.random.PRNGKey(0), search=search)
+    scores = scorer(batch, eps)
+    for r in range(real):
+      preds.append(
+        predictions_lib.parse_response(
+          str(batch["id"][r]),
+          str(batch["ability"][r]),
+          eps.responses[r],
+          stop_reason=rollout.STOP_REASONS[int(eps.out["stop_reason"][r])],
+          tool_calls=[dataclasses.asdict(c) for c in eps.tool_calls[r]],
+          reward={k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"},
+        )
+      )
+    if limit and len(preds) >= limit:
+      preds = preds[:limit]
+      break
+  if not preds:
+    raise RuntimeError("The evaluation split is empty.")
+  terms = [p.reward for p in preds]
+  m = {k: float(np.mean([t[k] for t in terms])) for k in terms[0]}
+  m["outcome"] = sum(m[k] for k in OUTCOME_TERMS)
+  m["search/per_trajectory"] = m.pop("num_search")
+  m["samples"] = len(preds)
+  return m, preds
+
+
+def format_comparison(with_search: Mapping[str, float], without: Mapping[str, float]) -> str:
+  """A table of the evaluation terms (and J&F when present) with and without search."""
+  keys = (*OUTCOME_TERMS, "outcome", "process_score", "score", "search/per_trajectory")
+  keys += tuple(k for k in ("J", "F", "J&F") if k in with_search)
+  lines = [f"{'term':<24}{'with search':>14}{'search off':>14}{'diff':>10}"]
+  for k in keys:
+    a, b = with_search.get(k, float("nan")), without.get(k, float("nan"))
+    lines.append(f"{k:<24}{a:>14.3f}{b:>14.3f}{a - b:>+10.3f}")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Masks and J&F.
+# ----------------------------------------------------------------------------
+
+
+def segment_and_score(
+  config, preds, okvos_dir: str, convention: str, out_dir, *, print_table: bool = True
+) -> dict[str, Any]:
+  """Masks from the predictions with `config.eval`'s segmenter, then J&F and the report.
+
+  Only the predicted samples are scored (a `num_samples` limit evaluates a prefix);
+  within them a missing or unusable answer scores empty masks, never skipped.
+  """
+  from segresearch_jax.segmentation import video
+
+  ids = {p.id for p in preds}
+  samples = [
+    s for s in predictions_lib.load_eval_samples(okvos_dir, config.data.eval_split) if s.id in ids
+  ]
+  segment_fn = functools.partial(video.segment_video, segmenter=video.from_config(config.eval))
+  size = config.data.frame_size
+  return predictions_lib.evaluate_predictions(
+    preds,
+    samples,
+    segment_fn,
+    convention,
+    out_dir,
+    resized=(size, size),
+    report=True,
+    report_samples=config.eval.report_samples,
+    print_table=print_table,
+  )
+
+
+def evaluate(
+  config,
+  params,
+  components: Mapping[str, Any],
+  out_dir: str | os.PathLike,
+  *,
+  search: bool = True,
+  masks: bool = True,
+) -> dict[str, Any]:
+  """Greedy episodes, predictions.jsonl, then (with `masks`) segmentation and J&F.
+
+  Args:
+    config: the run config.
+    params: the policy's parameters.
+    components: what the trainer built (`train.build_components`): model_cfg, runner
+      (greedy), scorer (group 1), eval_dataset (a function), okvos_dir.
+    out_dir: predictions.jsonl, results.json, masks/ and report.html go here.
+    search: False evaluates with search detached.
+    masks: also segment and compute J&F.
+
+  Returns:
+    The mean reward terms (`outcome` and, with masks, "J", "F", "J&F" overall).
+  """
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  m, preds = greedy_episodes(
+    config,
+    params,
+    components["eval_dataset"](),
+    components["eval_runner"],
+    components["eval_scorer"],
+    search=search,
+  )
+  predictions_lib.write_predictions(out / predictions_lib.PREDICTIONS_FILE, preds)
+  if masks:
+    results = segment_and_score(
+      config,
+      preds,
+      components["okvos_dir"],
+      components["model_cfg"].coord_convention,
+      out,
+      print_table=False,
+    )
+    overall = results["summary"]["overall"]
+    m.update({"J": overall["J"], "F": overall["F"], "J&F": overall["JF"]})
+  (out / "eval_metrics.json").write_text(json.dumps(m, indent=1))
+  return m
+
+
+# ----------------------------------------------------------------------------
+# Command line: evaluate a checkpoint.
+# ----------------------------------------------------------------------------
+
+
+def _define_flags() -> None:
+  from segresearch_jax import train
+
+  train.define_flags()  # --config
+  flags.DEFINE_string("checkpoint", None, "Checkpoint directory of a run.")
+  flags.DEFINE_integer("step", None, "Step to evaluate (default: the latest).")
+  flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval_<step>).")
+  flags.DEFINE_bool("search", True, "Evaluate with search (--nosearch detaches it).")
+
+
+def load_checkpoint(directory: str, step: int | None, tokenizer_dir: str = ""):
+  """(step, model config, tokenizer, params) of a saved run, params only."""
+  step, metadata = checkpoint_lib.read_metadata(directory, step)
+  model_cfg = checkpoint_lib.model_config_from_dict(metadata["model_config"])
+  tok_meta = metadata.get("tokenizer") or {}
+  tokenizer = tokenizer_lib.load_tokenizer(
+    tokenizer_dir or (tok_meta.get("dir") if tok_meta.get("kind") == "hf" else None)
+  )
+  abstract = jax.eval_shape(functools.partial(policy.init_params, model_cfg), jax.random.PRNGKey(0))
+  params = checkpoint_lib.restore_params(directory, step, abstract)
+  return step, model_cfg, tokenizer, params
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from segresearch_jax import train
+
+  f = flags.FLAGS
+  config = f.config
+  if config is None or not f.checkpoint:
+    raise app.UsageError("--config and --checkpoint are required.")
+  train.quiet_logging()
+  train.initialize_distributed()
+  train.enable_compilation_cache(config)
+  step, model_cfg, tokenizer, params = load_checkpoint(
+    f.checkpoint, f.step, config.model.tokenizer_dir
+  )
+  print(f"evaluating step {step} of {f.checkpoint}", flush=True)
+  components = train.build_components(config, tokenizer, model_cfg)
+  out = f.out or os.path.join(config.workdir, f"eval_{step}")
+  m = evaluate(config, params, components, out, search=f.search)
+  print(json.dumps(m, indent=1))
+  print(f"results in {out}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
