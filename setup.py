@@ -21,7 +21,7 @@ _EXTRAS = {
 }
 _EXTRAS["dev"] = sorted(
     set(_EXTRAS["hf"] + _EXTRAS["search"] + _EXTRAS["data"] + ["opencv-python-headless"])
-    | {"pytest>=8", "hypothesis", "ruff", "pytest-timeout"}
+    | {"pytest>=8", "hypothesis", "ruff", "pytest-timeout", "nbclient", "nbformat", "ipykernel"}
 )
 
 setuptools.setup(

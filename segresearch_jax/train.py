@@ -109,6 +109,15 @@ def sharded_state(params, optimizer, mesh, config) -> tuple[Any, Any]:
   return sharding.create_sharded(init, params, shardings=shardings), shardings
 
 
+def load_run_tokenizer(config):
+  """`model.tokenizer_dir`, else the HF checkpoint's own tokenizer, else the embedded one.
+
+  A real checkpoint never runs with the embedded tokenizer: its ids would be
+  meaningless to the weights.
+  """
+  return tokenizer_lib.load_tokenizer(config.model.tokenizer_dir or config.model.hf_dir or None)
+
+
 def initialize_distributed() -> None:
   """Joins a multi-process job; one code path for one host and many.
 
@@ -622,7 +631,7 @@ def train(config) -> dict:
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
   # 1. Policy, data, search.
-  tokenizer = tokenizer_lib.load_tokenizer(config.model.tokenizer_dir or None)
+  tokenizer = load_run_tokenizer(config)
   model_cfg, params = build_policy(config, tokenizer, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(
