@@ -207,6 +207,13 @@ def test_token_logprobs_equal_log_softmax_of_full_logits(cfg, hf_and_params):
   ours = decoding.token_logprobs(params, cfg, *args, chunk_size=7)
   np.testing.assert_allclose(np.asarray(ours)[:, 1:], ref, atol=1e-5)
   assert float(ours[0, 0]) == 0.0
+  # From a start position only (the response after a prompt), chunked or not.
+  for start, chunk in ((5, 7), (5, 256), (ids.shape[1] - 1, 7)):
+    tail = decoding.token_logprobs(params, cfg, *args, start=start, chunk_size=chunk)
+    assert tail.shape == (1, ids.shape[1] - start)
+    np.testing.assert_allclose(np.asarray(tail), ref[:, start - 1 :], atol=1e-5)
+  with pytest.raises(ValueError, match="outside"):
+    decoding.token_logprobs(params, cfg, *args, start=ids.shape[1])
 
 
 def test_export_then_transformers_load_gives_same_logits(cfg, hf_and_params, tmp_path):

@@ -1,9 +1,11 @@
 """Prefill, cached greedy decoding and per-token log-probs for the policy.
 
 These are the model-level building blocks the rollout and the GRPO loss use:
-`prefill` fills a donated KV cache with a (left-padded) prompt, `decode_step`
-appends one token per row, and `token_logprobs` returns log p(token) along a
-sequence without materialising the [B, L, V] logits at once.
+`prefill_prompt` starts a KV cache from a (left-padded) prompt, `prefill` appends
+a chunk to a cache, `decode_step` appends one token per row (`greedy_decode` loops
+it, `greedy_generate` does prompt and loop in one program), and `token_logprobs`
+returns log p(token) along a sequence without materialising the [B, L, V] logits
+at once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from segresearch_jax.models.config import ModelConfig
-from segresearch_jax.models.policy import Cache, Policy, init_cache
+from segresearch_jax.models.policy import Cache, Policy
 
 Array = jax.Array
 
@@ -47,6 +49,38 @@ def prefill(
   if logits_at is None:
     return model.apply(*args)
   hidden, cache = model.apply(*args, return_hidden=True)
+  last = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)[:, 0]
+  return model.apply({"params": params}, last, method=Policy.logits), cache
+
+
+def prefill_prompt(
+  params: Any,
+  config: ModelConfig,
+  cache_length: int,
+  input_ids: Array,
+  positions: Array,
+  token_valid: Array,
+  visual: Array | None = None,
+  deepstack: Array | None = None,
+  *,
+  logits_at: Array | None = None,
+) -> tuple[Array, Cache]:
+  """A new cache of `cache_length` slots holding a prompt, and the prompt's logits.
+
+  Equal to `prefill` into `init_cache(config, B, cache_length)`, but the prompt
+  attends causally to itself instead of to every (still empty) slot of the cache.
+
+  Args:
+    logits_at: as in `prefill`.
+
+  Returns:
+    (logits [B, T, V] or [B, V], the new cache).
+  """
+  model = Policy(config)
+  args = ({"params": params}, input_ids, positions, token_valid, visual, deepstack)
+  if logits_at is None:
+    return model.apply(*args, new_cache_length=cache_length)
+  hidden, cache = model.apply(*args, return_hidden=True, new_cache_length=cache_length)
   last = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)[:, 0]
   return model.apply({"params": params}, last, method=Policy.logits), cache
 
@@ -89,12 +123,46 @@ def greedy_generate(
   Returns:
     [B, max_new_tokens] tokens; after a row emits `eos_id` it repeats it.
   """
-  b = input_ids.shape[0]
-  cache = init_cache(config, b, cache_length, jnp.float32)
-  logits, cache = prefill(
-    params, config, cache, input_ids, positions, token_valid, visual, deepstack
+  # Left-padded: the last position is real in every row, and only its logits are needed.
+  last = jnp.full((input_ids.shape[0],), input_ids.shape[1] - 1, jnp.int32)
+  logits, cache = prefill_prompt(
+    params,
+    config,
+    cache_length,
+    input_ids,
+    positions,
+    token_valid,
+    visual,
+    deepstack,
+    logits_at=last,
   )
-  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  rest = greedy_decode(
+    params, config, cache, first, next_pos, steps=max_new_tokens - 1, eos_id=eos_id
+  )
+  return jnp.concatenate([first[:, None], rest], axis=1)
+
+
+def greedy_decode(
+  params: Any,
+  config: ModelConfig,
+  cache: Cache,
+  first: Array,
+  next_pos: Array,
+  *,
+  steps: int,
+  eos_id: int = -1,
+) -> Array:
+  """The decode loop of `greedy_generate`: `steps` greedy tokens after `first`.
+
+  Args:
+    cache: the cache holding the prompt (e.g. from `prefill_prompt`).
+    first: [B] the token sampled from the prompt's last logits (not yet in the cache).
+    next_pos: [B] its M-RoPE position.
+
+  Returns:
+    [B, steps] tokens; after a row emits `eos_id` it repeats it.
+  """
 
   def step(carry, _):
     cache, token, pos, done = carry
@@ -102,9 +170,9 @@ def greedy_generate(
     nxt = jnp.where(done, token, jnp.argmax(logits, axis=-1).astype(jnp.int32))
     return (cache, nxt, pos + 1, done | (nxt == eos_id)), nxt
 
-  init = (cache, first, next_pos.astype(jnp.int32), first == eos_id)
-  _, rest = jax.lax.scan(step, init, None, length=max_new_tokens - 1)
-  return jnp.concatenate([first[:, None], rest.T], axis=1)
+  init = (cache, first.astype(jnp.int32), next_pos.astype(jnp.int32), first == eos_id)
+  _, rest = jax.lax.scan(step, init, None, length=steps)
+  return rest.T
 
 
 def token_logprobs(
@@ -116,32 +184,41 @@ def token_logprobs(
   visual: Array | None = None,
   deepstack: Array | None = None,
   *,
+  start: int = 0,
   chunk_size: int = 256,
   temperature: float = 1.0,
   banned_ids: tuple[int, ...] = (),
   return_entropy: bool = False,
 ) -> Array | tuple[Array, Array]:
-  """log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1; position 0 gets 0.
+  """log p(input_ids[:, t] | input_ids[:, :t]) for t >= start; position 0 gets 0.
 
   The LM head and softmax run over sequence chunks under `jax.checkpoint`, so
-  neither the forward nor the backward pass holds the full [B, L, V] logits.
+  neither the forward nor the backward pass holds the full [B, L, V] logits, and
+  only over the positions asked for (`start`: e.g. the response after a prompt).
   `temperature` and `banned_ids` must match the sampler's (see `rollout.RolloutConfig`).
 
   Returns:
-    [B, L] log-probs (and [B, L] entropies of the predicting distribution if asked).
+    [B, L - start] log-probs of tokens start..L-1 (and the entropies of the
+    distributions that predict them if asked).
   """
   model = Policy(config)
   hidden, _ = model.apply(
     {"params": params}, input_ids, positions, token_valid, visual, deepstack, return_hidden=True
   )
   b, length, d = hidden.shape
-  targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros((b, 1), input_ids.dtype)], axis=1)
-  pad = (-length) % chunk_size
+  if not 0 <= start < length:
+    raise ValueError(f"start={start} is outside a sequence of {length} tokens.")
+  first = max(start, 1)  # Token 0 has no prefix.
+  hidden = hidden[:, first - 1 : length - 1]  # The hidden state before each target.
+  targets = input_ids[:, first:]
+  count = length - first
+  pad = (-count) % chunk_size if count > chunk_size else 0
+  size = min(chunk_size, count)
   hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
   targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  n = hidden.shape[1] // chunk_size
-  hidden = hidden.reshape(b, n, chunk_size, d).swapaxes(0, 1)  # [n, B, c, D]
-  targets = targets.reshape(b, n, chunk_size).swapaxes(0, 1)  # [n, B, c]
+  n = hidden.shape[1] // size
+  hidden = hidden.reshape(b, n, size, d).swapaxes(0, 1)  # [n, B, c, D]
+  targets = targets.reshape(b, n, size).swapaxes(0, 1)  # [n, B, c]
 
   @jax.checkpoint
   def chunk(h, tgt):
@@ -154,9 +231,9 @@ def token_logprobs(
     return picked, entropy
 
   picked, entropy = jax.lax.map(lambda xs: chunk(*xs), (hidden, targets))
-  picked = picked.swapaxes(0, 1).reshape(b, -1)[:, :length]
-  entropy = entropy.swapaxes(0, 1).reshape(b, -1)[:, :length]
-  # Shift so that index t holds the log-prob of token t given its prefix.
-  picked = jnp.concatenate([jnp.zeros((b, 1), picked.dtype), picked[:, :-1]], axis=1)
-  entropy = jnp.concatenate([jnp.zeros((b, 1), entropy.dtype), entropy[:, :-1]], axis=1)
+  picked = picked.swapaxes(0, 1).reshape(b, -1)[:, :count]
+  entropy = entropy.swapaxes(0, 1).reshape(b, -1)[:, :count]
+  if start == 0:
+    picked = jnp.concatenate([jnp.zeros((b, 1), picked.dtype), picked], axis=1)
+    entropy = jnp.concatenate([jnp.zeros((b, 1), entropy.dtype), entropy], axis=1)
   return (picked, entropy) if return_entropy else picked

@@ -97,8 +97,141 @@ def vision_rope_tables(rows: np.ndarray, cols: np.ndarray, head_dim: int, theta:
   return np.cos(emb), np.sin(emb)
 
 
+# Most negative finite fp32: a fully masked row (padding) then gets a uniform softmax
+# instead of NaNs, and its output is ignored.
+_MASKED = float(np.finfo(np.float32).min)
+# On CPU each (batch row, kv head) unit runs in a loop so that its logits stay in
+# cache (~4 MB of fp32 per loop step); one big batched op streams [B, H, T, S] logits
+# through memory several times and is about 2x slower there.
+_CPU_UNIT_LOGITS = 1 << 20
+# Causal self-attention runs in query blocks that only read the keys up to the block's
+# last query, which skips almost half of the work.
+_CAUSAL_BLOCK = 256
+
+
+def heads_first(x: Array, num_kv_heads: int) -> Array:
+  """[B, T, H, D] -> [B, Hkv, H/Hkv, T, D]: query heads grouped under their kv head."""
+  b, t, h, d = x.shape
+  return x.reshape(b, t, num_kv_heads, h // num_kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def keys_last(k: Array) -> Array:
+  """Keys [B, S, Hkv, D] -> [B, Hkv, D, S], the layout `grouped_attention` reads."""
+  return k.transpose(0, 2, 3, 1)
+
+
+def heads_last(x: Array) -> Array:
+  """[B, Hkv, G, T, D] -> [B, T, Hkv * G, D] (inverse of `heads_first`)."""
+  b, hkv, g, t, d = x.shape
+  return x.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d)
+
+
+def grouped_attention(
+  q: Array,
+  k: Array,
+  v: Array,
+  scale: float,
+  *,
+  key_valid: Array | None = None,
+  query_slot: Array | None = None,
+  mask: Array | None = None,
+  causal: bool = False,
+) -> Array:
+  """Grouped-query attention in head-major layout with an fp32 softmax.
+
+  Keys come transposed, [D, S] per head: XLA:CPU multiplies queries by a [D, S]
+  operand at the speed of reading it, but by an [S, D] one (contracting both minor
+  dims) several times slower, which dominates a decode step.
+
+  A query attends to key s when every given condition holds: `key_valid[b, s]`,
+  `s <= query_slot[b, t]`, `mask[b, t, s]`, and with `causal` (keys are the queries'
+  own tokens, S == T) `s <= t`. Causal attention runs in query blocks that skip the
+  keys after each block, so its cost is about half of the full T x S.
+
+  Args:
+    q: [B, Hkv, G, T, D] queries, G query heads per kv head (see `heads_first`).
+    k: [B, Hkv, D, S] keys, transposed (see `keys_last`).
+    v: [B, Hkv, S, D] values.
+    scale: logit scale, usually D**-0.5.
+    key_valid: bool [B, S] or None.
+    query_slot: int [B, T] or None: the last key slot each query may see.
+    mask: bool [B, T, S] or None.
+    causal: S == T and query t sees keys up to t.
+
+  Returns:
+    [B, Hkv, G, T, D] in v's dtype.
+  """
+  b, hkv, g, t, d = q.shape
+  s = v.shape[2]
+  if k.shape != (b, hkv, d, s) or v.shape != (b, hkv, s, d):
+    raise ValueError(f"q {q.shape}, k {k.shape} and v {v.shape} do not match in grouped_attention.")
+  if causal and s != t:
+    raise ValueError(f"causal attention needs as many keys as queries, got {s} and {t}.")
+  rows = (key_valid, query_slot, mask)
+  blocks = _query_blocks(t, s, g, causal)
+
+  def unit(q, k, v, row):
+    """One (row, kv head): q [G, T, D], k [D, S], v [S, D]."""
+    key_valid, query_slot, mask = (None if x is None else x[row] for x in rows)
+    outs = []
+    for t0, t1 in blocks:
+      extent = t1 if causal else s
+      allowed = None if key_valid is None else key_valid[None, :extent]
+      keys = jnp.arange(extent)[None, :]
+      # AND of the given conditions (a one-query causal block sees all of its keys).
+      for cond in (
+        None if query_slot is None else keys <= query_slot[t0:t1, None],
+        None if mask is None else mask[t0:t1, :extent],
+        keys <= jnp.arange(t0, t1)[:, None] if causal and t1 > t0 + 1 else None,
+      ):
+        if cond is not None:
+          allowed = cond if allowed is None else allowed & cond
+      outs.append(_softmax_attention(q[:, t0:t1], k[:, :extent], v[:extent], allowed, scale))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+  units = (
+    q.reshape(b * hkv, g, t, d),
+    k.reshape(b * hkv, d, s),
+    v.reshape(b * hkv, s, d),
+    jnp.repeat(jnp.arange(b), hkv),
+  )
+  per_unit = g * t * (s if not causal else (s + 1) // 2)
+
+  def batched(*units):
+    return jax.vmap(unit)(*units)
+
+  if per_unit * b * hkv <= _CPU_UNIT_LOGITS:  # small (a decode step): one op beats a loop
+    out = batched(*units)
+  else:
+    per_step = max(1, _CPU_UNIT_LOGITS // per_unit)
+
+    def looped(*units):
+      return jax.lax.map(lambda u: unit(*u), units, batch_size=min(per_step, b * hkv))
+
+    out = jax.lax.platform_dependent(*units, cpu=looped, default=batched)
+  return out.reshape(b, hkv, g, t, d)
+
+
+def _query_blocks(t: int, s: int, g: int, causal: bool) -> list[tuple[int, int]]:
+  """Static query ranges: causal blocks, or blocks that bound the logits of one unit."""
+  if causal:
+    size = _CAUSAL_BLOCK
+  else:
+    size = max(8, _CPU_UNIT_LOGITS // max(g * s, 1))
+  return [(t0, min(t, t0 + size)) for t0 in range(0, t, size)]
+
+
+def _softmax_attention(q: Array, k: Array, v: Array, allowed: Array | None, scale: float):
+  """q [G, n, D], k [D, S], v [S, D], allowed bool [n, S] or None -> [G, n, D]."""
+  logits = jnp.einsum("gnd,ds->gns", q, k, preferred_element_type=jnp.float32) * scale
+  if allowed is not None:
+    logits = jnp.where(allowed[None], logits, _MASKED)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("gns,sd->gnd", probs, v)
+
+
 def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float) -> Array:
-  """Grouped-query attention with an fp32 softmax.
+  """Grouped-query attention with an fp32 softmax (sequence-major layout).
 
   Args:
     q: [B, T, Hq, D] queries.
@@ -112,13 +245,12 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float) ->
   """
   b, t, hq, d = q.shape
   hkv = k.shape[2]
-  q = q.reshape(b, t, hkv, hq // hkv, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, hq, d)
+  if hq % hkv:
+    raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads.")
+  out = grouped_attention(
+    heads_first(q, hkv), keys_last(k), v.transpose(0, 2, 1, 3), scale, mask=mask
+  )
+  return heads_last(out).astype(q.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -8,7 +8,8 @@ Static shapes throughout: one call of the vision tower encodes images of one gri
 (the protocol's frames share a size), and the language model runs on chunks of
 tokens `[B, T]` appended to a fixed-size KV cache at per-row offsets. The same
 chunk call serves the prompt prefill, each decode step and the prefill of an
-observation in the middle of an episode.
+observation in the middle of an episode; a prompt can also start a new cache
+(`new_cache_length`), attending causally to itself only.
 
 Parameter names mirror the HF checkpoint (see `weights.py`).
 """
@@ -43,10 +44,16 @@ class DecoderLayer(nn.Module):
     x: Array,
     cos: Array,
     sin: Array,
-    mask: Array,
+    attend: dict[str, Array],
     kv: tuple[Array, Array] | None,
     write_slots: Array | None,
-  ) -> tuple[Array, tuple[Array, Array] | None]:
+  ) -> tuple[Array, tuple[Array, Array]]:
+    """One block. Without `kv` the chunk attends causally to itself; with it, the
+    chunk's keys are written at `write_slots` and it attends to the whole cache.
+
+    Returns the new hidden states and this chunk's (k [B, Hkv, D, T], v [B, Hkv, T, D])
+    (no cache) or the updated cache (k [B, Hkv, D, S], v [B, Hkv, S, D]).
+    """
     cfg = self.config
     b, t, _ = x.shape
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
@@ -64,15 +71,21 @@ class DecoderLayer(nn.Module):
       q = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
       k = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
     q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-    if kv is not None:
-      # Append this chunk at each row's own offset in the cache.
-      write = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))
-      kv = (
-        write(kv[0], k.astype(kv[0].dtype), write_slots),
-        write(kv[1], v.astype(kv[1].dtype), write_slots),
-      )
+    q = layers.heads_first(q, cfg.num_kv_heads)  # [B, Hkv, G, T, D]
+    k, v = layers.keys_last(k), v.transpose(0, 2, 1, 3)  # [B, Hkv, D, T], [B, Hkv, T, D]
+    if kv is None:
+      kv = (k, v)
+      attn = layers.grouped_attention(q, k, v, cfg.head_dim**-0.5, causal=True, **attend)
+    else:
+      # Append this chunk at each row's own offset in the cache. The cache is in the
+      # layout attention reads, so no step copies or transposes it.
+      write = lambda c, u, axis: jax.vmap(
+        lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=axis)
+      )(c, u.astype(c.dtype), write_slots)
+      kv = (write(kv[0], k, 2), write(kv[1], v, 1))
       k, v = kv[0].astype(self.dtype), kv[1].astype(self.dtype)
-    attn = layers.attention(q, k, v, mask, cfg.head_dim**-0.5).reshape(b, t, -1)
+      attn = layers.grouped_attention(q, k, v, cfg.head_dim**-0.5, **attend)
+    attn = layers.heads_last(attn).reshape(b, t, -1).astype(x.dtype)
     x = x + layers.dense(cfg.hidden_size, "o_proj", bias=False, dtype=self.dtype)(attn)
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
     return x + layers.SwiGLU(cfg.intermediate_size, dtype=self.dtype, name="mlp")(h), kv
@@ -140,6 +153,7 @@ class Policy(nn.Module):
     deepstack: Array | None = None,
     cache: Cache | None = None,
     return_hidden: bool = False,
+    new_cache_length: int | None = None,
   ) -> tuple[Array, Cache | None]:
     """Runs one chunk of tokens.
 
@@ -151,12 +165,19 @@ class Policy(nn.Module):
       deepstack: [n_deepstack, B, Nv, D] matching DeepStack features, or None.
       cache: None for a stand-alone causal forward, else the KV cache to append to.
       return_hidden: return final hidden states [B, T, D] instead of logits.
+      new_cache_length: with `cache=None`, also return a new cache of this length
+        holding the chunk (what `init_cache` + appending the chunk gives, but the
+        chunk attends only to itself: no work on the empty slots).
 
     Returns:
-      (logits [B, T, V] or hidden [B, T, D], the updated cache or None).
+      (logits [B, T, V] or hidden [B, T, D], the updated or new cache, or None).
     """
     cfg = self.config.text
     b, t = input_ids.shape
+    if cache is not None and new_cache_length is not None:
+      raise ValueError("Pass either a cache to append to or new_cache_length, not both.")
+    if new_cache_length is not None and new_cache_length < t:
+      raise ValueError(f"new_cache_length {new_cache_length} is shorter than the chunk ({t}).")
     x = self.embed_tokens(input_ids)
     ds_features = None
     if visual is not None:
@@ -168,47 +189,60 @@ class Policy(nn.Module):
       positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved
     )
 
+    # Next write goes right after the last real token of this chunk.
+    last = jnp.max(jnp.where(token_valid, jnp.arange(t) + 1, 0), axis=1).astype(jnp.int32)
     if cache is None:
-      causal = jnp.tril(jnp.ones((t, t), bool))
-      mask = causal[None] & token_valid[:, None, :]
+      attend = {"key_valid": token_valid}
       write_slots = None
     else:
       write_slots = cache["end"]  # [B]
-      slots = write_slots[:, None] + jnp.arange(t)  # [B, T] cache slot of each query
       set_valid = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))
       valid = set_valid(cache["valid"], token_valid, write_slots)  # [B, S]
-      key_slots = jnp.arange(valid.shape[1])
-      mask = valid[:, None, :] & (key_slots[None, None, :] <= slots[:, :, None])
-      # Next write goes right after the last real token of this chunk.
-      last = jnp.max(jnp.where(token_valid, jnp.arange(t) + 1, 0), axis=1)
+      # Query t of row b sits at slot end_b + t and sees the valid slots up to it.
+      attend = {"key_valid": valid, "query_slot": write_slots[:, None] + jnp.arange(t)}
       new_cache = {"valid": valid, "end": write_slots + last.astype(write_slots.dtype)}
-      new_k, new_v = [], []
 
+    new_k, new_v = [], []
     for i, layer in enumerate(self.decoder_layers):
       kv = None if cache is None else (cache["k"][i], cache["v"][i])
-      x, kv = layer(x, cos, sin, mask, kv, write_slots)
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+      x, kv = layer(x, cos, sin, attend, kv, write_slots)
+      new_k.append(kv[0])
+      new_v.append(kv[1])
       if ds_features is not None and i < ds_features.shape[0]:
         x = x + ds_features[i].astype(x.dtype)
     x = self.norm(x)
     out = x if return_hidden else self.logits(x)
     if cache is None:
-      return out, None
+      if new_cache_length is None:
+        return out, None
+      grow = new_cache_length - t
+      new_cache = {
+        "k": tuple(jnp.pad(k.astype(jnp.float32), ((0, 0),) * 3 + ((0, grow),)) for k in new_k),
+        "v": tuple(
+          jnp.pad(v.astype(jnp.float32), ((0, 0),) * 2 + ((0, grow), (0, 0))) for v in new_v
+        ),
+        "valid": jnp.pad(token_valid, ((0, 0), (0, grow))),
+        "end": last,
+      }
+      return out, new_cache
     new_cache.update(k=tuple(new_k), v=tuple(new_v))
     return out, new_cache
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> Cache:
-  """An empty KV cache for `batch` rows of up to `length` tokens."""
+  """An empty KV cache for `batch` rows of up to `length` tokens.
+
+  Per layer, k is [batch, num_kv_heads, head_dim, length] (keys transposed, see
+  `layers.grouped_attention`) and v is [batch, num_kv_heads, length, head_dim].
+  """
   t = config.text
-  shape = (batch, length, t.num_kv_heads, t.head_dim)
+  k_shape = (batch, t.num_kv_heads, t.head_dim, length)
+  v_shape = (batch, t.num_kv_heads, length, t.head_dim)
   # One array per layer (not one stacked array): each step updates them in place,
   # where restacking would copy the whole cache every decode step.
   return {
-    "k": tuple(jnp.zeros(shape, dtype) for _ in range(t.num_layers)),
-    "v": tuple(jnp.zeros(shape, dtype) for _ in range(t.num_layers)),
+    "k": tuple(jnp.zeros(k_shape, dtype) for _ in range(t.num_layers)),
+    "v": tuple(jnp.zeros(v_shape, dtype) for _ in range(t.num_layers)),
     "valid": jnp.zeros((batch, length), bool),
     "end": jnp.zeros((batch,), jnp.int32),
   }

@@ -78,12 +78,17 @@ class VisionBlock(nn.Module):
     else:
       index, inverse = windows  # [W, S] patch per slot (-1 pad), [P] slot per patch
       w, slots = index.shape
+      # Windows become the batch axis; padding slots are masked keys.
       group = lambda t: t[:, np.maximum(index, 0)].reshape(n * w, slots, *t.shape[2:])
-      key_valid = np.broadcast_to((index >= 0)[:, None, :], (w, slots, slots))
-      mask = jnp.asarray(
-        np.broadcast_to(key_valid[None], (n, w, slots, slots)).reshape(n * w, slots, slots)
+      key_valid = jnp.asarray(np.broadcast_to(index >= 0, (n, w, slots)).reshape(n * w, slots))
+      attn = layers.grouped_attention(
+        layers.heads_first(group(q), cfg.num_heads),
+        layers.keys_last(group(k)),
+        group(v).transpose(0, 2, 1, 3),
+        cfg.head_dim**-0.5,
+        key_valid=key_valid,
       )
-      attn = layers.attention(group(q), group(k), group(v), mask, cfg.head_dim**-0.5)
+      attn = layers.heads_last(attn)  # [n * w, slots, heads, head_dim]
       attn = attn.reshape(n, w * slots, *attn.shape[2:])[:, inverse]
     attn = attn.reshape(n, p, d)
     x = x + layers.dense(d, "proj", bias=True, dtype=self.dtype)(attn)
