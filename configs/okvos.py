@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.workdir = "runs/okvos"
-  c.total_steps = 40
+  c.total_steps = 20
   c.dry_run = False  # Build the model with abstract arrays and print the plan, then exit.
   # Persistent XLA compilation cache: a rerun (or a resumed run) skips compilation. "" = off.
   c.compilation_cache_dir = "~/.cache/segresearch_jax/xla"
@@ -40,17 +40,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.source = "synthetic"  # synthetic | okvos
   c.data.okvos_dir = ""  # Raw OK-VOS layout (SPEC §4.1) when source == okvos.
   c.data.synthetic_dir = ""  # Where the synthetic set is built and cached; empty = under workdir.
+  c.data.synthetic_train = 192  # Samples per split of the synthetic set (disjoint entities).
+  c.data.synthetic_test = 32
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.num_frames = 6
-  c.data.frame_size = 128  # Shown frames are resized to this square (448 in the paper).
+  c.data.frame_size = 96  # Shown frames are resized to this square (448 in the paper).
   c.data.keyframe_size = 128  # The high-res keyframe observation (864 in the paper).
   c.data.search_image_size = 64  # image_search results (256 in the paper).
   c.data.min_pixels = 0  # Image processor minimum; -1 = the family's (Qwen3-VL: 65536).
   c.data.on_error = "skip"  # skip (and count) | raise, for broken samples.
   # System prompt templates: "default", "compact" (same protocol, a third of the tokens)
   # or a folder with system_search.txt / system_no_search.txt (e.g. a checkpoint's own).
-  c.data.templates = "default"
+  c.data.templates = "compact"
 
   c.search = ml_collections.ConfigDict()
   c.search.backend = "local"  # local | service | serper | ddgs | none (search disabled)
@@ -58,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.search.method = "bm25"  # bm25 | dense | hybrid
   c.search.dense_model = ""  # Local embedding model dir; empty = the packaged MiniLM.
   c.search.service_url = ""  # backend=service: a `segresearch_jax.search.service` root.
-  c.search.text_top_k = 2
+  c.search.text_top_k = 1  # Official 2; the synthetic KB answers every query at rank 1.
   c.search.image_top_k = 1
   c.search.timeout_s = 30.0
   c.search.cache_mode = "read_write"  # off | read_write | replay
@@ -67,10 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict()
   c.rollout.group_size = 4
   c.rollout.max_turns = 4
-  c.rollout.max_prompt_length = 512
-  c.rollout.max_response_length = 512
-  c.rollout.max_action_length = 128
-  c.rollout.max_obs_length = 256
+  c.rollout.max_prompt_length = 272
+  c.rollout.max_response_length = 384
+  c.rollout.max_action_length = 96
+  c.rollout.max_obs_length = 160
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.top_k = 0
@@ -79,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reward.tpr_p = 0.7
   c.reward.tpr_budget = 10
   c.reward.igr_threshold = 0.5
-  c.reward.mask_weight = 0.0  # Weight of the SAM2 mask-cache term (SPEC §3.2); 0 = SPEC §3.1.
+  c.reward.mask_weight = 1.0  # Weight of the SAM2 mask-cache term (SPEC §3.2); 0 = SPEC §3.1.
   c.reward.mask_prompt = "box"  # Which cached prompt scores the mask: box | point | mean.
 
   # The precomputed mask-IoU tables behind the mask reward (SPEC §3.2), built with
@@ -115,14 +117,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Supervised warm start on the synthetic expert trajectories (search -> keyframe
   # -> answer), for a policy that starts from random weights.
   c.sft = ml_collections.ConfigDict()
-  c.sft.steps = 0
-  c.sft.lr = 1e-3
+  c.sft.steps = 250
+  c.sft.lr = 2e-3
   c.sft.batch_size = 8
   c.sft.warmup_steps = 10
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
-  c.optim.warmup_steps = 10
+  c.optim.warmup_steps = 5
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
@@ -167,7 +169,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.keyframe_size = 864
     c.data.search_image_size = 256
     c.data.min_pixels = -1
+    c.data.templates = "default"
     c.search.method = "dense"
+    c.search.text_top_k = 2
     c.rollout.group_size = 8
     c.rollout.max_turns = 6
     c.rollout.max_prompt_length = 2048
@@ -175,6 +179,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.max_action_length = 4096
     c.rollout.max_obs_length = 4096
     c.optim.lr = 1e-6
+    c.optim.warmup_steps = 10
+    c.sft.steps = 0
+    c.reward.mask_weight = 0.0  # The official reward (SPEC §3.1).
     c.batch_size = 16
     c.mesh.data = 1
     c.mesh.fsdp = -1

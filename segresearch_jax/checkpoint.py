@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -232,6 +233,15 @@ def _resolve_step(manager: ocp.CheckpointManager, directory: str, step: int | No
   return int(step)
 
 
+def _remove_temporary(directory: str) -> None:
+  """Deletes the unfinished saves (`*.orbax-checkpoint-tmp*`) of a killed run."""
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 class Checkpointer:
   """Saves and restores a run (see the module docstring): keep-N, save every N steps.
 
@@ -252,16 +262,25 @@ class Checkpointer:
     self.directory = os.path.abspath(os.fspath(directory))
     self.keep = keep
     self.save_every = save_every
+    several = jax.process_count() > 1
+    if several and jax.process_index() == 0:
+      _remove_temporary(self.directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       create=True,
-      # Remove what a killed save left behind (`<step>.orbax-checkpoint-tmp`).
-      cleanup_tmp_directories=True,
+      # Remove what a killed save left behind (`<step>.orbax-checkpoint-tmp`). Orbax
+      # does it in the background, so with several processes a late one could delete
+      # the folder of a save the others have begun: process 0 does it above instead.
+      cleanup_tmp_directories=not several,
       enable_async_checkpointing=async_save,
     )
     self._manager = ocp.CheckpointManager(
       self.directory, options=options, item_handlers=_item_handlers(ocp.StandardCheckpointHandler())
     )
+    if several:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"checkpointer {self.directory}")
 
   def all_steps(self) -> list[int]:
     """Saved steps, ascending; includes a step this process is still writing (`wait()`)."""

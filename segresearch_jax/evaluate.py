@@ -30,8 +30,10 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from segresearch_jax import checkpoint as checkpoint_lib
+from segresearch_jax import sharding
 from segresearch_jax.agent import rollout
 from segresearch_jax.eval import predictions as predictions_lib
 from segresearch_jax.models import policy
@@ -219,8 +221,13 @@ def load_checkpoint(directory: str, step: int | None, tokenizer_dir: str = ""):
     tokenizer_dir or (tok_meta.get("dir") if tok_meta.get("kind") == "hf" else None)
   )
   abstract = jax.eval_shape(functools.partial(policy.init_params, model_cfg), jax.random.PRNGKey(0))
+  if jax.process_count() > 1:  # Restored by every process (collective), replicated everywhere.
+    everywhere = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere), abstract
+    )
   params = checkpoint_lib.restore_params(directory, step, abstract)
-  return step, model_cfg, tokenizer, params
+  return step, model_cfg, tokenizer, sharding.local_copy(params)
 
 
 def main(argv: list[str]) -> None:
@@ -237,6 +244,8 @@ def main(argv: list[str]) -> None:
   step, model_cfg, tokenizer, params = load_checkpoint(
     f.checkpoint, f.step, config.model.tokenizer_dir
   )
+  if jax.process_index() != 0:  # Evaluation runs on process 0 (see `train.train`).
+    return
   print(f"evaluating step {step} of {f.checkpoint}", flush=True)
   components = train.build_components(config, tokenizer, model_cfg)
   out = f.out or os.path.join(config.workdir, f"eval_{step}")

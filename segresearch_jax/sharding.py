@@ -29,12 +29,13 @@ reports per-device memory and the layout of every parameter; the `plan` tool and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -453,6 +454,89 @@ def shard_batch(host_batch: Any, mesh: Mesh) -> Any:
     ),
     host_batch,
   )
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array (the inverse of `shard_batch`).
+
+  With one process, the whole array. With several, the rows held by this process's
+  devices, in order (rows replicated over the tensor axis are taken once).
+  """
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = {}
+  for shard in x.addressable_shards:
+    start = (shard.index[0].start or 0) if shard.index else 0
+    shards.setdefault(start, np.asarray(shard.data))
+  return np.concatenate([shards[k] for k in sorted(shards)])
+
+
+# ----------------------------------------------------------------------------
+# Several processes.
+# ----------------------------------------------------------------------------
+
+
+def local_copy(tree: Any) -> Any:
+  """The whole of every array of `tree` on this process's first device.
+
+  Host-driven programs (the rollout with its search callback, evaluation) run on
+  one process's devices only. With one process the tree is returned as is. With
+  several, a replicated leaf is read from a local shard and a sharded one is
+  gathered from every process (`process_allgather`, a collective: every process
+  must call this together).
+  """
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+
+  device = jax.local_devices()[0]
+
+  def leaf(x):
+    if isinstance(x, jax.Array) and x.is_fully_replicated:
+      return jax.device_put(x.addressable_data(0), device)
+    return jax.device_put(np.asarray(multihost_utils.process_allgather(x, tiled=True)), device)
+
+  return jax.tree.map(leaf, tree)
+
+
+def process_mean(metrics: Mapping[str, float]) -> dict[str, float]:
+  """Per-process scalar means -> their mean over processes (equal-sized shares).
+
+  A collective with several processes (every process passes the same keys).
+  """
+  out = {k: float(v) for k, v in metrics.items()}
+  if jax.process_count() == 1:
+    return out
+  from jax.experimental import multihost_utils
+
+  keys = sorted(out)
+  values = np.asarray([out[k] for k in keys], np.float32)
+  gathered = np.asarray(multihost_utils.process_allgather(values))  # [processes, K]
+  return dict(zip(keys, (float(v) for v in gathered.mean(axis=0))))
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (no-op with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def main_process_first(name: str) -> Iterator[None]:
+  """Process 0 runs the block first; the others run it after process 0 is done.
+
+  For host work that writes shared files (the synthetic data set, the mask cache,
+  the embedded tokenizer): the others then find them complete. The block must not
+  run collectives.
+  """
+  first = jax.process_index() == 0
+  if not first:
+    barrier(name)
+  yield
+  if first:
+    barrier(name)
 
 
 # ----------------------------------------------------------------------------

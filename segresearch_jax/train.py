@@ -124,9 +124,12 @@ def initialize_distributed() -> None:
   SLURM and manual launches set SEGRESEARCH_COORDINATOR (host:port),
   SEGRESEARCH_NUM_PROCESSES and SEGRESEARCH_PROCESS_ID (`launch/slurm.py` does);
   TPU pod workers set SEGRESEARCH_DISTRIBUTED=1 and JAX finds its peers itself
-  (`launch/tpu_pod.py` does). Without them this is a single-process run.
+  (`launch/tpu_pod.py` does). Without them this is a single-process run. CPU
+  devices of several processes talk through gloo (the CPU-only test of this path).
   """
   coordinator = os.environ.get("SEGRESEARCH_COORDINATOR")
+  if coordinator or os.environ.get("SEGRESEARCH_DISTRIBUTED") == "1":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator:
     jax.distributed.initialize(
       coordinator_address=coordinator,
@@ -157,6 +160,12 @@ def check_config(config, mesh=None) -> None:
     )
   if n < 1:
     raise ValueError(f"rollout.group_size must be >= 1, got {n}.")
+  if p % jax.process_count():
+    raise ValueError(f"batch_size={p} prompts do not split over {jax.process_count()} processes.")
+  if config.sft.steps and config.sft.batch_size % jax.process_count():
+    raise ValueError(
+      f"sft.batch_size={config.sft.batch_size} does not split over {jax.process_count()} processes."
+    )
   if mesh is not None:
     sharding.check_batch_divisible(
       p * n // mb,
@@ -188,7 +197,10 @@ def make_search_backend(config, kb_dir: str):
   elif s.backend == "service":
     fields["service_url"] = s.service_url
   if s.cache_mode != "off":
-    fields["cache_path"] = s.cache_path or os.path.join(config.workdir, "search_cache.sqlite")
+    suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
+    fields["cache_path"] = s.cache_path or os.path.join(
+      config.workdir, f"search_cache{suffix}.sqlite"
+    )
   backend = search_factory.make_backend(fields)
   try:  # A backend that is down fails here, not in the middle of a rollout.
     backend.text_search("health check", 1)
@@ -216,11 +228,21 @@ def make_bridge(config, backend, tokenizer, shapes: episodes_lib.EpisodeShapes):
 
 
 def make_dataset(
-  config, okvos_dir, split, encoder, *, train: bool, batch_size: int, mask_cache_dir=None
+  config,
+  okvos_dir,
+  split,
+  encoder,
+  *,
+  train: bool,
+  batch_size: int,
+  mask_cache_dir=None,
+  whole: bool = False,
 ):
   """Batches of prepared + encoded prompts; training repeats forever, evaluation once.
 
-  `mask_cache_dir` attaches each sample's mask-IoU tables (the mask reward's input).
+  Each process reads its share of the samples (`batch_size` is per process) unless
+  `whole` (evaluation, which runs on process 0). `mask_cache_dir` attaches each
+  sample's mask-IoU tables (the mask reward's input).
   """
   dataset, source = pipeline.okvos_dataset(
     okvos_dir,
@@ -237,8 +259,14 @@ def make_dataset(
     drop_remainder=train,
     template_dir=config.data.templates or None,
     mask_cache_dir=mask_cache_dir,
+    **(dict(shard_index=0, shard_count=1) if whole else {}),
   )
   return dataset, source
+
+
+def prompts_per_process(config) -> int:
+  """Prompts of the global batch (`batch_size`) that each process draws and rolls out."""
+  return config.batch_size // jax.process_count()
 
 
 def per_row(batch: Mapping[str, Any], key: str, group_size: int) -> list[Any]:
@@ -298,16 +326,15 @@ def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
     out = {k: rows[k] for k in ROW_FIELDS}
     out["response_positions"] = jnp.moveaxis(rows["response_positions"], 1, 0)
     inputs = rollout.training_inputs(params, model_cfg, cfg, prompts, out)
-    logp, entropy = decoding.token_logprobs(
+    return decoding.token_logprobs(
       params,
       model_cfg,
       *inputs,
+      start=rows["prompt_ids"].shape[1],  # the response only
       temperature=temperature,
       banned_ids=rcfg.banned_ids,
       return_entropy=True,
     )
-    lp = rows["prompt_ids"].shape[1]
-    return logp[:, lp:], entropy[:, lp:]
 
   return logprob_fn
 
@@ -404,8 +431,8 @@ def warm_start(config, params, data: dict, model_cfg, rcfg, mesh, writer) -> Any
   state, state_sharding = sharded_state(params, optimizer, mesh, config)
   update_fn = jit_update(update_fn, mesh, state_sharding)
   rng = np.random.default_rng(config.seed)
-  n = len(data["prompt_ids"])
-  size = min(config.sft.batch_size, n)
+  n = len(data["prompt_ids"])  # this process's expert rows
+  size = min(config.sft.batch_size // jax.process_count(), n)
   data = dict(data, advantages=np.ones(data["loss_mask"].shape[:1], np.float32))
   writer.start(0)
   for step in range(1, config.sft.steps + 1):
@@ -493,7 +520,8 @@ def write_records(directory, step, tokenizer, batch, eps, scores, group_size) ->
     {k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"} for r in range(len(samples))
   ]
   recs = records_lib.episode_records(tokenizer, eps.out, samples, eps.tool_calls, rewards)
-  records_lib.write_step(directory, step, recs)
+  process = jax.process_index() if jax.process_count() > 1 else None
+  records_lib.write_step(directory, step, recs, process=process)
 
 
 # ----------------------------------------------------------------------------
@@ -502,13 +530,15 @@ def write_records(directory, step, tokenizer, batch, eps, scores, group_size) ->
 
 
 def collect_rollouts(config, first_batch, data_iter, runner, scorer, params, rng):
-  """Episodes for one step; with DAPO dynamic sampling, extra batches until enough groups
-  have reward variance (at most `dapo.max_refills` extra)."""
-  n, p = config.rollout.group_size, config.batch_size
+  """This process's episodes for one step; with DAPO dynamic sampling, extra batches
+  until enough groups have reward variance (at most `dapo.max_refills` extra)."""
+  n, p = config.rollout.group_size, prompts_per_process(config)
   drawn = []
   for attempt in range(1 + (config.dapo.max_refills if config.dapo.filter_groups else 0)):
     batch = first_batch if attempt == 0 else next(data_iter)
-    eps = runner(params, batch, jax.random.fold_in(rng, attempt))
+    eps = runner(
+      params, batch, jax.random.fold_in(rng, attempt), prompt_index=pipeline.global_positions(p)
+    )
     drawn.append((batch, eps, scorer(batch, eps)))
     useful = sum(int(np.sum(~s["zero_variance"])) // n for _, _, s in drawn)
     if not config.dapo.filter_groups or useful >= p:
@@ -525,9 +555,9 @@ def assemble_rows(config, drawn) -> tuple[dict, np.ndarray]:
   overlong masking, truncated trajectories are masked out too.
 
   Returns:
-    (rows, bool [groups] whether each kept group trains).
+    (rows, bool [groups] whether each kept group trains), this process's share.
   """
-  n, p = config.rollout.group_size, config.batch_size
+  n, p = config.rollout.group_size, prompts_per_process(config)
   parts = []
   for batch, eps, scores in drawn:
     rows = training_rows(episodes_lib.rollout_batch(batch), eps.out, n)
@@ -555,7 +585,7 @@ def grpo_step(config, state, rows, update_fn, rng, mesh, ref=None) -> tuple[Any,
     rows = dict(rows)
     rows["ref_logprobs"] = np.concatenate(
       [
-        np.asarray(ref_fn(ref_params, sharding.shard_batch(mb, mesh)))
+        sharding.local_rows(ref_fn(ref_params, sharding.shard_batch(mb, mesh)))
         for mb in split_mini_batches(rows, config.loss.mini_batches)
       ]
     )
@@ -608,7 +638,13 @@ def build_components(config, tokenizer, model_cfg) -> dict[str, Any]:
     scorer=Scorer(config, config.rollout.group_size, model_cfg.coord_convention, mask=True),
     eval_scorer=Scorer(config, 1, model_cfg.coord_convention),
     eval_dataset=lambda: make_dataset(
-      config, okvos_dir, config.data.eval_split, encoder, train=False, batch_size=config.batch_size
+      config,
+      okvos_dir,
+      config.data.eval_split,
+      encoder,
+      train=False,
+      batch_size=config.batch_size,
+      whole=True,
     )[0],
   )
 
@@ -626,21 +662,28 @@ def train(config) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   check_config(config, mesh)
   t_start = time.time()
+  # Several processes: each rolls out its share of the prompts on its own devices,
+  # updates run over the global mesh, process 0 logs and evaluates.
+  main = jax.process_index() == 0
+  log = functools.partial(print, flush=True) if main else lambda *a, **k: None
   workdir = pathlib.Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+  if main:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
   # 1. Policy, data, search.
-  tokenizer = load_run_tokenizer(config)
+  with sharding.main_process_first("tokenizer"):  # The embedded tokenizer is cached on disk.
+    tokenizer = load_run_tokenizer(config)
   model_cfg, params = build_policy(config, tokenizer, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  print(
+  log(
     f"policy {model_cfg.family} ({config.model.hf_dir or config.model.preset}): "
     f"{n_params / 1e6:.2f}M parameters, vocab {model_cfg.text.vocab_size}; mesh "
-    f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)",
-    flush=True,
+    f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)"
+    + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
   )
-  c = build_components(config, tokenizer, model_cfg)
+  with sharding.main_process_first("components"):  # Synthetic data and mask cache files.
+    c = build_components(config, tokenizer, model_cfg)
   n, rcfg, runner = config.rollout.group_size, c["rcfg"], c["runner"]
   train_ds, train_source = make_dataset(
     config,
@@ -648,13 +691,12 @@ def train(config) -> dict:
     config.data.train_split,
     c["encoder"],
     train=True,
-    batch_size=config.batch_size,
+    batch_size=prompts_per_process(config),
     mask_cache_dir=c["mask_cache_dir"],
   )
-  print(
+  log(
     f"data: {len(train_source)} {config.data.train_split} samples in {c['okvos_dir']}; "
-    f"search: {config.search.backend} over {config.search.kb_dir or c['kb_dir'] or '-'}",
-    flush=True,
+    f"search: {config.search.backend} over {config.search.kb_dir or c['kb_dir'] or '-'}"
   )
   data_iter = iter(train_ds)
   optimizer, update_fn = make_update(config, model_cfg, rcfg)
@@ -674,10 +716,9 @@ def train(config) -> dict:
         config, c["okvos_dir"], config.data.train_split, c["encoder"], train=False, batch_size=1
       )
       data = expert_rows(config, expert_ds, runner, model_cfg, c["shapes"])
-      print(
+      log(
         f"warm start: {len(data['prompt_ids'])} expert episodes "
-        f"({time.time() - t0:.1f}s), {config.sft.steps} supervised steps",
-        flush=True,
+        f"({time.time() - t0:.1f}s), {config.sft.steps} supervised steps"
       )
       params = warm_start(config, params, data, model_cfg, rcfg, mesh, writer)
     state, state_sharding = sharded_state(params, optimizer, mesh, config)
@@ -692,7 +733,7 @@ def train(config) -> dict:
     state, rng, _ = ckpt.restore(latest, abstract, data_iter)
     start = latest
     writer.truncate_after(start)
-    print(f"resumed from step {start} in {ckpt.directory}", flush=True)
+    log(f"resumed from step {start} in {ckpt.directory}")
   params = None  # The train state owns the parameters from here on.
   update_fn = jit_update(update_fn, mesh, state_sharding)
   ref = None
@@ -709,21 +750,22 @@ def train(config) -> dict:
     t0 = time.time()
     step_rng = jax.random.fold_in(rng, step)
     drawn = collect_rollouts(
-      config, next(data_iter), data_iter, runner, c["scorer"], state.params, step_rng
+      config,
+      next(data_iter),
+      data_iter,
+      runner,
+      c["scorer"],
+      sharding.local_copy(state.params),
+      step_rng,
     )
     t_rollout = time.time() - t0
     rows, trains = assemble_rows(config, drawn)
     state, m = grpo_step(config, state, rows, update_fn, step_rng, mesh, ref)
     batch, eps, scores = drawn[0]
-    m.update(episode_metrics(eps, scores))
-    m.update(
-      {
-        "time/step_s": time.time() - t0,
-        "time/rollout_s": t_rollout,
-        "dapo/rollout_batches": len(drawn),
-        "dapo/groups_trained": float(np.mean(trains)),
-      }
-    )
+    local = episode_metrics(eps, scores)
+    local.update({"dapo/rollout_batches": len(drawn), "dapo/groups_trained": np.mean(trains)})
+    m.update(sharding.process_mean(local))
+    m.update({"time/step_s": time.time() - t0, "time/rollout_s": t_rollout})
     write_records(workdir / "trajectories", step, tokenizer, batch, eps, scores, n)
     if step % config.log_every == 0 or step == config.total_steps:
       writer.write(
@@ -742,20 +784,24 @@ def train(config) -> dict:
     if (
       config.eval.every_steps and step % config.eval.every_steps == 0 and step < config.total_steps
     ):
-      val, _ = evaluate.greedy_episodes(
-        config, state.params, c["eval_dataset"](), c["eval_runner"], c["eval_scorer"]
-      )
-      writer.write(step, val, phase="eval", console=f"eval @ {step}: {_short(val)}")
-  ckpt.wait()
+      params = sharding.local_copy(state.params)
+      if main:
+        val, _ = evaluate.greedy_episodes(
+          config, params, c["eval_dataset"](), c["eval_runner"], c["eval_scorer"]
+        )
+        writer.write(step, val, phase="eval", console=f"eval @ {step}: {_short(val)}")
+      sharding.barrier(f"eval {step}")
+  ckpt.close()  # Collective: before process 0 goes on alone.
 
-  # 4. Final evaluation on the held-out split, with and without search.
+  # 4. Final evaluation on the held-out split, with and without search (process 0).
+  params = sharding.local_copy(state.params)
+  if not main:
+    return {}
   summary = {"steps": config.total_steps, "parameters": int(n_params)}
   final = config.total_steps
-  with_search = evaluate.evaluate(
-    config, state.params, c, workdir / "eval", masks=config.eval.masks
-  )
+  with_search = evaluate.evaluate(config, params, c, workdir / "eval", masks=config.eval.masks)
   without = evaluate.evaluate(
-    config, state.params, c, workdir / "eval_no_search", search=False, masks=config.eval.masks
+    config, params, c, workdir / "eval_no_search", search=False, masks=config.eval.masks
   )
   writer.write(final, with_search, phase="eval")
   writer.write(final, without, phase="eval_no_search")
@@ -776,7 +822,6 @@ def train(config) -> dict:
   )
   (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
   writer.close()
-  ckpt.close()
   print(f"done in {metrics_lib.format_duration(time.time() - t_start)}; outputs in {workdir}")
   return summary
 

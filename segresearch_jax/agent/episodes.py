@@ -272,37 +272,31 @@ def expert_turns(sample: Mapping[str, Any]) -> list[str]:
   for step in chain:
     if step["tool"] != "text_search":
       raise ValueError(f"Expert chains use text_search only, got {step['tool']!r}.")
-    known = f"I know {learned}. " if learned else ""
+    known = f"It is {learned}. " if learned else ""
     call = json.dumps({"name": "text_search", "query": step["query"]})
-    turns.append(
-      f"<thinking> {known}I need to search: {step['query']} </thinking> <search> {call} </search>"
-    )
+    turns.append(f"<thinking> {known}I search. </thinking> <search> {call} </search>")
     learned = step["answer"]
   if ability == "in-video":
     match = _IN_VIDEO.search(sample["question"])
     target = f"the {match.group(1)}" if match else "the target"
   elif ability == "relational":
-    target = f"the object just left of the {learned}"
+    target = f"left of the {learned}"
   else:
     target = f"the {learned}"
   frame = _keyframe_choice(gt, shown)
   if frame is None:
     turns.append(
-      f"<thinking> The target is {target}, and no frame shows it. </thinking> "
+      f"<thinking> It is {target}, not shown. </thinking> "
       f"<keyframe> {protocol.NO_TARGET_KEYFRAME} </keyframe>"
     )
     box, point = list(protocol.NO_TARGET_BOX), list(protocol.NO_TARGET_POINT)
   else:
-    turns.append(
-      f"<thinking> The target is {target}; frame {frame} shows it best. </thinking> "
-      f"<keyframe> {frame} </keyframe>"
-    )
+    turns.append(f"<thinking> It is {target}. </thinking> <keyframe> {frame} </keyframe>")
     box = [int(round(v)) for v in gt[str(frame)]["bbox_2d"]]
     point = [int(round(v)) for v in gt[str(frame)]["point_2d"]]
   answer = json.dumps({"bbox_2d": box, "point_2d": point})
   turns.append(
-    f"<thinking> I locate {target} in this frame. </thinking> <answer> {answer} </answer>"
-    + protocol.IM_END
+    f"<thinking> It is {target}. </thinking> <answer> {answer} </answer>" + protocol.IM_END
   )
   return turns
 
@@ -427,8 +421,19 @@ class Runner:
     self.fn = rollout.make_rollout_fn(model_cfg, cfg, patterns, host_fn, shapes.search_patch_shape)
 
   def __call__(
-    self, params: Any, batch: Mapping[str, Any], rng: Any, search: bool = True
+    self,
+    params: Any,
+    batch: Mapping[str, Any],
+    rng: Any,
+    search: bool = True,
+    prompt_index: np.ndarray | None = None,
   ) -> Episodes:
+    """Episodes of `batch` (a pipeline batch) under `params`.
+
+    Args:
+      prompt_index: [P] the prompts' positions in the global batch (RNG streams;
+        `pipeline.global_positions`); default 0..P-1.
+    """
     import jax  # Kept local: the rest of this module is host-only.
 
     bridge = self.bridge
@@ -439,7 +444,10 @@ class Runner:
     if not search:
       bridge.backend = None
     try:
-      out = jax.device_get(self.fn(params, rollout_batch(batch), rng))
+      inputs = rollout_batch(batch)
+      if prompt_index is not None:
+        inputs["prompt_index"] = np.asarray(prompt_index, np.int32)
+      out = jax.device_get(self.fn(params, inputs, rng))
     finally:
       bridge.backend = backend
     calls: list[list[Any]] = [[] for _ in range(len(out["response_length"]))]

@@ -69,10 +69,18 @@ def episode_records(
 
 
 def write_step(
-  directory: str | os.PathLike, step: int, records: Sequence[Mapping[str, Any]]
+  directory: str | os.PathLike,
+  step: int,
+  records: Sequence[Mapping[str, Any]],
+  process: int | None = None,
 ) -> pathlib.Path:
-  """Writes `step_{step:06d}.jsonl` under `directory` and returns its path."""
-  path = pathlib.Path(directory) / f"step_{step:06d}.jsonl"
+  """Writes `step_{step:06d}.jsonl` under `directory` and returns its path.
+
+  With `process` (multi-process runs) each process writes its own episodes to
+  `step_{step:06d}.process_{process}.jsonl`.
+  """
+  name = f"step_{step:06d}" + ("" if process is None else f".process_{process}")
+  path = pathlib.Path(directory) / f"{name}.jsonl"
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".jsonl.tmp")
   with tmp.open("w", encoding="utf-8") as f:

@@ -84,8 +84,13 @@ def stop_patterns(tokenizer: Any, stop_strings: Sequence[str], max_len: int = 8)
   return out
 
 
-def sample_tokens(logits: Array, rng: Array, cfg: RolloutConfig) -> Array:
-  """Temperature / top-k / top-p sampling, greedy when temperature is 0. [B, V] -> [B]."""
+def sample_tokens(
+  logits: Array, rng: Array, cfg: RolloutConfig, row_ids: Array | None = None
+) -> Array:
+  """Temperature / top-k / top-p sampling, greedy when temperature is 0. [B, V] -> [B].
+
+  `row_ids` [B] (see `sample_categorical`) key each row's draw by its identity.
+  """
   if cfg.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / cfg.temperature
@@ -100,8 +105,61 @@ def sample_tokens(logits: Array, rng: Array, cfg: RolloutConfig) -> Array:
     keep = jnp.cumsum(probs, axis=-1) - probs < cfg.top_p
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, neg, logits)
-  rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(logits.shape[0]))
-  return jax.vmap(jax.random.categorical)(rngs, logits).astype(jnp.int32)
+  return sample_categorical(rng, logits, row_ids)
+
+
+# Vocabulary block of the two-level inverse-CDF sampler.
+_SAMPLE_BLOCK = 256
+
+
+def sample_categorical(rng: Array, logits: Array, row_ids: Array | None = None) -> Array:
+  """One draw per row from softmax(logits) by inverse-CDF sampling. [B, V] -> int32 [B].
+
+  With `row_ids` [B], row r's uniform comes from `fold_in(rng, row_ids[r])`: a row's
+  draw then depends on its id, not on the batch it runs in (a host running its share
+  of a global batch draws what one host running all of it would).
+
+  The distribution of `jax.random.categorical` with one uniform per row instead of
+  a Gumbel variate per vocabulary entry: on CPU, hashing B x V random bits every
+  decode step costs more than the rest of the sampling. The cumulative sums run in
+  two levels (blocks of the vocabulary, then inside the chosen block) so that fp32
+  rounding stays at the level of one block sum. Tokens of zero probability (masked
+  to the most negative float) are never drawn.
+  """
+  b, v = logits.shape
+  size = min(_SAMPLE_BLOCK, v)
+  pad = (-v) % size
+  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, V], max is 1
+  weights = jnp.pad(weights, ((0, 0), (0, pad))).reshape(b, -1, size)  # [B, nb, size]
+  block_cum = jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1)  # [B, nb]
+  if row_ids is None:
+    uniform = jax.random.uniform(rng, (b,), jnp.float32)
+  else:
+    uniform = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i)))(row_ids)
+  target = uniform * block_cum[:, -1]
+  # The drawn token is the first one whose cumulative weight exceeds `target`.
+  block = _first_above(block_cum, target)  # [B]
+  before = jnp.where(block > 0, _take(block_cum, block - 1), 0.0)
+  in_block = jnp.take_along_axis(weights, block[:, None, None], axis=1)[:, 0]  # [B, size]
+  index = _first_above(jnp.cumsum(in_block, axis=-1), target - before)
+  return (block * size + index).astype(jnp.int32)
+
+
+def _first_above(cum: Array, target: Array) -> Array:
+  """Index of the first entry of each row of `cum` [B, N] above `target` [B].
+
+  If rounding puts `target` at or past the row total, the last entry with positive
+  weight is returned, never a zero-weight one.
+  """
+  n = cum.shape[-1]
+  first = jnp.sum(cum <= target[:, None], axis=-1).astype(jnp.int32)
+  grows = jnp.diff(cum, axis=-1, prepend=0.0) > 0
+  last_positive = jnp.max(jnp.where(grows, jnp.arange(n), 0), axis=-1).astype(jnp.int32)
+  return jnp.minimum(first, last_positive)
+
+
+def _take(x: Array, index: Array) -> Array:
+  return jnp.take_along_axis(x, index[:, None], axis=1)[:, 0]
 
 
 def _write_rows(buffer: Array, values: Array, starts: Array, axis: int = 0) -> Array:
@@ -201,7 +259,9 @@ def make_rollout_fn(
     `group_size` times inside): prompt_ids [P, Lp] (left padded), prompt_valid,
     prompt_positions [3, P, Lp], next_pos [P], frame_patches [P, F, Pf, pd],
     keyframe_patches [P, F, Pk, pd], optionally forced_tokens [B, K] (-1 = sample;
-    tests use it to script a policy without changing its log-probs).
+    tests use it to script a policy without changing its log-probs) and
+    prompt_index [P], each prompt's position in the global batch (default 0..P-1):
+    row g of prompt p samples from the stream of row `prompt_index[p] * n + g`.
   """
   model = policy.Policy(model_cfg)
   n = cfg.group_size
@@ -248,11 +308,10 @@ def make_rollout_fn(
 
     # 2. Prefill the prompts (each row of a group shares its prompt).
     lp = batch["prompt_ids"].shape[1]
-    cache = policy.init_cache(model_cfg, b, lp + buf_len, jnp.float32)
-    logits, cache = decoding.prefill(
+    logits, cache = decoding.prefill_prompt(
       params,
       model_cfg,
-      cache,
+      lp + buf_len,
       rep(batch["prompt_ids"]),
       rep(batch["prompt_positions"], 1),
       rep(batch["prompt_valid"]),
@@ -261,6 +320,8 @@ def make_rollout_fn(
       logits_at=jnp.full((b,), lp - 1, jnp.int32),  # left-padded: the last token is real
     )
     forced = batch.get("forced_tokens", jnp.full((b, 1), -1, jnp.int32))
+    prompt_index = batch.get("prompt_index", jnp.arange(prompts, dtype=jnp.int32))
+    row_ids = (rep(prompt_index) * n + jnp.arange(b) % n).astype(jnp.int32)
 
     state = dict(
       cache=cache,
@@ -291,15 +352,18 @@ def make_rollout_fn(
       if cfg.banned_ids:
         logits = logits.at[:, list(cfg.banned_ids)].set(-1e30)
       # 3. Sample one token per active row; its log-prob is the policy's own.
-      token = sample_tokens(logits, sample_rng, cfg)
+      token = sample_tokens(logits, sample_rng, cfg, row_ids)
       gen = s["generated"]
       scripted = jnp.take_along_axis(
         forced, jnp.clip(gen, 0, forced.shape[1] - 1)[:, None], axis=1
       )[:, 0]
       token = jnp.where((gen < forced.shape[1]) & (scripted >= 0), scripted, token)
       temp = cfg.temperature if cfg.temperature > 0 else 1.0
-      logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temp, axis=-1)
-      logp = jnp.take_along_axis(logp_all, token[:, None], axis=1)[:, 0]
+      # log_softmax at the drawn token only (the trainer's log-prob, without a [B, V] output).
+      scaled = logits.astype(jnp.float32) / temp
+      top = jnp.max(scaled, axis=-1)
+      log_norm = top + jnp.log(jnp.sum(jnp.exp(scaled - top[:, None]), axis=-1))
+      logp = _take(scaled, token) - log_norm
       length = s["length"]
       pos3 = jnp.broadcast_to(s["next_pos"][None, :, None], (3, b, 1))
       upd = lambda buf, v: jnp.where(active[:, None], _write_rows(buf, v[:, None], length), buf)

@@ -1,11 +1,16 @@
 """grain pipelines: from a random-access source of OK-VOS samples to batches of prompts.
 
     source (records: `okvos.OkvosDataSource`, a list of dicts, or a TFDS data source)
-      -> this process's shard (jax.process_index / process_count)
       -> seeded shuffle, reshuffled every epoch -> repeat
+      -> this process's shard: every `process_count`-th sample from `process_index`
       -> prepare (worker threads: decode, resize frames to a square, render the prompt
          with the protocol module, convert ground truth, optional `encode_fn`)
       -> batch (numeric fields stacked, strings and ragged fields as object arrays)
+
+Sharding after the shuffle makes the processes' batches together the batch one
+process would read: local sample j of process k is global sample
+`j * process_count + k` (`global_positions`), so a run on many hosts sees the same
+data, in the same episodes' RNG streams, as a run on one.
 
 The iterator is grain's checkpointable `DatasetIterator`: `get_state()` is a small
 JSON-able dict, `set_state()` makes the next batch the one that followed the save.
@@ -203,7 +208,8 @@ def make_dataset(
       samples carry mask_point_iou and mask_box_iou (see `Prepare`).
     mask_cache_split: the split folder in the cache (required with mask_cache_dir).
     shard_index, shard_count: this process's shard; default jax.process_index()
-      and jax.process_count(), so each host reads a disjoint slice.
+      and jax.process_count(), so each host reads a disjoint, strided slice of the
+      shuffled stream (see `global_positions`).
     num_threads: worker threads for decoding/resizing.
     prefetch: samples buffered ahead per thread pool.
     drop_remainder: drop a short last batch (static shapes under jit).
@@ -220,10 +226,11 @@ def make_dataset(
   if len(source) < shard_count:
     raise ValueError(f"Source has {len(source)} samples, fewer than {shard_count} shards.")
   ds = grain.MapDataset.source(source)
-  ds = ds[shard_index::shard_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
+  if shard_count > 1:
+    ds = ds[shard_index::shard_count]
   ds = ds.map(
     Prepare(
       frame_size=frame_size,
@@ -238,6 +245,23 @@ def make_dataset(
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   it_ds = ds.to_iter_dataset(read)  # Drops the Nones of skipped samples.
   return it_ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
+
+
+def global_positions(
+  local_count: int, shard_index: int | None = None, shard_count: int | None = None
+) -> np.ndarray:
+  """Positions in the global batch of this process's `local_count` batch rows.
+
+  `make_dataset` deals samples round-robin over processes, so local row j of
+  process k is row `j * shard_count + k` of the batch a single process would read.
+  Defaults are this process's index and the process count.
+  """
+  if shard_index is None or shard_count is None:
+    import jax  # Only for the process topology.
+
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  return np.arange(local_count, dtype=np.int32) * shard_count + shard_index
 
 
 def okvos_dataset(
@@ -290,7 +314,12 @@ def resolve_data(data_config, workdir: str | os.PathLike, seed: int = 0) -> tupl
     from segresearch_jax.data import synthetic
 
     out = data_config.synthetic_dir or os.path.join(workdir, "synthetic")
-    paths = synthetic.build(out, seed=seed)
+    paths = synthetic.build(
+      out,
+      seed=seed,
+      num_train=data_config.get("synthetic_train", 64),
+      num_test=data_config.get("synthetic_test", 32),
+    )
     return paths.okvos_dir, paths.kb_dir
   if data_config.source == "okvos":
     if not data_config.okvos_dir:
