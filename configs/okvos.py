@@ -117,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Supervised warm start on the synthetic expert trajectories (search -> keyframe
   # -> answer), for a policy that starts from random weights.
   c.sft = ml_collections.ConfigDict()
-  c.sft.steps = 250
+  c.sft.steps = 160
   c.sft.lr = 2e-3
   c.sft.batch_size = 8
   c.sft.warmup_steps = 10
