@@ -432,7 +432,13 @@ def warm_start(config, params, data: dict, model_cfg, rcfg, mesh, writer) -> Any
   update_fn = jit_update(update_fn, mesh, state_sharding)
   rng = np.random.default_rng(config.seed)
   n = len(data["prompt_ids"])  # this process's expert rows
-  size = min(config.sft.batch_size // jax.process_count(), n)
+  size = config.sft.batch_size // jax.process_count()
+  if jax.process_count() > 1 and n < size:  # Every process must bring the same row count.
+    raise ValueError(
+      f"Process {jax.process_index()} has {n} expert episodes, fewer than its share "
+      f"({size}) of sft.batch_size={config.sft.batch_size}."
+    )
+  size = min(size, n)
   data = dict(data, advantages=np.ones(data["loss_mask"].shape[:1], np.float32))
   writer.start(0)
   for step in range(1, config.sft.steps + 1):
