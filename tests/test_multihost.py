@@ -31,6 +31,8 @@ FLAGS = [
   # The untrained policy scores 0 on every term; DAPO's length penalty gives its
   # episodes different rewards, so the updates are not zero.
   "--config.dapo.overlong_buffer=150",
+  # The KL term reads the reference log-probs back per process (`sharding.local_rows`).
+  "--config.loss.kl_coef=0.01",
 ]
 
 
@@ -99,7 +101,7 @@ def test_two_processes_match_one(tmp_path):
   for step in a:
     for key in ("reward/score", "response_length", "search/per_trajectory"):
       assert a[step][key] == pytest.approx(b[step][key], abs=1e-6), (step, key)
-    for key in ("loss", "grad_norm", "entropy"):
+    for key in ("loss", "grad_norm", "entropy", "kl"):
       assert a[step][key] == pytest.approx(b[step][key], abs=1e-5), (step, key)
   assert max(r["grad_norm"] for r in a.values()) > 1e-3  # Real updates, not only weight decay.
   # Each process wrote its own episodes; together they are the one-process step.
