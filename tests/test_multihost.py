@@ -16,7 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_train import SHRUNK  # tests/ is on sys.path under pytest
+from test_train import SHRUNK, _train_rows  # tests/ is on sys.path under pytest
 
 from segresearch_jax import evaluate
 from segresearch_jax.data import pipeline, synthetic
@@ -57,11 +57,6 @@ def _command(workdir, synthetic_dir):
     f"--config.data.synthetic_dir={synthetic_dir}",
     *FLAGS,
   ]
-
-
-def _train_rows(workdir):
-  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r for r in rows if r["phase"] == "train"}
 
 
 @pytest.mark.slow

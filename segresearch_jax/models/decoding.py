@@ -44,11 +44,18 @@ def prefill(
   Returns:
     (logits [B, T, V] or [B, V], the new cache).
   """
+  args = (input_ids, positions, token_valid, visual, deepstack, cache)
+  return _chunk_logits(params, config, args, logits_at)
+
+
+def _chunk_logits(
+  params: Any, config: ModelConfig, args: tuple, logits_at: Array | None, **kwargs: Any
+) -> tuple[Array, Cache]:
+  """`Policy` on a chunk; with `logits_at`, the LM head on one position per row only."""
   model = Policy(config)
-  args = ({"params": params}, input_ids, positions, token_valid, visual, deepstack, cache)
   if logits_at is None:
-    return model.apply(*args)
-  hidden, cache = model.apply(*args, return_hidden=True)
+    return model.apply({"params": params}, *args, **kwargs)
+  hidden, cache = model.apply({"params": params}, *args, return_hidden=True, **kwargs)
   last = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)[:, 0]
   return model.apply({"params": params}, last, method=Policy.logits), cache
 
@@ -76,13 +83,8 @@ def prefill_prompt(
   Returns:
     (logits [B, T, V] or [B, V], the new cache).
   """
-  model = Policy(config)
-  args = ({"params": params}, input_ids, positions, token_valid, visual, deepstack)
-  if logits_at is None:
-    return model.apply(*args, new_cache_length=cache_length)
-  hidden, cache = model.apply(*args, return_hidden=True, new_cache_length=cache_length)
-  last = jnp.take_along_axis(hidden, logits_at[:, None, None], axis=1)[:, 0]
-  return model.apply({"params": params}, last, method=Policy.logits), cache
+  args = (input_ids, positions, token_valid, visual, deepstack)
+  return _chunk_logits(params, config, args, logits_at, new_cache_length=cache_length)
 
 
 def decode_step(
