@@ -569,7 +569,8 @@ def assemble_rows(config, drawn) -> tuple[dict, np.ndarray]:
     rows = training_rows(episodes_lib.rollout_batch(batch), eps.out, n)
     rows["advantages"] = scores["advantages"].astype(np.float32)
     if config.dapo.overlong_mask:
-      rows["loss_mask"] &= ~scores["truncated"].astype(bool)[:, None]
+      # Not in place: the mask can be a read-only view of a device array.
+      rows["loss_mask"] = rows["loss_mask"] & ~scores["truncated"].astype(bool)[:, None]
     parts.append((rows, ~scores["zero_variance"].reshape(-1, n)[:, 0]))
   rows = {k: np.concatenate([r[k] for r, _ in parts]) for k in parts[0][0]}
   trains = np.concatenate([t for _, t in parts])  # [groups]

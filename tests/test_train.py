@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from configs import okvos as okvos_config
@@ -191,3 +192,56 @@ def test_evaluate_command_on_a_checkpoint(tmp_path, synthetic_dir, uninterrupted
   # Search detached: every search call came back as an error observation.
   calls = [c for p in preds for c in p["search_calls"]]
   assert all(c["error"] for c in calls)
+
+
+def _drawn(truncated, rewards_vary, group_size=2, length=5):
+  """One rollout batch as `collect_rollouts` returns it, every array read-only (as
+  `jax.device_get` hands them back)."""
+  prompts = len(rewards_vary)
+  rows = prompts * group_size
+  frozen = _read_only
+  batch = {
+    "prompt_ids": frozen(np.arange(prompts)[:, None] * np.ones((1, 3), np.int32)),
+    "prompt_valid": frozen(np.ones((prompts, 3), bool)),
+    "prompt_positions": frozen(np.zeros((3, prompts, 3), np.int32)),
+    "frame_patches": frozen(np.zeros((prompts, 1, 2, 2), np.float32)),
+    "keyframe_patches": frozen(np.zeros((prompts, 1, 2, 2), np.float32)),
+  }
+  out = {k: frozen(np.zeros((rows, length), np.int32)) for k in train.ROW_FIELDS}
+  out["response_positions"] = frozen(np.zeros((3, rows, length), np.int32))
+  out["search_patches"] = frozen(np.zeros((rows, 1, 2, 2), np.float32))
+  out["loss_mask"] = frozen(np.ones((rows, length), bool))
+  out["logprobs"] = frozen(np.zeros((rows, length), np.float32))
+  eps = type("Eps", (), {"out": out})()
+  scores = {
+    "advantages": frozen(np.arange(rows, dtype=np.float32)),
+    "truncated": frozen(np.asarray(truncated, np.float32)),
+    "zero_variance": frozen(np.repeat(~np.asarray(rewards_vary), group_size)),
+  }
+  return batch, eps, scores
+
+
+def _read_only(x):
+  x = np.array(x)
+  x.setflags(write=False)
+  return x
+
+
+@pytest.mark.parametrize("overlong_mask", [False, True])
+def test_assemble_rows_masks_truncated_rows_and_unusable_groups(monkeypatch, overlong_mask):
+  monkeypatch.setattr(train.episodes_lib, "rollout_batch", lambda b: b)
+  config = okvos_config.get_config()
+  config.batch_size, config.rollout.group_size = 2, 2
+  config.dapo.overlong_mask = overlong_mask
+  config.dapo.filter_groups = True
+  # Two draws: the first has one group without reward variance, the refill has two good ones.
+  drawn = [
+    _drawn(truncated=[0, 1, 0, 0], rewards_vary=[False, True]),
+    _drawn(truncated=[1, 0, 0, 0], rewards_vary=[True, True]),
+  ]
+  rows, trains = train.assemble_rows(config, drawn)
+  assert trains.tolist() == [True, True]
+  # Useful groups first: group 1 of the first draw, then group 0 of the refill.
+  np.testing.assert_array_equal(rows["advantages"], [2, 3, 0, 1])
+  masked = ~rows["loss_mask"].any(axis=1)
+  assert masked.tolist() == ([False, False, True, False] if overlong_mask else [False] * 4)
