@@ -821,7 +821,7 @@ def train(config) -> dict:
   if train_rows:
     summary["reward_first_steps"] = float(np.mean([r["reward/score"] for r in train_rows[:5]]))
     summary["reward_last_steps"] = float(np.mean([r["reward/score"] for r in train_rows[-5:]]))
-    plot_rewards(train_rows, workdir / "reward_curve.png")
+    plot_rewards(train_rows, workdir / "reward_curve.png", writer.read("eval"))
   summary.update(
     eval_with_search=with_search,
     eval_without_search=without,
@@ -839,8 +839,15 @@ def _short(m: Mapping[str, float]) -> str:
   )
 
 
-def plot_rewards(rows: list[dict], path: pathlib.Path) -> None:
-  """Mean reward and its outcome / process parts over GRPO steps."""
+def plot_rewards(
+  rows: list[dict], path: pathlib.Path, eval_rows: list[dict] | None = None, window: int = 5
+) -> None:
+  """Mean reward over GRPO steps: per step, its running mean, the outcome / process
+  parts, and the held-out greedy score of each evaluation (`eval_rows`) if any.
+
+  With a few prompts per step, which prompts were drawn moves the per-step mean more
+  than the policy does; the running mean over `window` steps shows the trend.
+  """
   import matplotlib
 
   from segresearch_jax.evaluate import OUTCOME_TERMS
@@ -848,19 +855,35 @@ def plot_rewards(rows: list[dict], path: pathlib.Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  steps = [r["step"] for r in rows]
+  steps = np.array([r["step"] for r in rows])
+  score = np.array([r["reward/score"] for r in rows], float)
   fig, ax = plt.subplots(figsize=(7, 4))
-  ax.plot(steps, [r["reward/score"] for r in rows], label="reward (score)", lw=2)
+  ax.plot(steps, score, label="reward (score)", lw=1.2, color="C0")
+  if len(score) >= window:
+    running = np.convolve(score, np.ones(window) / window, mode="valid")
+    ax.plot(
+      steps[window - 1 :], running, label=f"reward, mean of {window} steps", lw=2.5, color="#0b2f6b"
+    )
   ax.plot(
     steps,
     [sum(r[f"reward/{k}"] for k in OUTCOME_TERMS) for r in rows],
     label="outcome terms",
+    color="C1",
   )
-  ax.plot(steps, [r["reward/process_score"] for r in rows], label="process term")
+  ax.plot(steps, [r["reward/process_score"] for r in rows], label="process term", color="C2")
+  held_out = [r for r in eval_rows or () if "score" in r]
+  if held_out:
+    ax.plot(
+      [r["step"] for r in held_out],
+      [r["score"] for r in held_out],
+      "s--",
+      color="C3",
+      label="held-out score (greedy)",
+    )
   ax.set_xlabel("GRPO step")
   ax.set_ylabel("mean over rollouts")
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
