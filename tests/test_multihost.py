@@ -11,12 +11,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from test_train import SHRUNK, _train_rows  # tests/ is on sys.path under pytest
+from test_train import SHRUNK, _command, _train_rows  # tests/ is on sys.path under pytest
 
 from segresearch_jax import evaluate
 from segresearch_jax.data import pipeline, synthetic
@@ -47,25 +46,17 @@ def _env(devices: int, **extra: str) -> dict:
   return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
 
 
-def _command(workdir, synthetic_dir):
-  return [
-    sys.executable,
-    "-m",
-    "segresearch_jax.train",
-    "--config=configs/okvos.py",
-    f"--config.workdir={workdir}",
-    f"--config.data.synthetic_dir={synthetic_dir}",
-    *FLAGS,
-  ]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   synthetic_dir = tmp_path / "synthetic"
   synthetic.build(synthetic_dir, seed=0)
   one, two = tmp_path / "one", tmp_path / "two"
   single = subprocess.run(
-    _command(one, synthetic_dir), env=_env(2), capture_output=True, text=True, timeout=900
+    _command(one, synthetic_dir, flags=FLAGS),
+    env=_env(2),
+    capture_output=True,
+    text=True,
+    timeout=900,
   )
   assert single.returncode == 0, single.stderr[-4000:]
 
@@ -81,7 +72,9 @@ def test_two_processes_match_one(tmp_path):
         SEGRESEARCH_NUM_PROCESSES="2",
         SEGRESEARCH_PROCESS_ID=str(i),
       )
-      procs.append(subprocess.Popen(_command(two, synthetic_dir), env=env, stdout=fo, stderr=fe))
+      procs.append(
+        subprocess.Popen(_command(two, synthetic_dir, flags=FLAGS), env=env, stdout=fo, stderr=fe)
+      )
   for p in procs:
     p.wait(timeout=900)
   outs = [(out.read_text(), err.read_text()) for out, err in logs]

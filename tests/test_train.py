@@ -41,7 +41,7 @@ def synthetic_dir(tmp_path_factory):
   return str(out)
 
 
-def _command(workdir, synthetic_dir, *extra):
+def _command(workdir, synthetic_dir, *extra, flags=SHRUNK):
   return [
     sys.executable,
     "-m",
@@ -49,7 +49,7 @@ def _command(workdir, synthetic_dir, *extra):
     "--config=configs/okvos.py",
     f"--config.workdir={workdir}",
     f"--config.data.synthetic_dir={synthetic_dir}",
-    *SHRUNK,
+    *flags,
     *extra,
   ]
 
@@ -199,32 +199,28 @@ def _drawn(truncated, rewards_vary, group_size=2, length=5):
   `jax.device_get` hands them back)."""
   prompts = len(rewards_vary)
   rows = prompts * group_size
-  frozen = _read_only
   batch = {
-    "prompt_ids": frozen(np.arange(prompts)[:, None] * np.ones((1, 3), np.int32)),
-    "prompt_valid": frozen(np.ones((prompts, 3), bool)),
-    "prompt_positions": frozen(np.zeros((3, prompts, 3), np.int32)),
-    "frame_patches": frozen(np.zeros((prompts, 1, 2, 2), np.float32)),
-    "keyframe_patches": frozen(np.zeros((prompts, 1, 2, 2), np.float32)),
+    "prompt_ids": np.arange(prompts)[:, None] * np.ones((1, 3), np.int32),
+    "prompt_valid": np.ones((prompts, 3), bool),
+    "prompt_positions": np.zeros((3, prompts, 3), np.int32),
+    "frame_patches": np.zeros((prompts, 1, 2, 2), np.float32),
+    "keyframe_patches": np.zeros((prompts, 1, 2, 2), np.float32),
   }
-  out = {k: frozen(np.zeros((rows, length), np.int32)) for k in train.ROW_FIELDS}
-  out["response_positions"] = frozen(np.zeros((3, rows, length), np.int32))
-  out["search_patches"] = frozen(np.zeros((rows, 1, 2, 2), np.float32))
-  out["loss_mask"] = frozen(np.ones((rows, length), bool))
-  out["logprobs"] = frozen(np.zeros((rows, length), np.float32))
-  eps = type("Eps", (), {"out": out})()
+  out = {k: np.zeros((rows, length), np.int32) for k in train.ROW_FIELDS}
+  out["response_positions"] = np.zeros((3, rows, length), np.int32)
+  out["search_patches"] = np.zeros((rows, 1, 2, 2), np.float32)
+  out["loss_mask"] = np.ones((rows, length), bool)
+  out["logprobs"] = np.zeros((rows, length), np.float32)
   scores = {
-    "advantages": frozen(np.arange(rows, dtype=np.float32)),
-    "truncated": frozen(np.asarray(truncated, np.float32)),
-    "zero_variance": frozen(np.repeat(~np.asarray(rewards_vary), group_size)),
+    "advantages": np.arange(rows, dtype=np.float32),
+    "truncated": np.asarray(truncated, np.float32),
+    "zero_variance": np.repeat(~np.asarray(rewards_vary), group_size),
   }
+  for part in (batch, out, scores):
+    for x in part.values():
+      x.setflags(write=False)
+  eps = type("Eps", (), {"out": out})()
   return batch, eps, scores
-
-
-def _read_only(x):
-  x = np.array(x)
-  x.setflags(write=False)
-  return x
 
 
 @pytest.mark.parametrize("overlong_mask", [False, True])
