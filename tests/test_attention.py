@@ -21,11 +21,15 @@ def _reference(q, k, v, allowed, scale):
   return np.einsum("bhts,bshd->bthd", probs, v)
 
 
-def _grouped(q, k, v, scale, **kw):
+def _grouped_jnp(q, k, v, scale, **kw):
   out = layers.grouped_attention(
     layers.heads_first(q, k.shape[2]), layers.keys_last(k), v.transpose(0, 2, 1, 3), scale, **kw
   )
-  return np.asarray(layers.heads_last(out))
+  return layers.heads_last(out)
+
+
+def _grouped(q, k, v, scale, **kw):
+  return np.asarray(_grouped_jnp(q, k, v, scale, **kw))
 
 
 def _qkv(b, t, s, hq=4, hkv=2, d=8, seed=0):
@@ -67,6 +71,29 @@ def test_query_slots_over_a_cache_match_reference(path):
   allowed = key_valid[:, None, :] & (np.arange(11)[None, None] <= slot[:, :, None])
   out = _grouped(q, k, v, 0.5, key_valid=jnp.asarray(key_valid), query_slot=jnp.asarray(slot))
   np.testing.assert_allclose(out, _reference(q, k, v, allowed, 0.5), atol=1e-5)
+
+
+def test_key_extent_reads_only_the_prefix_that_holds_the_keys(path, monkeypatch):
+  monkeypatch.setattr(layers, "_EXTENT_MIN", 1)
+  monkeypatch.setattr(layers, "_EXTENT_ALIGN", 1)
+  assert layers._extent_sizes(11) == (3, 6, 9, 11)
+  q, k, v = _qkv(3, 2, 11, seed=3)
+  ends = np.array([2, 5, 7])  # row b's keys fill slots < ends[b]
+  key_valid = np.arange(11)[None] < ends[:, None]
+  slot = ends[:, None] - 2 + np.arange(2)
+  allowed = key_valid[:, None, :] & (np.arange(11)[None, None] <= slot[:, :, None])
+  expected = _reference(q, k, v, allowed, 0.5)
+  # NaNs past slot 9: whole-cache attention multiplies them by zero probabilities and
+  # returns NaN; attention over the 9-slot prefix never reads them.
+  k_nan, v_nan = k.copy(), v.copy()
+  k_nan[:, 9:], v_nan[:, 9:] = np.nan, np.nan
+  rows = dict(key_valid=jnp.asarray(key_valid), query_slot=jnp.asarray(slot))
+  fn = jax.jit(lambda q, k, v, e: _grouped_jnp(q, k, v, 0.5, key_extent=e, **rows))
+  for extent, kk, vv in ((7, k_nan, v_nan), (9, k_nan, v_nan), (11, k, v)):
+    out = np.asarray(fn(q, kk, vv, jnp.asarray(extent, jnp.int32)))
+    np.testing.assert_allclose(out, expected, atol=1e-5, err_msg=f"extent {extent}")
+  whole = _grouped(q, k_nan, v_nan, 0.5, **rows)
+  assert np.isnan(whole).any()
 
 
 def test_explicit_mask_and_public_attention_match_reference(path):

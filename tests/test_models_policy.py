@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from segresearch_jax.models import config as config_lib
-from segresearch_jax.models import decoding, policy, weights
+from segresearch_jax.models import decoding, layers, policy, weights
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -127,7 +127,19 @@ def test_rope_index_matches_transformers_with_left_padding(cfg, hf_and_params):
   np.testing.assert_array_equal(next_pos, delta.numpy()[:, 0] + mask.sum(1))
 
 
-def test_cached_decoding_matches_full_forward(cfg, hf_and_params):
+@pytest.fixture(params=["whole_cache", "key_extent"])
+def cache_attention(request, monkeypatch):
+  """Attention over the whole cache, and over the prefix that holds the keys (every
+  cache size split into extent buckets, so the small test caches take that path)."""
+  if request.param == "key_extent":
+    monkeypatch.setattr(layers, "_EXTENT_MIN", 1)
+    monkeypatch.setattr(layers, "_EXTENT_ALIGN", 1)
+  jax.clear_caches()  # jitted decoding traced under the other setting
+  yield request.param
+  jax.clear_caches()
+
+
+def test_cached_decoding_matches_full_forward(cfg, hf_and_params, cache_attention):
   _, params = hf_and_params
   ids = np.array([_image_prompt(cfg, [5, 6, 7], [8, 9, 10, 11, 12, 13])])
   visual, deepstack = _encode(cfg, params, _pixels(cfg, 1))
@@ -160,7 +172,7 @@ def test_cached_decoding_matches_full_forward(cfg, hf_and_params):
   np.testing.assert_allclose(incremental, np.asarray(full)[:, split - 1 : -1], atol=1e-5)
 
 
-def test_left_padded_batch_greedy_equals_separate_runs(cfg, hf_and_params):
+def test_left_padded_batch_greedy_equals_separate_runs(cfg, hf_and_params, cache_attention):
   _, params = hf_and_params
   rows = [_image_prompt(cfg, [5, 6, 7, 8, 9], [10]), _image_prompt(cfg, [11], [12, 13])]
   pixels = _pixels(cfg, 2, seed=1)

@@ -107,6 +107,12 @@ _CPU_UNIT_LOGITS = 1 << 20
 # Causal self-attention runs in query blocks that only read the keys up to the block's
 # last query, which skips almost half of the work.
 _CAUSAL_BLOCK = 256
+# Attention over a KV cache reads the smallest of this many prefixes of the cache that
+# holds every row's keys (`key_extent`), for caches of at least 4 x _EXTENT_MIN slots:
+# early in a long episode most of the cache is still empty.
+_EXTENT_BUCKETS = 4
+_EXTENT_MIN = 64
+_EXTENT_ALIGN = 128
 
 
 def heads_first(x: Array, num_kv_heads: int) -> Array:
@@ -136,6 +142,7 @@ def grouped_attention(
   query_slot: Array | None = None,
   mask: Array | None = None,
   causal: bool = False,
+  key_extent: Array | None = None,
 ) -> Array:
   """Grouped-query attention in head-major layout with an fp32 softmax.
 
@@ -157,6 +164,10 @@ def grouped_attention(
     query_slot: int [B, T] or None: the last key slot each query may see.
     mask: bool [B, T, S] or None.
     causal: S == T and query t sees keys up to t.
+    key_extent: int scalar or None: no query may see a key at slot >= key_extent
+      (a KV cache filled up to its longest row). Attention then reads only the
+      smallest of `_EXTENT_BUCKETS` static prefixes of the keys that covers it
+      (same result: the keys it skips would be masked out).
 
   Returns:
     [B, Hkv, G, T, D] in v's dtype.
@@ -167,6 +178,27 @@ def grouped_attention(
     raise ValueError(f"q {q.shape}, k {k.shape} and v {v.shape} do not match in grouped_attention.")
   if causal and s != t:
     raise ValueError(f"causal attention needs as many keys as queries, got {s} and {t}.")
+  sizes = _extent_sizes(s) if key_extent is not None and not causal else (s,)
+  if len(sizes) > 1:
+
+    def prefix(size):
+      def attend(q, k, v, key_valid, mask):
+        return grouped_attention(
+          q,
+          k[..., :size],
+          v[..., :size, :],
+          scale,
+          key_valid=None if key_valid is None else key_valid[:, :size],
+          query_slot=query_slot,
+          mask=None if mask is None else mask[..., :size],
+        )
+
+      return attend
+
+    # The smallest prefix that holds every key any query may see.
+    index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), key_extent.astype(jnp.int32))
+    branches = [prefix(n) for n in sizes]
+    return jax.lax.switch(jnp.minimum(index, len(sizes) - 1), branches, q, k, v, key_valid, mask)
   rows = (key_valid, query_slot, mask)
   blocks = _query_blocks(t, s, g, causal)
 
@@ -210,6 +242,16 @@ def grouped_attention(
 
     out = jax.lax.platform_dependent(*units, cpu=looped, default=batched)
   return out.reshape(b, hkv, g, t, d)
+
+
+def _extent_sizes(s: int) -> tuple[int, ...]:
+  """Static key-prefix lengths for `key_extent`: S/4, S/2, 3S/4 (rounded up to a
+  multiple of `_EXTENT_ALIGN`) and S; just S for a cache under 4 x _EXTENT_MIN."""
+  if s < 4 * _EXTENT_MIN:
+    return (s,)
+  n, align = _EXTENT_BUCKETS, _EXTENT_ALIGN
+  sizes = {min(s, -(-s * i // (n * align)) * align) for i in range(1, n)}
+  return tuple(sorted(sizes | {s}))
 
 
 def _query_blocks(t: int, s: int, g: int, causal: bool) -> list[tuple[int, int]]:

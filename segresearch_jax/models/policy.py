@@ -198,9 +198,15 @@ class Policy(nn.Module):
       write_slots = cache["end"]  # [B]
       set_valid = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))
       valid = set_valid(cache["valid"], token_valid, write_slots)  # [B, S]
-      # Query t of row b sits at slot end_b + t and sees the valid slots up to it.
-      attend = {"key_valid": valid, "query_slot": write_slots[:, None] + jnp.arange(t)}
-      new_cache = {"valid": valid, "end": write_slots + last.astype(write_slots.dtype)}
+      # Query t of row b sits at slot end_b + t and sees the valid slots up to it;
+      # no row has a key past the longest row's end.
+      end = write_slots + last.astype(write_slots.dtype)
+      attend = {
+        "key_valid": valid,
+        "query_slot": write_slots[:, None] + jnp.arange(t),
+        "key_extent": jnp.max(write_slots) + t,
+      }
+      new_cache = {"valid": valid, "end": end}
 
     new_k, new_v = [], []
     for i, layer in enumerate(self.decoder_layers):
