@@ -154,6 +154,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.official_two_calls = False  # Reproduce the official box-dropping SAM2 prompts (SPEC §9).
   c.eval.report_samples = 16  # Cards in the HTML report.
   c.eval.masks = True  # Segment the final evaluation's answers and report J&F.
+  # Each GRPO step also rolls out its prompts with the frozen warm start (step 0) and
+  # the same sampling streams; `control/*` metrics and reward_curve.png then show the
+  # policy's reward against the same prompts' draw. One extra rollout a step.
+  c.eval.frozen_control = True
 
   c.log_every = 1
   c.batch_size = 4  # Prompts per step.
@@ -182,6 +186,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 10
     c.sft.steps = 0
     c.reward.mask_weight = 0.0  # The official reward (SPEC §3.1).
+    c.eval.frozen_control = False  # Would double the rollout time at 16 x 8.
     c.batch_size = 16
     c.mesh.data = 1
     c.mesh.fsdp = -1

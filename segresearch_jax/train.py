@@ -552,6 +552,31 @@ def collect_rollouts(config, first_batch, data_iter, runner, scorer, params, rng
   return drawn
 
 
+def initial_params(ckpt, state, state_sharding, start: int) -> Any | None:
+  """The warm-start parameters (checkpoint step 0): a copy of the state's at step 0,
+  else restored from the checkpoint; None when step 0 is no longer kept."""
+  if start == 0:
+    return jax.tree.map(jnp.copy, state.params)
+  if 0 not in ckpt.all_steps():
+    return None
+  abstract = jax.tree.map(
+    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+    state.params,
+    state_sharding.params,
+  )
+  return checkpoint_lib.restore_params(ckpt.directory, 0, abstract)
+
+
+def frozen_control(config, batch, runner, scorer, params, rng) -> dict[str, float]:
+  """`control/*` reward means of the step's first prompt batch rolled out with the
+  frozen warm start and the same sampling streams as the policy's rollout, so the
+  per-step difference to `reward/*` cancels which prompts were drawn."""
+  p = prompts_per_process(config)
+  eps = runner(params, batch, jax.random.fold_in(rng, 0), prompt_index=pipeline.global_positions(p))
+  scores = scorer(batch, eps)
+  return {f"control/{k}": float(np.mean(v)) for k, v in scores.items() if v.dtype.kind == "f"}
+
+
 def assemble_rows(config, drawn) -> tuple[dict, np.ndarray]:
   """Training rows of exactly `batch_size` groups from the drawn rollouts.
 
@@ -743,13 +768,19 @@ def train(config) -> dict:
     log(f"resumed from step {start} in {ckpt.directory}")
   params = None  # The train state owns the parameters from here on.
   update_fn = jit_update(update_fn, mesh, state_sharding)
+  # The warm start (step 0): the KL reference and the frozen control policy.
+  initial = None
+  if config.loss.kl_coef > 0 or config.eval.frozen_control:
+    initial = initial_params(ckpt, state, state_sharding, start)
+    if initial is None:
+      where = f"step 0 is no longer in {ckpt.directory}"
+      log(f"{where}: the KL reference and the frozen control start from step {start}")
+      initial = jax.tree.map(jnp.copy, state.params)
   ref = None
   if config.loss.kl_coef > 0:
     ref_fn = jax.jit(make_logprob_fn(model_cfg, rcfg))
-    ref = (
-      jax.tree.map(jnp.copy, state.params),
-      lambda p, mb: ref_fn(p, mb)[0],
-    )
+    ref = (initial, lambda p, mb: ref_fn(p, mb)[0])
+  control_params = sharding.local_copy(initial) if config.eval.frozen_control else None
 
   # 3. GRPO steps.
   writer.start(start)
@@ -771,6 +802,8 @@ def train(config) -> dict:
     batch, eps, scores = drawn[0]
     local = episode_metrics(eps, scores)
     local.update({"dapo/rollout_batches": len(drawn), "dapo/groups_trained": np.mean(trains)})
+    if control_params is not None:
+      local.update(frozen_control(config, batch, runner, c["scorer"], control_params, step_rng))
     m.update(sharding.process_mean(local))
     m.update({"time/step_s": time.time() - t0, "time/rollout_s": t_rollout})
     write_records(workdir / "trajectories", step, tokenizer, batch, eps, scores, n)
@@ -780,7 +813,8 @@ def train(config) -> dict:
         m,
         console=(
           f"step {step}/{config.total_steps} | reward {m['reward/score']:.3f} "
-          f"(outcome {sum(m['reward/' + k] for k in evaluate.OUTCOME_TERMS):.2f}, "
+          + (f"(frozen {m['control/score']:.3f}) " if "control/score" in m else "")
+          + f"(outcome {sum(m['reward/' + k] for k in evaluate.OUTCOME_TERMS):.2f}, "
           f"process {m['reward/process_score']:.2f}) | search/traj "
           f"{m['search/per_trajectory']:.2f} | len {m['response_length']:.0f} | "
           f"loss {m['loss']:+.4f} | clip {m['clip_fraction']:.3f} | "
@@ -821,6 +855,12 @@ def train(config) -> dict:
   if train_rows:
     summary["reward_first_steps"] = float(np.mean([r["reward/score"] for r in train_rows[:5]]))
     summary["reward_last_steps"] = float(np.mean([r["reward/score"] for r in train_rows[-5:]]))
+    paired = [r for r in train_rows if "control/score" in r]
+    if len(paired) > 1:
+      gain = paired_gain(paired)
+      summary["reward_minus_frozen"] = gain
+      text = ", ".join(f"{k} {mean:+.3f} +- {se:.3f}" for k, (mean, se) in gain.items())
+      print(f"reward - frozen warm start on the same prompts (mean +- se): {text}", flush=True)
     plot_rewards(train_rows, workdir / "reward_curve.png", writer.read("eval"))
   summary.update(
     eval_with_search=with_search,
@@ -837,6 +877,21 @@ def _short(m: Mapping[str, float]) -> str:
   return ", ".join(
     f"{k} {m[k]:.3f}" for k in ("score", "outcome", "search/per_trajectory") if k in m
   )
+
+
+def paired_gain(rows: list[dict]) -> dict[str, tuple[float, float]]:
+  """(mean, standard error) of `reward/score - control/score` over all logged steps
+  (at least 2) and, from 4 steps on, over their second half ("steps A-B" keys)."""
+  steps = np.array([r["step"] for r in rows])
+  diff = np.array([r["reward/score"] - r["control/score"] for r in rows], float)
+  out = {}
+  for lo in (0, len(diff) // 2) if len(diff) >= 4 else (0,):
+    d = diff[lo:]
+    out[f"steps {steps[lo]}-{steps[-1]}"] = (
+      float(np.mean(d)),
+      float(np.std(d, ddof=1) / np.sqrt(len(d))),
+    )
+  return out
 
 
 def plot_rewards(
@@ -857,8 +912,17 @@ def plot_rewards(
 
   steps = np.array([r["step"] for r in rows])
   score = np.array([r["reward/score"] for r in rows], float)
-  fig, ax = plt.subplots(figsize=(7, 4))
+  control = np.array([r.get("control/score", np.nan) for r in rows], float)
+  paired = bool(np.isfinite(control).all())
+  if paired:
+    fig, (ax, dax) = plt.subplots(
+      2, 1, figsize=(7, 4), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+    )
+  else:
+    fig, ax = plt.subplots(figsize=(7, 4))
   ax.plot(steps, score, label="reward (score)", lw=1.2, color="C0")
+  if paired:
+    ax.plot(steps, control, label="frozen warm start, same prompts", lw=1.2, color="0.55")
   if len(score) >= window:
     running = np.convolve(score, np.ones(window) / window, mode="valid")
     ax.plot(
@@ -880,10 +944,20 @@ def plot_rewards(
       color="C3",
       label="held-out score (greedy)",
     )
-  ax.set_xlabel("GRPO step")
   ax.set_ylabel("mean over rollouts")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7 if paired else 8)
+  if paired:  # The prompt draw cancels in the per-step difference.
+    diff = score - control
+    dax.axhline(0.0, color="0.4", lw=0.8)
+    dax.bar(steps, diff, color="C0", alpha=0.35, label="reward - frozen, per step")
+    mean_so_far = np.cumsum(diff) / np.arange(1, len(diff) + 1)
+    dax.plot(steps, mean_so_far, color="#0b2f6b", lw=2, label="mean so far")
+    dax.set_ylabel("policy - frozen")
+    dax.grid(alpha=0.3)
+    dax.legend(fontsize=7)
+    ax = dax
+  ax.set_xlabel("GRPO step")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

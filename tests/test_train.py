@@ -78,12 +78,19 @@ def test_main_command_trains_logs_checkpoints_and_validates(uninterrupted):
   assert sorted(rows) == [1, 2]
   for key in ("loss", "grad_norm", "reward/score", "search/per_trajectory", "stop/max_length"):
     assert key in rows[2]
+  # The frozen control rolls out the same prompts with the same sampling streams: at
+  # step 1 the policy is still the warm start, so both rollouts are the same episodes.
+  assert rows[1]["control/score"] == rows[1]["reward/score"]
+  assert rows[1]["control/keyframe_score"] == rows[1]["reward/keyframe_score"]
+  assert "control/score" in rows[2] and "reward - frozen warm start" in stdout
   records = (workdir / "trajectories" / "step_000002.jsonl").read_text().splitlines()
   assert len(records) == 4  # 2 prompts x group of 2
   rec = json.loads(records[0])
   assert {"response", "tool_calls", "reward", "stop_reason"} <= set(rec)
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["eval_with_search"]["samples"] == 2
+  gain = [rows[s]["reward/score"] - rows[s]["control/score"] for s in (1, 2)]
+  assert summary["reward_minus_frozen"]["steps 1-2"][0] == pytest.approx(np.mean(gain))
   assert {"0", "1", "2"} <= set(os.listdir(workdir / "checkpoints"))
   assert (workdir / "reward_curve.png").stat().st_size > 1000
   assert len((workdir / "eval" / "predictions.jsonl").read_text().splitlines()) == 2
@@ -116,7 +123,15 @@ def test_resume_after_kill_reproduces_the_next_metrics(tmp_path, synthetic_dir, 
   assert out.returncode == 0, out.stderr[-4000:]
   assert "resumed from step 1" in out.stdout
   resumed = _train_rows(workdir)
-  for key in ("loss", "grad_norm", "param_norm", "reward/score", "response_length"):
+  # control/score: the frozen control is restored from checkpoint step 0.
+  for key in (
+    "loss",
+    "grad_norm",
+    "param_norm",
+    "reward/score",
+    "response_length",
+    "control/score",
+  ):
     assert resumed[2][key] == pytest.approx(reference[2][key], rel=1e-5, abs=1e-6), key
 
 
@@ -241,3 +256,29 @@ def test_assemble_rows_masks_truncated_rows_and_unusable_groups(monkeypatch, ove
   np.testing.assert_array_equal(rows["advantages"], [2, 3, 0, 1])
   masked = ~rows["loss_mask"].any(axis=1)
   assert masked.tolist() == ([False, False, True, False] if overlong_mask else [False] * 4)
+
+
+def test_reward_curve_and_gain_against_the_frozen_control(tmp_path):
+  from PIL import Image
+
+  from segresearch_jax.evaluate import OUTCOME_TERMS
+
+  rows = [
+    {
+      "step": s,
+      "reward/score": 1.0 + 0.1 * s,
+      "control/score": 1.0 - 0.05 * (s % 2),
+      "reward/process_score": 0.5,
+      **{f"reward/{k}": 0.1 for k in OUTCOME_TERMS},
+    }
+    for s in range(1, 7)
+  ]
+  diff = np.array([r["reward/score"] - r["control/score"] for r in rows])
+  gain = train.paired_gain(rows)
+  assert list(gain) == ["steps 1-6", "steps 4-6"]
+  assert gain["steps 1-6"][0] == pytest.approx(diff.mean())
+  assert gain["steps 1-6"][1] == pytest.approx(diff.std(ddof=1) / np.sqrt(6))
+  assert gain["steps 4-6"][0] == pytest.approx(diff[3:].mean())
+  path = tmp_path / "curve.png"
+  train.plot_rewards(rows, path, [{"step": 6, "score": 1.2}], window=3)
+  assert Image.open(path).size == (700, 400)
