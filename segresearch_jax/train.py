@@ -49,6 +49,7 @@ from segresearch_jax.rewards import scoring
 from segresearch_jax.rl import losses
 from segresearch_jax.rl import update as update_lib
 from segresearch_jax.search import factory as search_factory
+from segresearch_jax.tools import compare_runs
 
 _FLAGS: dict[str, Any] = {}
 
@@ -535,6 +536,16 @@ def write_records(directory, step, tokenizer, batch, eps, scores, group_size) ->
 # ----------------------------------------------------------------------------
 
 
+def rollout_and_score(config, batch, runner, scorer, params, rng, attempt: int = 0):
+  """(episodes, scores) of one prompt batch; `attempt` picks the sampling streams, so
+  two calls with the same batch, rng and attempt draw alike (the frozen control)."""
+  p = prompts_per_process(config)
+  eps = runner(
+    params, batch, jax.random.fold_in(rng, attempt), prompt_index=pipeline.global_positions(p)
+  )
+  return eps, scorer(batch, eps)
+
+
 def collect_rollouts(config, first_batch, data_iter, runner, scorer, params, rng):
   """This process's episodes for one step; with DAPO dynamic sampling, extra batches
   until enough groups have reward variance (at most `dapo.max_refills` extra)."""
@@ -542,10 +553,7 @@ def collect_rollouts(config, first_batch, data_iter, runner, scorer, params, rng
   drawn = []
   for attempt in range(1 + (config.dapo.max_refills if config.dapo.filter_groups else 0)):
     batch = first_batch if attempt == 0 else next(data_iter)
-    eps = runner(
-      params, batch, jax.random.fold_in(rng, attempt), prompt_index=pipeline.global_positions(p)
-    )
-    drawn.append((batch, eps, scorer(batch, eps)))
+    drawn.append((batch, *rollout_and_score(config, batch, runner, scorer, params, rng, attempt)))
     useful = sum(int(np.sum(~s["zero_variance"])) // n for _, _, s in drawn)
     if not config.dapo.filter_groups or useful >= p:
       break
@@ -571,9 +579,7 @@ def frozen_control(config, batch, runner, scorer, params, rng) -> dict[str, floa
   """`control/*` reward means of the step's first prompt batch rolled out with the
   frozen warm start and the same sampling streams as the policy's rollout, so the
   per-step difference to `reward/*` cancels which prompts were drawn."""
-  p = prompts_per_process(config)
-  eps = runner(params, batch, jax.random.fold_in(rng, 0), prompt_index=pipeline.global_positions(p))
-  scores = scorer(batch, eps)
+  _, scores = rollout_and_score(config, batch, runner, scorer, params, rng)
   return {f"control/{k}": float(np.mean(v)) for k, v in scores.items() if v.dtype.kind == "f"}
 
 
@@ -884,14 +890,8 @@ def paired_gain(rows: list[dict]) -> dict[str, tuple[float, float]]:
   (at least 2) and, from 4 steps on, over their second half ("steps A-B" keys)."""
   steps = np.array([r["step"] for r in rows])
   diff = np.array([r["reward/score"] - r["control/score"] for r in rows], float)
-  out = {}
-  for lo in (0, len(diff) // 2) if len(diff) >= 4 else (0,):
-    d = diff[lo:]
-    out[f"steps {steps[lo]}-{steps[-1]}"] = (
-      float(np.mean(d)),
-      float(np.std(d, ddof=1) / np.sqrt(len(d))),
-    )
-  return out
+  starts = (0, len(diff) // 2) if len(diff) >= 4 else (0,)
+  return {f"steps {steps[lo]}-{steps[-1]}": compare_runs.mean_se(diff[lo:]) for lo in starts}
 
 
 def plot_rewards(

@@ -88,6 +88,6 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
   (tmp_path / "c").mkdir()
   (tmp_path / "c" / "metrics.jsonl").write_text('{"step": 1, "phase": "train"}\n{broken\n')
   assert compare_runs.main([str(tmp_path / "c"), str(tmp_path / "b")]) == 2
-  assert "metrics.jsonl:2 is not JSON" in capsys.readouterr().err
+  assert "metrics.jsonl:2: not JSON" in capsys.readouterr().err
   with pytest.raises(ValueError, match="window"):
     compare_runs.compare({}, {}, [1], window=0)
