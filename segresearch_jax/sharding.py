@@ -515,6 +515,15 @@ def process_mean(metrics: Mapping[str, float]) -> dict[str, float]:
   return dict(zip(keys, (float(v) for v in gathered.mean(axis=0))))
 
 
+def process_max(value: int) -> int:
+  """The largest of every process's `value` (a collective with several processes)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+
+  return int(np.max(multihost_utils.process_allgather(np.int64(value))))
+
+
 def barrier(name: str) -> None:
   """Waits for every process (no-op with one)."""
   if jax.process_count() > 1:

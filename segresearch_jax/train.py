@@ -317,6 +317,8 @@ def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
 
   Visual tokens are rebuilt from pixels inside, so the gradient reaches the vision
   tower; temperature and banned ids match the sampler's (their log-probs agree).
+  With `rows["token_index"]` (see `with_token_index`) the LM head runs only at those
+  response positions and every other position gets 0.
   """
   temperature = rcfg.temperature if rcfg.temperature > 0 else 1.0
   cfg = dataclasses.replace(rcfg, group_size=1)
@@ -327,17 +329,52 @@ def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
     out = {k: rows[k] for k in ROW_FIELDS}
     out["response_positions"] = jnp.moveaxis(rows["response_positions"], 1, 0)
     inputs = rollout.training_inputs(params, model_cfg, cfg, prompts, out)
-    return decoding.token_logprobs(
+    prompt_length = rows["prompt_ids"].shape[1]
+    index = rows.get("token_index")
+    logp, entropy = decoding.token_logprobs(
       params,
       model_cfg,
       *inputs,
-      start=rows["prompt_ids"].shape[1],  # the response only
+      start=prompt_length,  # the response only
+      index=None if index is None else prompt_length + index,
       temperature=temperature,
       banned_ids=rcfg.banned_ids,
       return_entropy=True,
     )
+    if index is None:
+      return logp, entropy
+    # Back to [B, R]; padding entries (index R) are dropped.
+    b, r = rows["response_ids"].shape
+    scatter = lambda x: (
+      jnp.zeros((b, r), x.dtype).at[jnp.arange(b)[:, None], index].set(x, mode="drop")
+    )
+    return scatter(logp), scatter(entropy)
 
   return logprob_fn
+
+
+def token_index(loss_mask: np.ndarray, buckets: int = 4) -> np.ndarray:
+  """int32 [B, K]: each row's trained response positions (`loss_mask`), padded with R.
+
+  K is the longest row's count rounded up to a multiple of R / `buckets`, so an update
+  compiles once per bucket, not once per batch; under several processes it is the
+  largest over all of them (the rows form one global array).
+  """
+  b, r = loss_mask.shape
+  step = -(-r // buckets)
+  longest = sharding.process_max(loss_mask.sum(axis=1).max(initial=0))
+  k = min(r, max(1, -(-longest // step)) * step)
+  index = np.full((b, k), r, np.int32)
+  for row, mask in enumerate(loss_mask):
+    where = np.flatnonzero(mask)
+    index[row, : len(where)] = where
+  return index
+
+
+def with_token_index(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`rows` plus `token_index`: the update's LM head then skips observation and
+  padding positions, which never train (most of a search-heavy response)."""
+  return dict(rows, token_index=token_index(np.asarray(rows["loss_mask"])))
 
 
 def make_update(config, model_cfg, rcfg, *, sft: bool = False):
@@ -441,6 +478,7 @@ def warm_start(config, params, data: dict, model_cfg, rcfg, mesh, writer) -> Any
     )
   size = min(size, n)
   data = dict(data, advantages=np.ones(data["loss_mask"].shape[:1], np.float32))
+  data = with_token_index(data)  # one width for every batch: one compilation
   writer.start(0)
   for step in range(1, config.sft.steps + 1):
     idx = rng.choice(n, size, replace=False)
@@ -618,6 +656,7 @@ def assemble_rows(config, drawn) -> tuple[dict, np.ndarray]:
 
 def grpo_step(config, state, rows, update_fn, rng, mesh, ref=None) -> tuple[Any, dict]:
   """`loss.mini_batches` updates over the rows; metrics averaged over them."""
+  rows = with_token_index(rows)
   if ref is not None:  # KL to the frozen reference policy.
     ref_params, ref_fn = ref
     rows = dict(rows)

@@ -122,6 +122,51 @@ def test_loop_and_one_op_have_the_same_gradients(monkeypatch):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def _reference_jnp(q, k, v, allowed, scale):
+  """`_reference` in jnp (for autodiff)."""
+  g = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  logits = jnp.einsum("bthd,bshd->bhts", q, k) * scale
+  logits = jnp.where(allowed[:, None], logits, np.finfo(np.float32).min)
+  return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_gradients_match_autodiff_of_the_reference(path, padded):
+  """The causal path's own backward (recomputed probabilities, no transposed
+  [G, n, S] products) against autodiff of plain attention."""
+  q, k, v = (jnp.asarray(x) for x in _qkv(2, 13, 13, seed=7))
+  valid = np.ones((2, 13), bool)
+  if padded:
+    valid[1, :4] = False
+  allowed = jnp.asarray(np.tril(np.ones((13, 13), bool))[None] & valid[:, None, :])
+  weights = jnp.asarray(np.random.default_rng(8).standard_normal(q.shape), jnp.float32)
+  weights = weights * valid[:, :, None, None]  # padding queries' outputs are never used
+  key_valid = jnp.asarray(valid) if padded else None
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+
+  ours = jax.jit(
+    jax.grad(loss(lambda *a: _grouped_jax(*a, key_valid=key_valid, causal=True)), (0, 1, 2))
+  )(q, k, v)
+  ref = jax.grad(loss(lambda *a: _reference_jnp(*a, allowed, 0.4)), (0, 1, 2))(q, k, v)
+  for name, a, b in zip("qkv", ours, ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=name)
+  # bf16 inputs: gradients come back in bf16, close to the fp32 ones.
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  low = jax.grad(
+    lambda q, k, v: jnp.sum(
+      _grouped_jax(q, k, v, key_valid=key_valid, causal=True).astype(jnp.float32) * weights
+    ),
+    (0, 1, 2),
+  )(*bf16)
+  for name, a, b in zip("qkv", low, ref):
+    assert a.dtype == jnp.bfloat16, name
+    scale = float(jnp.max(jnp.abs(b)))
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), atol=0.03 * scale)
+
+
 def _grouped_jax(q, k, v, **kw):
   out = layers.grouped_attention(
     layers.heads_first(q, k.shape[2]), layers.keys_last(k), v.transpose(0, 2, 1, 3), 0.4, **kw

@@ -226,6 +226,72 @@ def test_token_logprobs_equal_log_softmax_of_full_logits(cfg, hf_and_params):
     np.testing.assert_allclose(np.asarray(tail), ref[:, start - 1 :], atol=1e-5)
   with pytest.raises(ValueError, match="outside"):
     decoding.token_logprobs(params, cfg, *args, start=ids.shape[1])
+  # At chosen positions only (e.g. a response's generated tokens), in any order.
+  index = np.array([[ids.shape[1] - 1, 3, 9, 4]])
+  picked, entropy = decoding.token_logprobs(
+    params, cfg, *args, index=jnp.asarray(index), chunk_size=3, return_entropy=True
+  )
+  assert picked.shape == entropy.shape == (1, 4)
+  np.testing.assert_allclose(np.asarray(picked), ref[:, index[0] - 1], atol=1e-5)
+  _, full_entropy = decoding.token_logprobs(params, cfg, *args, return_entropy=True)
+  np.testing.assert_allclose(np.asarray(entropy), np.asarray(full_entropy)[:, index[0]], atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_token_logprobs_gradients_match_autodiff_of_full_logits(cfg, hf_and_params, tied):
+  """The head's own backward (log-prob and entropy terms, temperature, banned ids)
+  against autodiff through the full logits, for tied and untied heads."""
+  _, params = hf_and_params
+  cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, tie_word_embeddings=tied))
+  params = dict(params)
+  if tied:
+    params.pop("lm_head", None)
+  elif "lm_head" not in params:
+    vocab, width = params["embed_tokens"]["embedding"].shape
+    kernel = np.random.default_rng(0).normal(0, 0.05, (width, vocab)).astype(np.float32)
+    params["lm_head"] = {"kernel": jnp.asarray(kernel)}
+  ids = np.array([_image_prompt(cfg, [5, 6, 7], [8, 9, 10, 11, 12])] * 2)
+  ids[1, -2:] = [13, 14]
+  visual, deepstack = _encode(cfg, params, _pixels(cfg, 2))
+  pos, _ = policy.rope_index(ids, np.ones_like(ids), [[(4, 3)]] * 2, cfg.image_token_id)
+  args = (jnp.asarray(ids), jnp.asarray(pos), jnp.ones(ids.shape, bool))
+  banned, temperature, start = (cfg.image_token_id, 3), 0.7, 4
+  rng = np.random.default_rng(1)
+  w_logp, w_ent = (jnp.asarray(rng.standard_normal((2, ids.shape[1] - start))) for _ in range(2))
+
+  def ours(p, visual, deepstack):
+    logp, ent = decoding.token_logprobs(
+      p,
+      cfg,
+      *args,
+      visual,
+      deepstack,
+      start=start,
+      chunk_size=5,
+      temperature=temperature,
+      banned_ids=banned,
+      return_entropy=True,
+    )
+    return jnp.sum(w_logp * logp + w_ent * ent)
+
+  def reference(p, visual, deepstack):
+    logits, _ = policy.Policy(cfg).apply({"params": p}, *args, visual, deepstack)
+    logits = logits[:, start - 1 : -1].at[..., list(banned)].set(-1e30) / temperature
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, args[0][:, start:, None], axis=-1)[..., 0]
+    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return jnp.sum(w_logp * picked + w_ent * ent)
+
+  got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(params, visual, deepstack)
+  want = jax.grad(reference, argnums=(0, 1, 2))(params, visual, deepstack)
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+  for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
+    w = np.asarray(flat_want[path])
+    np.testing.assert_allclose(
+      np.asarray(g), w, atol=1e-5 * max(1.0, float(np.abs(w).max(initial=0.0))), err_msg=str(path)
+    )
+  head_grad = got[0]["embed_tokens"]["embedding"] if tied else got[0]["lm_head"]["kernel"]
+  assert float(jnp.abs(head_grad).max()) > 0
 
 
 def test_export_then_transformers_load_gives_same_logits(cfg, hf_and_params, tmp_path):

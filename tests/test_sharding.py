@@ -445,13 +445,11 @@ def _grpo_batch(seed: int = 0):
   return batch
 
 
-def _logprob_fn(params, micro):
-  """The trainer's log-prob function on a row-major batch (see `rollout.training_inputs`)."""
+def _rollout_cfg():
+  """The rollout shapes of `_grpo_batch`."""
   from segresearch_jax.agent import rollout
-  from segresearch_jax.models import decoding
 
-  banned = (TINY.image_token_id, TINY.vision_start_token_id, TINY.vision_end_token_id)
-  rollout_cfg = rollout.RolloutConfig(
+  return rollout.RolloutConfig(
     group_size=1,  # Rows are already one per trajectory.
     max_turns=PROOF_TURNS,
     max_response_length=PROOF_RESPONSE,
@@ -459,8 +457,63 @@ def _logprob_fn(params, micro):
     frame_grid=FRAME_GRID,
     keyframe_grid=KEY_GRID,
     search_grid=SEARCH_GRID,
-    banned_ids=banned,
+    banned_ids=(TINY.image_token_id, TINY.vision_start_token_id, TINY.vision_end_token_id),
   )
+
+
+@pytest.mark.slow  # compiles the update twice: ~80 s on a 2-core CPU
+def test_update_on_trained_positions_only_equals_the_full_update():
+  """`train.with_token_index`: the LM head runs only where `loss_mask` is set; the
+  log-probs there, the loss and the updated params are those of the full head."""
+  from segresearch_jax import train
+  from segresearch_jax.rl import losses
+
+  host = _grpo_batch()
+  rng = np.random.default_rng(3)
+  host["old_logprobs"] = (rng.normal(-6, 0.3, host["loss_mask"].shape) * host["loss_mask"]).astype(
+    np.float32
+  )
+  indexed = train.with_token_index(host)
+  index, mask = indexed["token_index"], host["loss_mask"].astype(bool)
+  counts = mask.sum(axis=1)
+  step = PROOF_RESPONSE // 4  # K is the longest row's count rounded up to R / 4
+  assert index.shape == (PROOF_ROWS, -(-counts.max() // step) * step) and index.dtype == np.int32
+  for row in range(PROOF_ROWS):
+    np.testing.assert_array_equal(index[row, : counts[row]], np.flatnonzero(mask[row]))
+    assert (index[row, counts[row] :] == PROOF_RESPONSE).all()  # padding, dropped
+  assert train.token_index(np.zeros((2, 12), bool)).shape == (2, 3)  # never empty
+
+  logprob_fn = jax.jit(train.make_logprob_fn(TINY, _rollout_cfg()))
+  params = policy.init_params(TINY, jax.random.PRNGKey(0))
+  full, full_entropy = logprob_fn(params, host)
+  part, part_entropy = logprob_fn(params, indexed)
+  np.testing.assert_allclose(np.asarray(part)[mask], np.asarray(full)[mask], atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(part_entropy)[mask], np.asarray(full_entropy)[mask], atol=1e-5
+  )
+  assert not np.asarray(part)[~mask].any() and not np.asarray(part_entropy)[~mask].any()
+
+  optimizer = update.make_optimizer(1e-3, warmup_steps=0)
+  step_fn = jax.jit(
+    update.make_update_fn(
+      train.make_logprob_fn(TINY, _rollout_cfg()), optimizer, losses.LossConfig()
+    )
+  )
+  new_full, m_full = step_fn(update.init_state(params, optimizer), host, jax.random.PRNGKey(1))
+  new_part, m_part = step_fn(update.init_state(params, optimizer), indexed, jax.random.PRNGKey(1))
+  for k in ("loss", "grad_norm", "entropy", "clip_fraction", "tokens"):
+    np.testing.assert_allclose(float(m_part[k]), float(m_full[k]), rtol=1e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(new_part.params), jax.tree.leaves(new_full.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def _logprob_fn(params, micro):
+  """The trainer's log-prob function on a row-major batch (see `rollout.training_inputs`)."""
+  from segresearch_jax.agent import rollout
+  from segresearch_jax.models import decoding
+
+  rollout_cfg = _rollout_cfg()
+  banned = rollout_cfg.banned_ids
   prompt = {
     k: micro[k] for k in ("prompt_ids", "prompt_valid", "frame_patches", "keyframe_patches")
   }

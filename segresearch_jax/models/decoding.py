@@ -187,6 +187,7 @@ def token_logprobs(
   deepstack: Array | None = None,
   *,
   start: int = 0,
+  index: Array | None = None,
   chunk_size: int = 256,
   temperature: float = 1.0,
   banned_ids: tuple[int, ...] = (),
@@ -194,26 +195,38 @@ def token_logprobs(
 ) -> Array | tuple[Array, Array]:
   """log p(input_ids[:, t] | input_ids[:, :t]) for t >= start; position 0 gets 0.
 
-  The LM head and softmax run over sequence chunks under `jax.checkpoint`, so
-  neither the forward nor the backward pass holds the full [B, L, V] logits, and
-  only over the positions asked for (`start`: e.g. the response after a prompt).
+  The LM head and softmax run over sequence chunks and the backward recomputes each
+  chunk's logits, so neither pass holds the full [B, L, V] logits, and
+  only over the positions asked for: `start` (e.g. the response after a prompt) or
+  `index` (e.g. only the generated tokens of a response that also holds tool
+  observations, which GRPO never trains on).
   `temperature` and `banned_ids` must match the sampler's (see `rollout.RolloutConfig`).
 
+  Args:
+    index: int [B, K] or None: the target positions, each in [1, L) (entries
+      outside it are clipped there: mask them out). Overrides `start`.
+
   Returns:
-    [B, L - start] log-probs of tokens start..L-1 (and the entropies of the
-    distributions that predict them if asked).
+    [B, L - start] log-probs of tokens start..L-1, or [B, K] of the tokens at
+    `index` (and the entropies of the distributions that predict them if asked).
   """
   model = Policy(config)
   hidden, _ = model.apply(
     {"params": params}, input_ids, positions, token_valid, visual, deepstack, return_hidden=True
   )
   b, length, d = hidden.shape
-  if not 0 <= start < length:
-    raise ValueError(f"start={start} is outside a sequence of {length} tokens.")
-  first = max(start, 1)  # Token 0 has no prefix.
-  hidden = hidden[:, first - 1 : length - 1]  # The hidden state before each target.
-  targets = input_ids[:, first:]
-  count = length - first
+  if index is not None:
+    index = jnp.clip(index, 1, length - 1)
+    hidden = jnp.take_along_axis(hidden, (index - 1)[..., None], axis=1)  # [B, K, D]
+    targets = jnp.take_along_axis(input_ids, index, axis=1)
+    count = index.shape[1]
+  else:
+    if not 0 <= start < length:
+      raise ValueError(f"start={start} is outside a sequence of {length} tokens.")
+    first = max(start, 1)  # Token 0 has no prefix.
+    hidden = hidden[:, first - 1 : length - 1]  # The hidden state before each target.
+    targets = input_ids[:, first:]
+    count = length - first
   pad = (-count) % chunk_size if count > chunk_size else 0
   size = min(chunk_size, count)
   hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -222,20 +235,71 @@ def token_logprobs(
   hidden = hidden.reshape(b, n, size, d).swapaxes(0, 1)  # [n, B, c, D]
   targets = targets.reshape(b, n, size).swapaxes(0, 1)  # [n, B, c]
 
-  @jax.checkpoint
-  def chunk(h, tgt):
-    logits = model.apply({"params": params}, h, method=Policy.logits).astype(jnp.float32)
-    if banned_ids:
-      logits = logits.at[..., list(banned_ids)].set(-1e30)
-    logp = jax.nn.log_softmax(logits / temperature, axis=-1)
-    picked = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    return picked, entropy
-
+  head = _head_matrix(params, config)
+  chunk = lambda h, tgt: _head_logprobs(h, head, tgt, temperature, tuple(banned_ids))
   picked, entropy = jax.lax.map(lambda xs: chunk(*xs), (hidden, targets))
   picked = picked.swapaxes(0, 1).reshape(b, -1)[:, :count]
   entropy = entropy.swapaxes(0, 1).reshape(b, -1)[:, :count]
-  if start == 0:
+  if index is None and start == 0:
     picked = jnp.concatenate([jnp.zeros((b, 1), picked.dtype), picked], axis=1)
     entropy = jnp.concatenate([jnp.zeros((b, 1), entropy.dtype), entropy], axis=1)
   return (picked, entropy) if return_entropy else picked
+
+
+def _head_matrix(params: Any, config: ModelConfig) -> Array:
+  """The LM head as a [D, V] matrix (`Policy.logits`): the tied embedding's transpose
+  or the untied `lm_head` kernel."""
+  if config.text.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def _head_forward(h, head, temperature, banned_ids):
+  """(logits / temperature - row max, log normaliser) of one chunk, h [B, c, D]."""
+  logits = jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32)
+  if banned_ids:
+    logits = logits.at[..., list(banned_ids)].set(-1e30)
+  shifted = logits / temperature
+  shifted = shifted - jnp.max(shifted, axis=-1, keepdims=True)
+  return shifted, jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _head_logprobs(h, head, targets, temperature, banned_ids):
+  """(log p(target), entropy) [B, c] of one chunk: h [B, c, D], head [D, V].
+
+  The [B, c, V] logits live only inside the chunk: the backward recomputes them (as
+  `jax.checkpoint` would) and writes the head's gradient as h^T @ d logits, a plain
+  [D, B c] x [B c, V] product; autodiff's form transposes the [B c, V] logit
+  gradient first, the largest copy of a CPU training step.
+  """
+  return _head_logprobs_fwd(h, head, targets, temperature, banned_ids)[0]
+
+
+def _head_logprobs_fwd(h, head, targets, temperature, banned_ids):
+  shifted, log_z = _head_forward(h, head, temperature, banned_ids)
+  logp = shifted - log_z
+  picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  return (picked, entropy), (h, head, targets, entropy)
+
+
+def _head_logprobs_bwd(temperature, banned_ids, residuals, cotangents):
+  h, head, targets, entropy = residuals
+  d_picked, d_entropy = (c[..., None] for c in cotangents)
+  shifted, log_z = _head_forward(h, head, temperature, banned_ids)
+  logp = shifted - log_z
+  p = jnp.exp(logp)
+  # d picked / d x = onehot - p;  d entropy / d x = -p (log p + entropy); x = logits / T.
+  hit = jnp.arange(logp.shape[-1]) == targets[..., None]
+  d_x = jnp.where(hit, d_picked, 0.0) - p * (d_picked + d_entropy * (logp + entropy[..., None]))
+  if banned_ids:  # their logits were overwritten: no gradient reaches the head there
+    keep = jnp.ones(logp.shape[-1], bool).at[jnp.asarray(banned_ids)].set(False)
+    d_x = jnp.where(keep, d_x, 0.0)
+  d_logits = d_x / temperature
+  d_h = jnp.einsum("bcv,dv->bcd", d_logits, head.astype(jnp.float32)).astype(h.dtype)
+  d_head = jnp.einsum("bcd,bcv->dv", h.astype(jnp.float32), d_logits).astype(head.dtype)
+  return d_h, d_head, None
+
+
+_head_logprobs.defvjp(_head_logprobs_fwd, _head_logprobs_bwd)
