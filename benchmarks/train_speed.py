@@ -360,7 +360,7 @@ def time_ours(world: World, rows: Mapping[str, np.ndarray], steps: int) -> StepT
   params = jax.tree.map(jnp.array, world.params)
   state, state_sharding = train.sharded_state(params, optimizer, mesh, config)
   update_fn = train.jit_update(update_fn, mesh, state_sharding)
-  batch = sharding.shard_batch(train.with_token_index(rows), mesh)  # as `train.grpo_step`
+  batch = sharding.shard_batch(train.with_token_index(rows), mesh)  # as the training loop
   rng = jax.random.PRNGKey(0)
   n0 = len(_COMPILES)
   t0 = time.perf_counter()

@@ -353,17 +353,18 @@ def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
   return logprob_fn
 
 
-def token_index(loss_mask: np.ndarray, buckets: int = 4) -> np.ndarray:
+def token_index(loss_mask: np.ndarray, buckets: int = 4, min_width: int = 0) -> np.ndarray:
   """int32 [B, K]: each row's trained response positions (`loss_mask`), padded with R.
 
-  K is the longest row's count rounded up to a multiple of R / `buckets`, so an update
-  compiles once per bucket, not once per batch; under several processes it is the
-  largest over all of them (the rows form one global array).
+  K is the longest row's count rounded up to a multiple of R / `buckets` (and at
+  least `min_width`), so an update compiles once per bucket, not once per batch;
+  under several processes it is the largest over all of them (the rows form one
+  global array).
   """
   b, r = loss_mask.shape
   step = -(-r // buckets)
   longest = sharding.process_max(loss_mask.sum(axis=1).max(initial=0))
-  k = min(r, max(1, -(-longest // step)) * step)
+  k = min(r, max(1, -(-longest // step), -(-min_width // step)) * step)
   index = np.full((b, k), r, np.int32)
   for row, mask in enumerate(loss_mask):
     where = np.flatnonzero(mask)
@@ -371,10 +372,14 @@ def token_index(loss_mask: np.ndarray, buckets: int = 4) -> np.ndarray:
   return index
 
 
-def with_token_index(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def with_token_index(rows: Mapping[str, np.ndarray], min_width: int = 0) -> dict[str, np.ndarray]:
   """`rows` plus `token_index`: the update's LM head then skips observation and
-  padding positions, which never train (most of a search-heavy response)."""
-  return dict(rows, token_index=token_index(np.asarray(rows["loss_mask"])))
+  padding positions, which never train (most of a search-heavy response).
+
+  The training loop passes the widest index so far as `min_width`: the width only
+  grows, so the update compiles at most once per bucket and usually once or twice.
+  """
+  return dict(rows, token_index=token_index(np.asarray(rows["loss_mask"]), min_width=min_width))
 
 
 def make_update(config, model_cfg, rcfg, *, sft: bool = False):
@@ -656,7 +661,6 @@ def assemble_rows(config, drawn) -> tuple[dict, np.ndarray]:
 
 def grpo_step(config, state, rows, update_fn, rng, mesh, ref=None) -> tuple[Any, dict]:
   """`loss.mini_batches` updates over the rows; metrics averaged over them."""
-  rows = with_token_index(rows)
   if ref is not None:  # KL to the frozen reference policy.
     ref_params, ref_fn = ref
     rows = dict(rows)
@@ -829,6 +833,7 @@ def train(config) -> dict:
 
   # 3. GRPO steps.
   writer.start(start)
+  head_width = 0  # the widest `token_index` so far (see `with_token_index`)
   for step in range(start + 1, config.total_steps + 1):
     t0 = time.time()
     step_rng = jax.random.fold_in(rng, step)
@@ -843,6 +848,8 @@ def train(config) -> dict:
     )
     t_rollout = time.time() - t0
     rows, trains = assemble_rows(config, drawn)
+    rows = with_token_index(rows, min_width=head_width)
+    head_width = rows["token_index"].shape[1]
     state, m = grpo_step(config, state, rows, update_fn, step_rng, mesh, ref)
     batch, eps, scores = drawn[0]
     local = episode_metrics(eps, scores)

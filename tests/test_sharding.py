@@ -482,6 +482,10 @@ def test_update_on_trained_positions_only_equals_the_full_update():
     np.testing.assert_array_equal(index[row, : counts[row]], np.flatnonzero(mask[row]))
     assert (index[row, counts[row] :] == PROOF_RESPONSE).all()  # padding, dropped
   assert train.token_index(np.zeros((2, 12), bool)).shape == (2, 3)  # never empty
+  wider = train.token_index(mask, min_width=index.shape[1] + 1)  # the loop's widest so far
+  assert wider.shape[1] == index.shape[1] + step
+  np.testing.assert_array_equal(wider[:, : index.shape[1]], index)
+  assert (wider[:, index.shape[1] :] == PROOF_RESPONSE).all()
 
   logprob_fn = jax.jit(train.make_logprob_fn(TINY, _rollout_cfg()))
   params = policy.init_params(TINY, jax.random.PRNGKey(0))
