@@ -468,7 +468,13 @@ def local_rows(x: jax.Array) -> np.ndarray:
   for shard in x.addressable_shards:
     start = (shard.index[0].start or 0) if shard.index else 0
     shards.setdefault(start, np.asarray(shard.data))
-  return np.concatenate([shards[k] for k in sorted(shards)])
+  rows = np.concatenate([shards[k] for k in sorted(shards)])
+  if len(rows) * jax.process_count() != x.shape[0]:
+    raise ValueError(
+      f"local_rows: this process holds {len(rows)} of {x.shape[0]} rows over "
+      f"{jax.process_count()} processes; the array is not split by rows ({x.sharding})."
+    )
+  return rows
 
 
 # ----------------------------------------------------------------------------

@@ -827,7 +827,8 @@ def train(config) -> dict:
       initial = jax.tree.map(jnp.copy, state.params)
   ref = None
   if config.loss.kl_coef > 0:
-    ref_fn = jax.jit(make_logprob_fn(model_cfg, rcfg))
+    # Rows out as they came in: `sharding.local_rows` reads this process's share back.
+    ref_fn = jax.jit(make_logprob_fn(model_cfg, rcfg), out_shardings=sharding.batch_sharding(mesh))
     ref = (initial, lambda p, mb: ref_fn(p, mb)[0])
   control_params = sharding.local_copy(initial) if config.eval.frozen_control else None
 
