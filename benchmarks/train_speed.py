@@ -10,7 +10,9 @@ random advantages, old log-probs = our current log-probs plus a little noise (so
 clip and the dual clip both fire).
 
 - Ours: the trainer's own step, `train.make_update` jitted by `train.jit_update` on
-  the config's mesh (state donated); it also computes the per-token entropy metric.
+  the config's mesh (state donated), on the rows the training loop hands it (with
+  `train.with_token_index`: the LM head runs at the generated tokens only); it also
+  computes the per-token entropy metric.
 - Reference: the transformers model with the same weights (exported through our
   safetensors writer) on the same sequences and images (the prompt + response of
   each row, right-padded; the shown frames and the keyframe / search images that the
