@@ -267,18 +267,20 @@ def _query_blocks(t: int, s: int, g: int, causal: bool) -> list[tuple[int, int]]
   return [(t0, min(t, t0 + size)) for t0 in range(0, t, size)]
 
 
-def _causal_allowed(key_valid: Array | None, t0: int, t1: int) -> Array:
-  """bool [t1 - t0, t1]: queries t0..t1-1 see keys up to themselves that are valid."""
+def _causal_logits(q, k, key_valid, scale, t0: int, t1: int) -> tuple[Array, Array]:
+  """Scaled fp32 logits [G, n, t1] of queries t0..t1-1 (masked to `_MASKED` where not
+  allowed) and the mask [1, n, t1]: a query sees the valid keys up to itself."""
   allowed = jnp.arange(t1)[None, :] <= jnp.arange(t0, t1)[:, None]
-  return allowed if key_valid is None else allowed & key_valid[None, :t1]
+  allowed = (allowed if key_valid is None else allowed & key_valid[None, :t1])[None]
+  logits = jnp.einsum("gnd,ds->gns", q[:, t0:t1], k[:, :t1], preferred_element_type=jnp.float32)
+  return jnp.where(allowed, logits * scale, _MASKED), allowed
 
 
 def _causal_forward(q, k, v, key_valid, scale, blocks):
   """The causal unit's output and its softmax statistics (row max, row sum) [G, T, 2]."""
   outs, stats = [], []
   for t0, t1 in blocks:
-    logits = jnp.einsum("gnd,ds->gns", q[:, t0:t1], k[:, :t1], preferred_element_type=jnp.float32)
-    logits = jnp.where(_causal_allowed(key_valid, t0, t1)[None], logits * scale, _MASKED)
+    logits, _ = _causal_logits(q, k, key_valid, scale, t0, t1)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits - peak)
     total = jnp.sum(e, axis=-1, keepdims=True)
@@ -318,9 +320,7 @@ def _causal_attention_bwd(scale, blocks, residuals, d_out):
   dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v_t.shape, jnp.float32)
   for t0, t1 in blocks:
     n = t1 - t0
-    allowed = _causal_allowed(key_valid, t0, t1)[None]
-    logits = jnp.einsum("gnd,ds->gns", q[:, t0:t1], k[:, :t1], preferred_element_type=jnp.float32)
-    logits = jnp.where(allowed, logits * scale, _MASKED)
+    logits, allowed = _causal_logits(q, k, key_valid, scale, t0, t1)
     p = jnp.exp(logits - stats[:, t0:t1, :1]) / stats[:, t0:t1, 1:]  # [G, n, t1]
     dp = jnp.einsum("gnd,ds->gns", d_out[:, t0:t1], v_t[:, :t1])
     dlogits = jnp.where(allowed, p * (dp - delta[:, t0:t1]), 0.0) * scale
