@@ -46,8 +46,9 @@ OBS_MAX = 24
 BANNED = (CFG.image_token_id, CFG.vision_start_token_id, CFG.vision_end_token_id)
 
 
-def _setup(scripts, max_turns=3, group_size=1, temperature=1.0):
+def _setup(scripts, max_turns=3, group_size=1, temperature=1.0, observe_rows=0):
   rcfg = rollout.RolloutConfig(
+    observe_rows=observe_rows,
     group_size=group_size,
     max_turns=max_turns,
     max_response_length=64,
@@ -178,6 +179,34 @@ def test_sampler_logprobs_equal_trainer_logprobs(temperature):
   np.testing.assert_allclose(
     np.asarray(logp)[:, lp:][mask], np.asarray(out["logprobs"])[mask], atol=1e-5
   )
+
+
+def test_observations_prefilled_in_chunks_equal_the_full_batch_prefill():
+  # Rows 0 and 1 wait at the same step, row 2 later, row 3 never; then free sampling.
+  scripts = [
+    [10, *SEARCH_END, 12, *KEY_END],
+    [11, *SEARCH_END],
+    [10, 11, 12, 13, *KEY_END, 14, *SEARCH_END],
+    [15, 16],
+  ]
+  outs = {}
+  for rows in (4, 2, 1):  # 4 = one prefill of the whole batch
+    params, rcfg, batch, fn = _setup(scripts, group_size=4, observe_rows=rows)
+    assert rcfg.observe_chunk(4) == rows
+    outs[rows] = jax.device_get(fn(params, batch, jax.random.PRNGKey(5)))
+  full = outs[4]
+  assert int(full["num_turns"].sum()) >= 5
+  for rows in (2, 1):
+    for key in ("response_ids", "response_positions", "loss_mask", "stop_reason", "num_turns"):
+      np.testing.assert_array_equal(outs[rows][key], full[key], err_msg=f"{key}, {rows} rows")
+    np.testing.assert_allclose(outs[rows]["logprobs"], full["logprobs"], atol=1e-5)
+
+
+def test_observe_chunk_divides_the_batch():
+  cfg = rollout.RolloutConfig()
+  assert [cfg.observe_chunk(b) for b in (1, 8, 16, 32, 44, 128)] == [1, 1, 2, 4, 4, 16]
+  assert rollout.RolloutConfig(observe_rows=3).observe_chunk(16) == 2
+  assert rollout.RolloutConfig(observe_rows=64).observe_chunk(16) == 16
 
 
 def test_observation_positions_continue_after_an_image():

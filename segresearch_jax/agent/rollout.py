@@ -58,6 +58,15 @@ class RolloutConfig:
   # Never sampled (e.g. <|image_pad|>, <|vision_start|>): a generated image token would
   # be taken for an image position. `decoding.token_logprobs` must ban the same ids.
   banned_ids: tuple[int, ...] = ()
+  # Rows prefilled together when observations arrive: the waiting rows are packed into
+  # chunks of this many (rounded down to a divisor of the batch), so that an observation
+  # for one row does not run the prefill on every row. 0 = an eighth of the batch.
+  observe_rows: int = 0
+
+  def observe_chunk(self, batch: int) -> int:
+    """Rows per observation prefill for a rollout batch of `batch` rows."""
+    want = self.observe_rows or max(1, batch // 8)
+    return max(d for d in range(1, min(want, batch) + 1) if batch % d == 0)
 
 
 def stop_patterns(tokenizer: Any, stop_strings: Sequence[str], max_len: int = 8) -> np.ndarray:
@@ -472,8 +481,14 @@ def make_rollout_fn(
       # 8. Prefill the observation into the cache and the response (masked out of the loss).
       valid = (jnp.arange(obs_max)[None] < obs_len[:, None]) & pending[:, None]
       last = jnp.clip(obs_len - 1, 0, obs_max - 1)
-      new_logits, cache = decoding.prefill(
-        params, model_cfg, s["cache"], obs, pos, valid, visual, deepstack, logits_at=last
+      new_logits, cache = _prefill_rows(
+        params,
+        model_cfg,
+        s["cache"],
+        s["logits"],
+        pending,
+        cfg.observe_chunk(b),
+        (obs, pos, valid, visual, deepstack, last),
       )
       keep = pending[:, None]
       length = s["length"]
@@ -491,7 +506,7 @@ def make_rollout_fn(
       return dict(
         s,
         cache=cache,
-        logits=jnp.where(keep, new_logits, s["logits"]),
+        logits=new_logits,
         tokens=tokens,
         positions=positions,
         length=new_length,
@@ -527,6 +542,67 @@ def make_rollout_fn(
     )
 
   return jax.jit(rollout)
+
+
+def _prefill_rows(
+  params: Any,
+  model_cfg: ModelConfig,
+  cache: policy.Cache,
+  logits: Array,
+  pending: Array,
+  chunk: int,
+  inputs: tuple[Array, ...],
+) -> tuple[Array, policy.Cache]:
+  """`decoding.prefill` of the `pending` rows only, `chunk` rows at a time.
+
+  Observations arrive for a row or two at a time, so the waiting rows are packed
+  (gathered with their cache rows) into chunks of `chunk` rows, prefilled, and
+  scattered back: the cost follows the rows that wait, not the batch. Rows of the
+  last chunk that do not wait run with no valid token, as in a full-batch prefill.
+
+  Args:
+    logits: [B, V] the rows' current next-token logits (kept where not pending).
+    chunk: rows per prefill; a divisor of B.
+    inputs: (ids [B, T], positions [3, B, T], valid [B, T], visual [B, Nv, D],
+      deepstack [n_ds, B, Nv, D], logits_at [B]) of `decoding.prefill`.
+
+  Returns:
+    (logits [B, V], cache) after the prefill.
+  """
+  ids, pos, valid, visual, deepstack, last = inputs
+  b = ids.shape[0]
+  if chunk >= b:
+    new_logits, cache = decoding.prefill(
+      params, model_cfg, cache, ids, pos, valid, visual, deepstack, logits_at=last
+    )
+    return jnp.where(pending[:, None], new_logits, logits), cache
+  order = jnp.argsort(~pending, stable=True).astype(jnp.int32)  # waiting rows first
+  count = jnp.sum(pending.astype(jnp.int32))
+
+  def body(carry):
+    i, cache, logits = carry
+    rows = jax.lax.dynamic_slice_in_dim(order, i * chunk, chunk)
+    take = lambda x, axis=0: jnp.take(x, rows, axis=axis)
+    part = jax.tree.map(take, cache)  # every cache entry is batch-major
+    out, part = decoding.prefill(
+      params,
+      model_cfg,
+      part,
+      take(ids),
+      take(pos, 1),
+      take(valid),
+      take(visual),
+      take(deepstack, 1),
+      logits_at=take(last),
+    )
+    cache = jax.tree.map(lambda full, p: full.at[rows].set(p), cache, part)
+    out = jnp.where(take(pending)[:, None], out.astype(logits.dtype), take(logits))
+    return i + 1, cache, logits.at[rows].set(out)
+
+  _, cache, logits = jax.lax.while_loop(
+    lambda c: c[0] * chunk < count, body, (jnp.zeros((), jnp.int32), cache, logits)
+  )
+  return logits, cache
 
 
 def training_inputs(
