@@ -204,7 +204,7 @@ def test_observations_prefilled_in_chunks_equal_the_full_batch_prefill():
 
 def test_observe_chunk_divides_the_batch():
   cfg = rollout.RolloutConfig()
-  assert [cfg.observe_chunk(b) for b in (1, 8, 16, 32, 44, 128)] == [1, 1, 2, 4, 4, 16]
+  assert [cfg.observe_chunk(b) for b in (1, 16, 32, 48, 56, 128)] == [1, 1, 2, 3, 2, 8]
   assert rollout.RolloutConfig(observe_rows=3).observe_chunk(16) == 2
   assert rollout.RolloutConfig(observe_rows=64).observe_chunk(16) == 16
 

@@ -60,12 +60,14 @@ class RolloutConfig:
   banned_ids: tuple[int, ...] = ()
   # Rows prefilled together when observations arrive: the waiting rows are packed into
   # chunks of this many (rounded down to a divisor of the batch), so that an observation
-  # for one row does not run the prefill on every row. 0 = an eighth of the batch.
+  # for one row does not run the prefill on every row. 0 = a sixteenth of the batch
+  # (on CPU, the embedded default's 32 rows: 1 or 2 rows per chunk are fastest, 4 are
+  # 1.2x slower, all 32 rows 3x).
   observe_rows: int = 0
 
   def observe_chunk(self, batch: int) -> int:
     """Rows per observation prefill for a rollout batch of `batch` rows."""
-    want = self.observe_rows or max(1, batch // 8)
+    want = self.observe_rows or max(1, batch // 16)
     return max(d for d in range(1, min(want, batch) + 1) if batch % d == 0)
 
 
