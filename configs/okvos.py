@@ -125,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sft.warmup_steps = 10
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 2e-4
+  c.optim.lr = 1e-4
   c.optim.warmup_steps = 5
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
