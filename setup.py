@@ -21,7 +21,8 @@ _EXTRAS = {
 }
 _EXTRAS["dev"] = sorted(
     set(_EXTRAS["hf"] + _EXTRAS["search"] + _EXTRAS["data"] + ["opencv-python-headless"])
-    | {"pytest>=8", "hypothesis", "ruff", "pytest-timeout", "nbclient", "nbformat", "ipykernel"}
+    | {"pytest>=8", "pytest-timeout", "pytest-xdist", "hypothesis", "ruff"}
+    | {"nbclient", "nbformat", "ipykernel"}
 )
 
 setuptools.setup(

@@ -13,6 +13,9 @@ from segresearch_jax.agent import episodes, protocol, rollout
 from segresearch_jax.data import synthetic
 from segresearch_jax.models import tokenizer as tokenizer_lib
 
+# Under `pytest -n 2 --dist loadgroup` one worker builds the module's world once.
+pytestmark = pytest.mark.xdist_group("agent_episodes")
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

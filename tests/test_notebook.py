@@ -498,6 +498,7 @@ def shrunk_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("notebook_run")  # shares the module's run
 def test_views_of_a_real_run(shrunk_run):
   run = shrunk_run["workdir"]
   curve = notebook.show_reward_curve(run, display=False)
@@ -518,6 +519,7 @@ def test_views_of_a_real_run(shrunk_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("notebook_run")  # shares the module's run
 def test_evaluate_checkpoint_evaluates_the_saved_step(shrunk_run):
   result = json.loads((shrunk_run["root"] / "eval_step1.json").read_text())
   assert result["step"] == 1 and result["samples"] == 2
@@ -549,6 +551,7 @@ def _data(outputs, mime):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("notebook_run")  # shares the module's run
 def test_quickstart_executes_on_cpu(shrunk_run, tmp_path, monkeypatch):
   nbclient = pytest.importorskip("nbclient")
   pytest.importorskip("ipykernel")

@@ -70,6 +70,7 @@ def uninterrupted(tmp_path_factory, synthetic_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("train_run")  # shares the module's run
 def test_main_command_trains_logs_checkpoints_and_validates(uninterrupted):
   workdir, stdout = uninterrupted
   assert "parameters" in stdout and "sft 2/2" in stdout and "step 2/2" in stdout
@@ -102,6 +103,7 @@ def test_main_command_trains_logs_checkpoints_and_validates(uninterrupted):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("train_run")  # shares the module's run
 def test_resume_after_kill_reproduces_the_next_metrics(tmp_path, synthetic_dir, uninterrupted):
   reference = _train_rows(uninterrupted[0])
   workdir = tmp_path / "killed"
@@ -181,6 +183,7 @@ def test_search_backend_that_is_down_fails_before_training(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("train_run")  # shares the module's run
 def test_evaluate_command_on_a_checkpoint(tmp_path, synthetic_dir, uninterrupted):
   workdir = uninterrupted[0]
   cmd = [

@@ -18,6 +18,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Under `pytest -n 2 --dist loadgroup` one worker builds the module's episode batch once.
+pytestmark = pytest.mark.xdist_group("train_speed_bench")
 
 
 def _load_benchmark():
