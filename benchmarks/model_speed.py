@@ -10,7 +10,9 @@ Our decoding is `decoding.greedy_decode` timed on its own from a prefilled cache
 (checked token for token against `greedy_generate`); transformers' is
 `generate` of N tokens minus `generate` of 1 token (the same prefill cancels out).
 Both sides take turns and each figure is the best of `--repeats`, so that load
-from other processes on the machine hits them alike.
+from other processes on the machine hits them alike. A second table puts our decode
+step against the memory floor and against its matrix products alone
+(`decode_floor.py`), next to the step time that 3x transformers would need.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import tempfile
 import time
 
+import decode_floor  # benchmarks/ is on sys.path when this file runs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,9 +67,11 @@ def main() -> None:
   # The same cores for both sides: XLA:CPU uses every core of the process.
   torch.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
   print(f"torch threads {torch.get_num_threads()}, cores {len(os.sched_getaffinity(0))}")
-  table = []
+  table, floors = [], []
   for preset in args.presets.split(","):
-    table += bench(preset, args, torch, transformers)
+    rows, floor = bench(preset, args, torch, transformers)
+    table += rows
+    floors.append(floor)
   print(
     f"\n{'model':<13}{'metric':<24}{'ours (jax)':>12}{'transformers':>14}{'ratio':>8}{'goal':>7}"
     f"{'compiles':>10}"
@@ -77,10 +82,27 @@ def main() -> None:
       f"{compiles:>10}"
     )
   print("compiles = XLA compilations on the first call / over 3 further calls (goal: 1+ / 0)")
+  bandwidth = decode_floor.read_bandwidth()
+  print(
+    f"\n{'model':<13}{'decode step ms':>15}{'memory floor':>14}{'ratio':>8}{'dots alone':>12}"
+    f"{'ratio':>8}{'3x transformers':>17}"
+  )
+  for preset, step_s, hf_step_s, nbytes, dots_s in floors:
+    floor_s = nbytes / bandwidth
+    print(
+      f"{preset:<13}{step_s * 1e3:>15.2f}{floor_s * 1e3:>14.2f}{step_s / floor_s:>7.2f}x"
+      f"{dots_s * 1e3:>12.2f}{step_s / dots_s:>7.2f}x{hf_step_s / 3 * 1e3:>14.2f} ms"
+    )
+  print(
+    f"memory floor = LM weights + KV cache read once at {bandwidth / 1e9:.1f} GB/s; dots alone = "
+    "the step's matrix products chained and jitted, without norms, softmax or cache writes "
+    "(decode_floor.py); 3x transformers = the step time the decode goal needs"
+  )
 
 
 def bench(preset, args, torch, transformers):
-  """Rows (preset, metric, ours, theirs, goal, compiles) for one model preset."""
+  """Rows (preset, metric, ours, theirs, goal, compiles) for one model preset, and
+  (preset, our decode step s, transformers' step s, weight + KV bytes, dots-alone s)."""
   cfg = config_lib.get_preset(
     preset, image_token_id=100, vision_start_token_id=101, vision_end_token_id=102
   )
@@ -223,7 +245,16 @@ def bench(preset, args, torch, transformers):
     "ours": best["ours", "decode"],
     "theirs": best["theirs", "generate"] - best["theirs", "first"],
   }
-  return [
+  steps = args.new_tokens - 1
+  cache_len = length + args.new_tokens
+  floor = (
+    preset,
+    decode_s["ours"] / steps,
+    decode_s["theirs"] / steps,
+    decode_floor.text_bytes(params) + decode_floor.kv_bytes(cfg, b, cache_len),
+    decode_floor.dots_alone_s(params, cfg, b, cache_len),
+  )
+  rows = [
     (
       preset,
       "prefill tokens/s",
@@ -241,6 +272,7 @@ def bench(preset, args, torch, transformers):
       f"{compiles['decode']}/{recompiles}",
     ),
   ]
+  return rows, floor
 
 
 if __name__ == "__main__":

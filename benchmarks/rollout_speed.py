@@ -9,7 +9,9 @@ first sample), on both sides, alternating, best of `--repeats`. Prints decode
 tokens/s and its ratio to transformers, the decode step time against the memory
 floor (language-model weights + KV cache read once at the measured read bandwidth)
 and against the matmul floor (its FLOPs at the measured rate of a [B, hidden] x
-[hidden, intermediate] matmul), and the XLA compilations over 5 batches.
+[hidden, intermediate] matmul) and against its matrix products alone
+(`decode_floor.dots_alone_s`: what XLA's kernels take for them), and the XLA
+compilations over 5 batches.
 
 `--episodes` adds whole episodes with tool use: the embedded policy and tokenizer
 on a synthetic OK-VOS knowledge base (dense retrieval with the packaged MiniLM),
@@ -24,6 +26,7 @@ import os
 import tempfile
 import time
 
+import decode_floor  # benchmarks/ is on sys.path when this file runs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,23 +41,6 @@ jax.monitoring.register_event_duration_secs_listener(
     _COMPILES.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
   )
 )
-
-
-def read_bandwidth() -> float:
-  """Bytes/s of a jitted sum over 256 MB: what a decode step does with weights and cache.
-
-  (An elementwise copy would also count the page faults of a fresh 256 MB output,
-  which a decode step does not pay, and put the floor too high.)
-  """
-  x = jnp.ones((64 * 1024 * 1024,), jnp.float32)
-  f = jax.jit(jnp.sum)
-  f(x).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    t0 = time.perf_counter()
-    f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return x.nbytes / best
 
 
 def main() -> None:
@@ -178,18 +164,20 @@ def main() -> None:
 
   # Memory floor of one decode step: the language model's weights (the tied
   # embedding is read whole by the LM head) and the KV cache, each read once.
-  text_bytes = sum(x.nbytes for k, x in params.items() if k != "visual" for x in jax.tree.leaves(x))
   t = cfg.text
   cache_len = ids.shape[1] + 2 * args.new_tokens + 2  # prompt + the rollout's buffer
-  kv_bytes = 2 * t.num_layers * b * cache_len * t.num_kv_heads * t.head_dim * 4
-  bandwidth = read_bandwidth()
-  floor_s = (text_bytes + kv_bytes) / bandwidth
+  weight_bytes = decode_floor.text_bytes(params)
+  kv_bytes = decode_floor.kv_bytes(cfg, b, cache_len)
+  bandwidth = decode_floor.read_bandwidth()
+  floor_s = (weight_bytes + kv_bytes) / bandwidth
   step_s = ours_decode_s / (args.new_tokens - 1)
   # Compute floor: the matmul FLOPs of a step at this machine's measured matmul rate.
   step_flops = (
-    2 * b * (text_bytes // 4 - t.vocab_size * t.hidden_size * (not t.tie_word_embeddings))
+    2 * b * (weight_bytes // 4 - t.vocab_size * t.hidden_size * (not t.tie_word_embeddings))
   )
-  gflops = matmul_rate(b, t.hidden_size, t.intermediate_size)
+  gflops = decode_floor.matmul_rate(b, t.hidden_size, t.intermediate_size)
+  dots_s = decode_floor.dots_alone_s(params, cfg, b, cache_len)
+  hf_step_s = hf_decode_s / (args.new_tokens - 1)
 
   ours_tps, hf_tps = decode_tokens / ours_decode_s, decode_tokens / hf_decode_s
   print(
@@ -211,28 +199,24 @@ def main() -> None:
     f"{step_flops / gflops * 1e3:>14.2f}{step_s / (step_flops / gflops):>8.2f}x{'':>8}"
   )
   print(
+    f"{'decode step ms vs its dots alone':<34}{step_s * 1e3:>12.2f}{dots_s * 1e3:>14.2f}"
+    f"{step_s / dots_s:>8.2f}x{'->1x':>8}"
+  )
+  print(
     f"{'XLA compilations, batch 1 / 2-5':<34}{compiles_first:>10d}/{compiles_rollout}"
     f"{'':>14}{'':>9}{'n/0':>8}"
   )
   print(
-    f"(read bandwidth {bandwidth / 1e9:.1f} GB/s; LM weights {text_bytes / 1e6:.0f} MB, "
+    f"(read bandwidth {bandwidth / 1e9:.1f} GB/s; LM weights {weight_bytes / 1e6:.0f} MB, "
     f"KV cache {kv_bytes / 1e6:.0f} MB; matmul {gflops / 1e9:.1f} GFLOP/s at "
     f"[{b}, {t.hidden_size}] x [{t.hidden_size}, {t.intermediate_size}]; compilations "
     f"counted over both programs (N tokens and 1 token) on batch 1)"
   )
-
-
-def matmul_rate(m: int, k: int, n: int) -> float:
-  """FLOP/s of a jitted fp32 [m, k] x [k, n] matmul, the shape of a decode step's MLP."""
-  a, w = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
-  f = jax.jit(jnp.matmul)
-  f(a, w).block_until_ready()
-  best = float("inf")
-  for _ in range(20):
-    t0 = time.perf_counter()
-    f(a, w).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * m * k * n / best
+  print(
+    f"(dots alone = the step's matrix products chained and jitted without norms, softmax, "
+    f"cache writes or sampling, see decode_floor.py; 3x transformers would need "
+    f"{hf_step_s / 3 * 1e3:.1f} ms a step = {hf_step_s / 3 / dots_s:.2f}x the dots alone)"
+  )
 
 
 def episodes(batch_size: int) -> None:
