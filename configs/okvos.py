@@ -21,7 +21,7 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the config; `arg` picks a preset: None (embedded default) or 'paper'."""
+  """Returns the config; `arg` is a comma-separated list of variants (see VARIANTS)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.workdir = "runs/okvos"
@@ -166,34 +166,49 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # more than 20 steps of GRPO do; 8 halves that noise (README, "Does GRPO learn?").
   c.batch_size = 8
 
-  if arg is None or arg == "":
-    return c
-  if arg == "paper":
-    c.total_steps = 100
-    c.model.preset = "qwen3_vl_4b"
-    c.model.dtype = "bfloat16"
-    c.data.source = "okvos"
-    c.data.frame_size = 448
-    c.data.keyframe_size = 864
-    c.data.search_image_size = 256
-    c.data.min_pixels = -1
-    c.data.templates = "default"
-    c.search.method = "dense"
-    c.search.text_top_k = 2
-    c.rollout.group_size = 8
-    c.rollout.max_turns = 6
-    c.rollout.max_prompt_length = 2048
-    c.rollout.max_response_length = 8192
-    c.rollout.max_action_length = 4096
-    c.rollout.max_obs_length = 4096
-    c.optim.lr = 1e-6
-    c.optim.warmup_steps = 10
-    c.loss.mini_batches = 2
-    c.sft.steps = 0
-    c.reward.mask_weight = 0.0  # The official reward (SPEC §3.1).
-    c.eval.frozen_control = False  # Would double the rollout time at 16 x 8.
-    c.batch_size = 16
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
-    return c
-  raise ValueError(f"Unknown config preset {arg!r}; use no argument or 'paper'.")
+  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    raise ValueError(
+      f"Unknown config variant(s) {unknown} in {arg!r}; known: {', '.join(VARIANTS)} "
+      "(combine them with commas, e.g. 'paper,dapo')."
+    )
+  for name in variants:
+    VARIANTS[name](c)
+  return c
+
+
+def _paper(c: ml_collections.ConfigDict) -> None:
+  """The paper recipe: Qwen3-VL-4B on OK-VOS, 16 prompts x 8 rollouts, lr 1e-6, 100 steps."""
+  c.total_steps = 100
+  c.model.preset = "qwen3_vl_4b"
+  c.model.dtype = "bfloat16"
+  c.data.source = "okvos"
+  c.data.frame_size = 448
+  c.data.keyframe_size = 864
+  c.data.search_image_size = 256
+  c.data.min_pixels = -1
+  c.data.templates = "default"
+  c.search.method = "dense"
+  c.search.text_top_k = 2
+  c.rollout.group_size = 8
+  c.rollout.max_turns = 6
+  c.rollout.max_prompt_length = 2048
+  c.rollout.max_response_length = 8192
+  c.rollout.max_action_length = 4096
+  c.rollout.max_obs_length = 4096
+  c.optim.lr = 1e-6
+  c.optim.warmup_steps = 10
+  c.loss.mini_batches = 2
+  c.sft.steps = 0
+  c.reward.mask_weight = 0.0  # The official reward (SPEC §3.1).
+  c.eval.frozen_control = False  # Would double the rollout time at 16 x 8.
+  c.batch_size = 16
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+
+
+# Variants applied in the order given: `configs/okvos.py:paper,dapo`.
+VARIANTS = {
+  "paper": _paper,
+}
