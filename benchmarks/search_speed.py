@@ -8,6 +8,11 @@
    calls against the dense local KB: cold (empty search cache, every call goes to
    the retriever and is stored) vs cached (the same calls replayed from SQLite).
    Reports p50/p99 of the whole batch round trip and of single calls; baseline cold.
+3. Hostile peers, each measured until the call returns: a 50 MB query to the search
+   service (refused with 413 before the body is read), a request whose
+   Content-Length promises more than it sends (408 after the 10 s read timeout),
+   and a server that drips its answer one byte every 125 ms to a client with a 2 s
+   timeout (the timeout bounds the whole call).
 """
 
 from __future__ import annotations
@@ -138,6 +143,62 @@ def bridge_round_trip(kb_dir, batch, rounds, cache_dir):
   return results
 
 
+def hostile_peers(kb_dir: pathlib.Path) -> dict[str, tuple[float, str]]:
+  """Seconds until each hostile case returns, and what it returned."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+
+  from segresearch_jax.search import results as results_lib  # pylint: disable=g-import-not-at-top
+  from segresearch_jax.search import service, web  # pylint: disable=g-import-not-at-top
+
+  out = {}
+  kb = local_kb.LocalKnowledgeBase.from_files(kb_dir / "text_corpus.jsonl", method="bm25")
+  server = service.RetrievalServer(kb).start()
+  try:
+    client = service.RetrievalClient(server.url, max_retries=0)
+    start = time.perf_counter()
+    try:
+      client.text_search("x" * (50 << 20), 1)
+      outcome = "answered"
+    except results_lib.SearchError as e:
+      outcome = str(e).rsplit(": ", 1)[-1]
+    out["50 MB query"] = (time.perf_counter() - start, outcome)
+    with socket.create_connection(server.server_address[:2]) as sock:
+      start = time.perf_counter()
+      sock.sendall(b"POST /text_search HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+      status = sock.recv(100).split(b"\r\n")[0].decode()
+      out["lying Content-Length"] = (time.perf_counter() - start, status)
+  finally:
+    server.stop()
+
+  listener = socket.create_server(("127.0.0.1", 0))
+
+  def drip():
+    conn, _ = listener.accept()
+    with conn:
+      conn.recv(65536)
+      conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 400\r\n\r\n")
+      for _ in range(400):  # 50 s of answer unless the client hangs up.
+        try:
+          conn.sendall(b"1")
+        except OSError:
+          break
+        time.sleep(0.125)
+
+  threading.Thread(target=drip, daemon=True).start()
+  start = time.perf_counter()
+  try:
+    web.post_json(
+      f"http://127.0.0.1:{listener.getsockname()[1]}/", {}, timeout_s=2.0, max_retries=0
+    )
+    outcome = "answered"
+  except results_lib.SearchError as e:
+    outcome = str(e).rsplit(": ", 1)[-1]
+  out["slow drip, 2 s timeout"] = (time.perf_counter() - start, outcome)
+  listener.close()
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--kb", type=pathlib.Path, default=DEFAULT_KB)
@@ -169,6 +230,10 @@ def main():
       f"{phase:<8} {b50:>13.1f} {b99:>13.1f} {c50:>12.2f} {c99:>12.2f} {rt['cold'][0] / b50:>11.1f}x"
     )
   print(f"cache hits in the cached phase: {rt['hits']}")
+
+  print("\nHostile peers (time until the call returns)")
+  for case, (seconds, outcome) in hostile_peers(args.kb).items():
+    print(f"{case:<24} {seconds:>7.2f} s  {outcome}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,13 @@ One trainer process per node drives all of that node's GPUs. The script exports,
 
 With `--text_corpus` the search service runs on the first node (its own `srun` step
 sharing the allocation) and every trainer uses it; `--search_url` points at one that
-runs elsewhere. Everything after `--` goes to the trainer unchanged. `--dry_run`
-prints the script and the `sbatch` command instead of writing and submitting.
+runs elsewhere. The service listens on 127.0.0.1 (one node) unless
+`--search_listen=internal` asks for the first node's internal address (several
+nodes), and requires a token the script draws at run time and hands to every step
+through the environment (`SEGRESEARCH_SEARCH_TOKEN`), never a command line.
+
+Everything after `--` goes to the trainer unchanged. `--dry_run` prints the script
+and the `sbatch` command instead of writing and submitting.
 Standard library only, so it runs on a login node without the package installed.
 """
 
@@ -57,24 +62,34 @@ def _search_block(args: argparse.Namespace, log_dir: str) -> list[str]:
     return ["", f"SEARCH_URL={shlex.quote(args.search_url)}"]
   if not args.text_corpus:
     return []
-  service = [args.python, "-u", "-m", "segresearch_jax.search.service", "--host=0.0.0.0"]
+  service = [args.python, "-u", "-m", "segresearch_jax.search.service"]
   service += [f"--port={args.search_port}", f"--text_corpus={args.text_corpus}"]
   service.append(f"--method={args.method}")
   for flag in ("image_corpus", "images_dir", "dense_model"):
     if getattr(args, flag):
       service.append(f"--{flag}={getattr(args, flag)}")
+  if args.dense_prefixes:
+    service.append("--dense_prefixes")
+  # The batch script runs on the first node, so its first address is that node's.
+  if args.search_listen == "internal":
+    host = "SEARCH_HOST=$(hostname -I | awk '{print $1}')"
+  else:
+    host = "SEARCH_HOST=127.0.0.1"
   health = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)"
   tries = max(1, int(args.search_wait_s) // 5)
   search_log = shlex.quote(f"{log_dir}/search-") + '"$SLURM_JOB_ID".log'
   return [
     "",
     "# The search service on the first node: a step that shares the allocation (--overlap)",
-    "# and stays on CPU, so the trainer keeps every GPU.",
+    "# and stays on CPU, so the trainer keeps every GPU. Its token is drawn here and",
+    "# reaches every step through the environment, never a command line.",
+    host,
+    "export SEGRESEARCH_SEARCH_TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')",
     'srun --nodes=1 --ntasks=1 --nodelist="$HEAD_NODE" --overlap \\',
     f"  --output={search_log} \\",
-    f"  env CUDA_VISIBLE_DEVICES= JAX_PLATFORMS=cpu {shlex.join(service)} &",
+    f'  env CUDA_VISIBLE_DEVICES= JAX_PLATFORMS=cpu {shlex.join(service)} --host="$SEARCH_HOST" &',
     "SEARCH_PID=$!",
-    f'SEARCH_URL="http://$HEAD_NODE:{args.search_port}"',
+    f'SEARCH_URL="http://$SEARCH_HOST:{args.search_port}"',
     f'search_up() {{ {shlex.quote(args.python)} -c {shlex.quote(health)} "$SEARCH_URL/health" 2>/dev/null; }}',
     f"for _ in $(seq {tries}); do",
     '  search_up || ! kill -0 "$SEARCH_PID" 2>/dev/null && break',
@@ -177,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--images_dir", default=None)
   parser.add_argument("--method", default="dense", choices=("bm25", "dense", "hybrid"))
   parser.add_argument("--dense_model", default=None)
+  parser.add_argument("--dense_prefixes", action="store_true", help="e5 query/passage prefixes.")
+  parser.add_argument(
+    "--search_listen",
+    default="local",
+    choices=("local", "internal"),
+    help="local: 127.0.0.1 (one node); internal: the first node's address (several nodes).",
+  )
   parser.add_argument("--search_port", default="8765", type=_port)
   parser.add_argument("--search_wait_s", default="600", type=_POSITIVE)
   parser.add_argument("--dry_run", action="store_true", help="Print the script, submit nothing.")
@@ -196,6 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.error("the log directory must not contain whitespace (it goes into #SBATCH --output)")
   if (args.image_corpus or args.images_dir or args.dense_model) and not args.text_corpus:
     parser.error("--image_corpus/--images_dir/--dense_model need --text_corpus")
+  if args.text_corpus and int(args.nodes) > 1 and args.search_listen == "local":
+    parser.error(
+      "a search service on 127.0.0.1 is reachable from the first node only; with "
+      "--nodes > 1 pass --search_listen=internal"
+    )
   script = render_script(args, trainer_flags)
   log_dir = os.path.join(os.path.abspath(args.repo_dir), args.log_dir)
   path = os.path.join(log_dir, f"{args.job_name}.sbatch")

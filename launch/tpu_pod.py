@@ -15,6 +15,12 @@ Everything after `--` goes to the trainer unchanged. `--dry_run` prints every co
 instead of running it. Commands are argv lists; every user value inside a remote
 shell command is shlex-quoted. Standard library only, so it runs on a laptop
 without the package installed.
+
+Secrets never go on a command line or into a message: `run --env KEY=VALUE` values
+and the search service's token travel in env files copied with `gcloud scp` (mode
+600 on the workers) that the remote command sources. The search service binds
+127.0.0.1 (reachable from worker 0 only) unless `serve_search --internal` asks for
+worker 0's internal address, and always requires the token, which `run` passes on.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import shlex
 import subprocess
 import sys
@@ -36,6 +43,10 @@ _RUNTIMES = {
 }
 _REMOTE_TARBALL = "segresearch_jax-src.tar.gz"  # In the remote home directory.
 _WORKER0_IP = "<worker-0-internal-ip>"  # Stands for the looked-up address in dry runs.
+# Env files in the remote home directory, sourced by the remote commands.
+_SEARCH_ENV = ".segresearch-search.env"  # The search service token (every worker).
+_RUN_ENV = ".segresearch-run.env"  # `run --env` values.
+_TOKEN_VAR = "SEGRESEARCH_SEARCH_TOKEN"
 
 
 def _matching(pattern: str, what: str):
@@ -47,6 +58,14 @@ def _matching(pattern: str, what: str):
     return value
 
   return check
+
+
+def _env_assignment(value: str) -> str:
+  """An argparse `type` for KEY=VALUE whose error never shows the value (it may be a key)."""
+  if not re.fullmatch(r"[A-Za-z_]\w*=.*", value, re.DOTALL):
+    name = value.split("=", 1)[0]
+    raise argparse.ArgumentTypeError(f"{name[:40]!r}=... is not a valid KEY=VALUE")
+  return value
 
 
 def _port(value: str) -> int:
@@ -63,22 +82,58 @@ def _quote_path(path: str) -> str:
 
 
 class _Runner:
-  """Runs argv lists, or only prints them (`dry_run`)."""
+  """Runs argv lists, or only prints them (`dry_run`); never shows a secret."""
 
   def __init__(self, dry_run: bool):
     self.dry_run = dry_run
+    self.secrets: list[str] = []
+
+  def mask(self, text: str) -> str:
+    for secret in self.secrets:
+      text = text.replace(secret, "***")
+    return text
 
   def __call__(self, argv: list[str], *, capture: bool = False, dry_value: str = "") -> str:
     if self.dry_run:
-      print(shlex.join(argv))
+      print(self.mask(shlex.join(argv)))
       return dry_value
     try:
       done = subprocess.run(argv, check=True, text=True, capture_output=capture)
     except FileNotFoundError:
       sys.exit(f"error: {argv[0]!r} not found; install the Google Cloud CLI (gcloud).")
     except subprocess.CalledProcessError as e:
-      sys.exit(f"error: exit status {e.returncode} from: {shlex.join(argv)}\n{e.stderr or ''}")
+      message = f"error: exit status {e.returncode} from: {shlex.join(argv)}\n{e.stderr or ''}"
+      sys.exit(self.mask(message))
     return (done.stdout or "").strip()
+
+
+def _ship_env(
+  args: argparse.Namespace, run: _Runner, values: dict[str, str], remote_name: str, worker: str
+) -> None:
+  """Copies `export KEY=VALUE` lines to `~/remote_name` on the workers, never via argv.
+
+  The local file is private (mode 600) and removed after the copy; a dry run prints
+  the copy command with a placeholder instead of writing anything.
+  """
+  run.secrets += [v for v in values.values() if v]
+  if run.dry_run:
+    placeholder = f"<env file: {', '.join(values)}>"
+    run(_gcloud(args, "scp", placeholder, f"{args.name}:{remote_name}") + [f"--worker={worker}"])
+    return
+  fd, path = tempfile.mkstemp(prefix="segresearch-", suffix=".env")
+  try:
+    with os.fdopen(fd, "w") as f:  # mkstemp files are mode 600.
+      f.writelines(f"export {key}={shlex.quote(value)}\n" for key, value in values.items())
+    run(_gcloud(args, "scp", path, f"{args.name}:{remote_name}") + [f"--worker={worker}"])
+  finally:
+    os.unlink(path)
+
+
+def _source(remote_name: str, *, required: bool) -> str:
+  """Shell that makes the env file private and loads it (skipped if absent and optional)."""
+  path = f"~/{remote_name}"
+  load = f"chmod 600 {path} && set -a && . {path} && set +a"
+  return f"{load} && " if required else f"{{ [ ! -f {path} ] || {{ {load}; }}; }} && "
 
 
 def _gcloud(args: argparse.Namespace, verb: str, *words: str) -> list[str]:
@@ -146,20 +201,26 @@ def cmd_setup(args: argparse.Namespace, run: _Runner) -> None:
 
 
 def cmd_serve_search(args: argparse.Namespace, run: _Runner) -> None:
-  service = [args.python, "-u", "-m", "segresearch_jax.search.service", "--host=0.0.0.0"]
+  describe = _gcloud(args, "describe", args.name, "--format=value(networkEndpoints[0].ipAddress)")
+  ip = run(describe, capture=True, dry_value=_WORKER0_IP) if args.internal else "127.0.0.1"
+  # A fresh shared secret per service: every worker gets it, the trainers send it.
+  _ship_env(args, run, {_TOKEN_VAR: secrets.token_urlsafe(24)}, _SEARCH_ENV, "all")
+  service = [args.python, "-u", "-m", "segresearch_jax.search.service", f"--host={ip}"]
   service += [f"--port={args.port}", f"--text_corpus={args.text_corpus}", f"--method={args.method}"]
   for flag in ("image_corpus", "images_dir", "dense_model"):
     if getattr(args, flag):
       service.append(f"--{flag}={getattr(args, flag)}")
+  if args.dense_prefixes:
+    service.append("--dense_prefixes")
   log_dir = _quote_path(args.log_dir)
   # JAX on CPU: a service that touched the TPU would lock worker 0's chips.
   command = shlex.join(["env", "JAX_PLATFORMS=cpu", *service])
   background = _background(command, f"{log_dir}/search.log", f"{log_dir}/search.pid")
-  run(_ssh(args, "0", _in_repo(args, background)))
-  describe = _gcloud(args, "describe", args.name, "--format=value(networkEndpoints[0].ipAddress)")
-  ip = run(describe, capture=True, dry_value=_WORKER0_IP)
+  run(_ssh(args, "0", _source(_SEARCH_ENV, required=True) + _in_repo(args, background)))
   url = f"http://{ip}:{args.port}"
   print(f"# Search service on worker 0: {url} (log: {args.log_dir}/search.log on worker 0)")
+  if not args.internal:
+    print("# It listens on 127.0.0.1: only worker 0 reaches it (use --internal for a pod).")
   print(f"# Pass to `run`: --search_url={url}")
 
 
@@ -167,16 +228,19 @@ def cmd_run(args: argparse.Namespace, run: _Runner) -> None:
   train = [args.python, "-u", "-m", "segresearch_jax.train", f"--config={args.config}"]
   if args.search_url:
     train += ["--config.search.backend=service", f"--config.search.service_url={args.search_url}"]
+  prefix = _source(_SEARCH_ENV, required=False)  # The service token, when there is one.
+  if args.env:
+    _ship_env(args, run, dict(e.split("=", 1) for e in args.env), _RUN_ENV, "all")
+    prefix += _source(_RUN_ENV, required=True)
   # Every worker joins one JAX job (the trainer calls jax.distributed.initialize()).
-  env = ["SEGRESEARCH_DISTRIBUTED=1", *args.env]
-  command = shlex.join(["env", *env] + train + args.trainer_flags)
+  command = shlex.join(["env", "SEGRESEARCH_DISTRIBUTED=1", *train, *args.trainer_flags])
   log_dir = _quote_path(args.log_dir)
   log = f"{log_dir}/train-$(hostname).log"  # Worker hostnames end in -w-<index>.
   if args.foreground:
     remote = f"set -o pipefail && {command} 2>&1 | tee {log}"
   else:
     remote = _background(command, log, f"{log_dir}/train-$(hostname).pid")
-  run(_ssh(args, "all", _in_repo(args, remote)))
+  run(_ssh(args, "all", prefix + _in_repo(args, remote)))
 
 
 def cmd_logs(args: argparse.Namespace, run: _Runner) -> None:
@@ -245,12 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--images_dir", default="")
   p.add_argument("--method", default="dense", choices=("bm25", "dense", "hybrid"))
   p.add_argument("--dense_model", default="")
+  p.add_argument(
+    "--dense_prefixes", action="store_true", help="e5 query/passage prefixes (e5 model)."
+  )
   p.add_argument("--port", type=_port, default=8765)
+  p.add_argument(
+    "--internal",
+    action="store_true",
+    help="Listen on worker 0's internal address (other workers connect) instead of 127.0.0.1.",
+  )
   p = sub.add_parser("run", parents=[remote], help="Start the trainer on all workers.")
   p.add_argument("--config", default="configs/okvos.py", help="Config file[:preset].")
   p.add_argument("--search_url", default=None, type=_matching(r"https?://\S+", "search URL"))
   p.add_argument(
-    "--env", action="append", default=[], type=_matching(r"[A-Za-z_]\w*=.*", "KEY=VALUE")
+    "--env",
+    action="append",
+    default=[],
+    type=_env_assignment,
+    help="An environment variable for the trainer (secrets welcome: shipped in a file).",
   )
   p.add_argument("--foreground", action="store_true", help="Stream output instead of detaching.")
   p = sub.add_parser("logs", parents=[remote], help="Tail the trainer (or search) log.")

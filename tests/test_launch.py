@@ -176,27 +176,76 @@ def test_tpu_setup_rejects_non_checkout(tmp_path):
     tpu_pod.main(["setup", *ZONE, f"--local_dir={tmp_path}"])
 
 
-def test_tpu_serve_search_on_worker_0(tmp_path, fakes, capsys):
+# Stands in for gcloud: logs its argv, copies `scp` sources into $HOME, runs `ssh`
+# commands with bash from $HOME, answers `describe` with an address; FAKE_GCLOUD_FAIL
+# makes every call fail the way gcloud does, echoing its argv on stderr.
+_FAKE_GCLOUD = """#!{python}
+import json, os, shutil, subprocess, sys
+args = sys.argv[1:]
+with open(os.path.join(os.environ["FAKE_OUT"], "gcloud.jsonl"), "a") as f:
+  f.write(json.dumps(args) + "\\n")
+if os.environ.get("FAKE_GCLOUD_FAIL"):
+  sys.stderr.write("ERROR: (gcloud) failed: " + " ".join(args) + "\\n")
+  sys.exit(1)
+verb = args[3]
+if verb == "scp":
+  shutil.copy(args[4], os.path.join(os.environ["HOME"], args[5].split(":", 1)[1]))
+elif verb == "ssh":
+  (command,) = [a[len("--command="):] for a in args if a.startswith("--command=")]
+  sys.exit(subprocess.run(["bash", "-c", command], cwd=os.environ["HOME"]).returncode)
+elif verb == "describe":
+  print("10.1.2.3")
+"""
+
+
+@pytest.fixture
+def gcloud(tmp_path, fakes, monkeypatch):
+  """Real (not dry) launcher runs against the fake gcloud, with $HOME as every worker's."""
   bin_dir, out, env = fakes
-  argv = ["serve_search", *ZONE, f"--repo_dir={tmp_path}", f"--python={bin_dir}/python"]
+  _executable(bin_dir / "gcloud", _FAKE_GCLOUD)
+  home = tmp_path / "home"
+  home.mkdir()
+  for key in ("PATH", "FAKE_OUT"):
+    monkeypatch.setenv(key, env[key])
+  monkeypatch.setenv("HOME", str(home))
+  return bin_dir, out, home
+
+
+def _gcloud_calls(out):
+  path = out / "gcloud.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+REMOTE = ["--name=okvos", "--zone=us-central2-b"]
+
+
+@pytest.mark.parametrize("internal", [False, True])
+def test_tpu_serve_search_on_worker_0(tmp_path, gcloud, capsys, internal):
+  bin_dir, out, home = gcloud
+  argv = ["serve_search", *REMOTE, f"--repo_dir={tmp_path}", f"--python={bin_dir}/python"]
   argv += ["--text_corpus=/kb dir/t.jsonl", "--method=bm25", "--port=9000"]
-  ssh, describe = _dry(tpu_pod, argv, capsys)[:2]
-  assert "--worker=0" in ssh
-  assert describe[4:6] == ["describe", "okvos"]
-  assert "--format=value(networkEndpoints[0].ipAddress)" in describe
+  argv += ["--internal"] if internal else []
   tpu_pod.main(argv)
-  assert "--search_url=http://<worker-0-internal-ip>:9000" in capsys.readouterr().out
-  # The remote command, run here, starts the service detached with the exact flags.
-  subprocess.run(["bash", "-c", _remote(ssh)], env=env, check=True, timeout=30)
+  host = "10.1.2.3" if internal else "127.0.0.1"
+  printed = capsys.readouterr().out
+  assert f"--search_url=http://{host}:9000" in printed
+  calls = _gcloud_calls(out)
+  assert [c[3] for c in calls] == (["describe"] if internal else []) + ["scp", "ssh"]
+  scp, ssh = calls[-2:]
+  assert "--worker=all" in scp and "--worker=0" in ssh  # The token goes to every worker.
   _wait_for(out / "search-0.json")
   record = json.loads((out / "search-0.json").read_text())
   assert record["argv"][3:] == [
-    "--host=0.0.0.0",
+    f"--host={host}",
     "--port=9000",
     "--text_corpus=/kb dir/t.jsonl",
     "--method=bm25",
   ]
   assert record["env"]["JAX_PLATFORMS"] == "cpu"
+  # A fresh token reached the service through the env file, never a command line.
+  token = record["env"]["SEGRESEARCH_SEARCH_TOKEN"]
+  assert len(token) >= 24 and token not in json.dumps(calls) and token not in printed
+  assert (home / ".segresearch-search.env").stat().st_mode & 0o777 == 0o600
   pid = int((tmp_path / "logs" / "search.pid").read_text())
   (stop,) = _dry(tpu_pod, ["stop", *ZONE, f"--repo_dir={tmp_path}", "--search"], capsys)
   assert "--worker=0" in stop
@@ -207,6 +256,17 @@ def test_tpu_serve_search_on_worker_0(tmp_path, fakes, capsys):
   assert not _alive(pid)
 
 
+def test_tpu_serve_search_dry_run_shows_no_token(capsys):
+  argv = ["serve_search", *ZONE, "--text_corpus=t.jsonl", "--internal", "--dense_prefixes"]
+  describe, scp, ssh = _dry(tpu_pod, argv, capsys)
+  assert describe[4:6] == ["describe", "okvos"]
+  assert "--format=value(networkEndpoints[0].ipAddress)" in describe
+  assert scp[5] == "<env file: SEGRESEARCH_SEARCH_TOKEN>"
+  remote = _remote(ssh)
+  assert "'--host=<worker-0-internal-ip>'" in remote and "--dense_prefixes" in remote
+  assert "0.0.0.0" not in remote
+
+
 def _alive(pid):
   """Whether `pid` still runs (a zombie waiting for its reaper counts as ended)."""
   try:
@@ -215,19 +275,22 @@ def _alive(pid):
     return False
 
 
+SECRET = "sk-serper-0123456789abcdef"
+
+
 @pytest.mark.parametrize("foreground", [False, True])
-def test_tpu_run_passes_flags_through_exactly(tmp_path, fakes, capsys, foreground):
-  bin_dir, out, env = fakes
-  argv = ["run", *ZONE, f"--repo_dir={tmp_path}", f"--python={bin_dir}/python"]
+def test_tpu_run_passes_flags_and_secrets_exactly(tmp_path, gcloud, capsys, foreground):
+  bin_dir, out, home = gcloud
+  (home / ".segresearch-search.env").write_text("export SEGRESEARCH_SEARCH_TOKEN=tok\n")
+  argv = ["run", *REMOTE, f"--repo_dir={tmp_path}", f"--python={bin_dir}/python"]
   argv += ["--config=configs/okvos.py:paper", "--search_url=http://10.0.0.2:8765"]
-  argv += ["--env", "XLA_FLAGS=--a --b", *(["--foreground"] if foreground else []), "--", *FLAGS]
-  (ssh,) = _dry(tpu_pod, argv, capsys)
-  assert ssh[:8] == [
-    *"gcloud compute tpus tpu-vm ssh okvos".split(),
-    "--zone=us-central2-b",
-    "--worker=all",
-  ]
-  subprocess.run(["bash", "-c", _remote(ssh)], env=env, check=True, timeout=30)
+  argv += ["--env", "XLA_FLAGS=--a --b", "--env", f"SEGRESEARCH_KEY={SECRET} 'x'"]
+  argv += [*(["--foreground"] if foreground else []), "--", *FLAGS]
+  tpu_pod.main(argv)
+  calls = _gcloud_calls(out)
+  assert [c[3] for c in calls] == ["scp", "ssh"]
+  zone = "--zone=us-central2-b"
+  assert calls[1][:7] == [*"compute tpus tpu-vm ssh okvos".split(), zone, "--worker=all"]
   _wait_for(out / "train-0.json")
   record = json.loads((out / "train-0.json").read_text())
   assert record["argv"] == [
@@ -240,12 +303,30 @@ def test_tpu_run_passes_flags_through_exactly(tmp_path, fakes, capsys, foregroun
     *FLAGS,
   ]
   assert record["env"]["XLA_FLAGS"] == "--a --b"
+  assert record["env"]["SEGRESEARCH_KEY"] == f"{SECRET} 'x'"
+  assert record["env"]["SEGRESEARCH_SEARCH_TOKEN"] == "tok"  # The service's token.
+  assert SECRET not in json.dumps(calls) and SECRET not in str(capsys.readouterr())
   log = tmp_path / "logs" / f"train-{socket.gethostname()}.log"
   deadline = time.monotonic() + 20
   while "fake train ran" not in (log.read_text() if log.exists() else ""):
     assert time.monotonic() < deadline, "the per-worker log never got the output"
     time.sleep(0.05)
   assert (log.with_suffix(".pid")).exists() != foreground
+
+
+def test_tpu_run_never_prints_secrets(tmp_path, gcloud, capsys, monkeypatch):
+  _, out, _ = gcloud
+  monkeypatch.setenv("FAKE_GCLOUD_FAIL", "1")
+  with pytest.raises(SystemExit) as e:
+    tpu_pod.main(["run", *REMOTE, "--env", f"SERPER_API_KEY={SECRET}"])
+  assert "exit status 1" in str(e.value) and SECRET not in str(e.value)
+  assert SECRET not in str(capsys.readouterr())
+  assert SECRET not in json.dumps(_gcloud_calls(out))
+  scp, ssh = _dry(tpu_pod, ["run", *ZONE, "--env", f"SERPER_API_KEY={SECRET}"], capsys)
+  assert scp[5] == "<env file: SERPER_API_KEY>" and SECRET not in _remote(ssh)
+  with pytest.raises(SystemExit):
+    tpu_pod.main(["run", *ZONE, "--env", f"1BAD={SECRET}"])
+  assert SECRET not in capsys.readouterr().err
 
 
 def test_tpu_logs_stop_delete(capsys):
@@ -330,25 +411,31 @@ def _run_script(script, env, **extra):
 def test_slurm_script_runs_search_and_one_trainer_per_node(tmp_path, fakes, capsys):
   bin_dir, out, env = fakes
   argv = [*SLURM, f"--repo_dir={tmp_path}", f"--python={bin_dir}/python", "--method=bm25"]
-  argv += ["--text_corpus=/kb dir/t.jsonl", "--config=configs/okvos.py:paper", "--", *FLAGS]
+  argv += ["--text_corpus=/kb dir/t.jsonl", "--config=configs/okvos.py:paper"]
+  argv += ["--search_listen=internal", "--", *FLAGS]
   script, _ = _script(argv, capsys)
   (tmp_path / "logs" / "slurm").mkdir(parents=True)  # main() makes it when submitting.
   done = _run_script(script, env)
   assert done.returncode == 0, done.stderr
+  # The batch script runs on the first node: the service binds that node's address.
+  host = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()[0]
   search = json.loads((out / "search-0.json").read_text())
   assert search["argv"][3:] == [
-    "--host=0.0.0.0",
     "--port=8765",
     "--text_corpus=/kb dir/t.jsonl",
     "--method=bm25",
+    f"--host={host}",
   ]
   assert search["env"]["CUDA_VISIBLE_DEVICES"] == "" and search["env"]["JAX_PLATFORMS"] == "cpu"
+  token = search["env"]["SEGRESEARCH_SEARCH_TOKEN"]
+  assert len(token) >= 24 and token not in script
   for process_id in range(2):
     record = json.loads((out / f"train-{process_id}.json").read_text())
     assert {k: v for k, v in record["env"].items() if k.startswith("SEGRESEARCH_")} == {
       "SEGRESEARCH_COORDINATOR": f"node-a:{1234 % 4096 + 61440}",
       "SEGRESEARCH_NUM_PROCESSES": "2",
       "SEGRESEARCH_PROCESS_ID": str(process_id),
+      "SEGRESEARCH_SEARCH_TOKEN": token,
     }
     assert record["argv"] == [
       "-u",
@@ -356,7 +443,7 @@ def test_slurm_script_runs_search_and_one_trainer_per_node(tmp_path, fakes, caps
       "segresearch_jax.train",
       "--config=configs/okvos.py:paper",
       "--config.search.backend=service",
-      "--config.search.service_url=http://node-a:8765",
+      f"--config.search.service_url=http://{host}:8765",
       *FLAGS,
     ]
     log = tmp_path / "logs" / "slurm" / f"train-1234-{process_id}.log"
@@ -409,6 +496,8 @@ def test_slurm_without_sbatch_says_so(tmp_path, monkeypatch):
     ([*SLURM, "--sbatch_arg=exclusive"], "sbatch option"),
     ([*SLURM, "--text_corpus=t", "--search_url=http://h:1"], "not allowed with"),
     ([*SLURM, "--image_corpus=i"], "need --text_corpus"),
+    ([*SLURM, "--text_corpus=t"], "pass --search_listen=internal"),
+    ([*SLURM, "--text_corpus=t", "--search_listen=0.0.0.0"], "invalid choice"),
     ([*SLURM, "--search_port=70000"], "not a port"),
     ([*SLURM, "--coordinator_port=0"], "not a port"),
     ([*SLURM, "--repo_dir=/a b"], "whitespace"),
@@ -420,3 +509,10 @@ def test_slurm_bad_arguments(argv, message, capsys):
     slurm.main(argv)
   assert e.value.code == 2
   assert message in capsys.readouterr().err
+
+
+def test_slurm_single_node_service_listens_on_localhost(capsys):
+  argv = ["--nodes=1", "--gpus_per_node=1", "--time=30", "--dry_run", "--text_corpus=t.jsonl"]
+  script, _ = _script([*argv, "--dense_model=/ckpt/e5", "--dense_prefixes"], capsys)
+  assert "SEARCH_HOST=127.0.0.1" in script and "0.0.0.0" not in script
+  assert '--dense_prefixes --host="$SEARCH_HOST"' in script

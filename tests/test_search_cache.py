@@ -65,3 +65,70 @@ def test_backend_errors_are_not_cached(tmp_path):
   with pytest.raises(results_lib.SearchError):
     cached.text_search("q", 1)
   assert len(cached.cache) == 0
+
+
+def _kb(root, docs):
+  import json
+
+  root.mkdir(parents=True, exist_ok=True)
+  corpus = root / "text_corpus.jsonl"
+  corpus.write_text(
+    "".join(json.dumps({"id": i, "contents": d}) + "\n" for i, d in enumerate(docs))
+  )
+  return corpus
+
+
+def test_switching_kb_in_one_workdir_never_serves_the_old_kb(tmp_path):
+  from segresearch_jax.search import factory
+
+  db = str(tmp_path / "run" / "search_cache.sqlite")  # one workdir, one cache file
+  old = _kb(tmp_path / "old", ["Horse\nan old brown horse", "Car\nan old red car"])
+  new = _kb(tmp_path / "new", ["Horse\na new white horse", "Boat\na new blue boat"])
+  spec = {"backend": "local", "method": "bm25", "cache_path": db}
+  first = factory.make_backend({**spec, "text_corpus": str(old)})
+  assert first.text_search("horse", 1)[0].text == "an old brown horse"
+  second = factory.make_backend({**spec, "text_corpus": str(new)})
+  assert second.text_search("horse", 1)[0].text == "a new white horse"
+  assert (second.hits, second.misses) == (0, 1)
+  # The same KB again (even from a copy elsewhere) is served from the cache.
+  again = factory.make_backend(
+    {
+      **spec,
+      "text_corpus": str(
+        _kb(tmp_path / "copy", ["Horse\nan old brown horse", "Car\nan old red car"])
+      ),
+    }
+  )
+  assert again.text_search("horse", 1)[0].text == "an old brown horse"
+  assert again.hits == 1
+
+
+def test_empty_answers_are_not_cached(tmp_path):
+  class Flaky(CountingBackend):
+    """Answers nothing the first time (a momentary failure that looks like no result)."""
+
+    def image_search(self, query, k):
+      self.calls.append(("image_search", query, k))
+      return [] if len(self.calls) == 1 else [results_lib.ImageResult(query, path="/x.png")]
+
+  backend = Flaky()
+  cached = cache_lib.CachedBackend(backend, cache_lib.SearchCache(tmp_path / "s.db"))
+  assert cached.image_search("q", 1) == []
+  assert len(cached.cache) == 0
+  assert cached.image_search("q", 1)[0].path == "/x.png"  # asked again, now stored
+  assert cached.image_search("q", 1)[0].path == "/x.png"
+  assert len(backend.calls) == 2 and len(cached.cache) == 1
+
+
+def test_identity_keys_the_cache(tmp_path):
+  class Named(CountingBackend):
+    def __init__(self, identity):
+      super().__init__()
+      self.cache_identity = identity
+
+  store = cache_lib.SearchCache(tmp_path / "s.db")
+  a = cache_lib.CachedBackend(Named("counting:kb-a"), store)
+  b = cache_lib.CachedBackend(Named("counting:kb-b"), store)
+  a.text_search("q", 1)
+  b.text_search("q", 1)
+  assert (a.misses, b.misses, b.hits) == (1, 1, 0) and len(store) == 2

@@ -73,9 +73,51 @@ def test_dense_embeddings_cached_on_disk(encoder, tmp_path):
   assert len(set(encoder.cache_dir.glob("*.npy")) - before) == 2
 
 
-def test_e5_prefixes_from_model_name():
-  assert local_kb.default_prefixes("/models/e5-base-v2") == ("query: ", "passage: ")
-  assert local_kb.default_prefixes("/models/all-MiniLM-L6-v2/") == ("", "")
+@pytest.mark.parametrize("prefixes", [False, True])
+def test_dense_prefixes_applied_iff_set(encoder, tmp_path, prefixes):
+  """The setting alone decides: MiniLM (no "e5" in its name) gets them when asked."""
+  corpus = tmp_path / "c.jsonl"
+  docs = ["Horse\na brown horse", "Car\na red car"]
+  corpus.write_text(
+    "".join(json.dumps({"id": i, "contents": d}) + "\n" for i, d in enumerate(docs))
+  )
+  kb = local_kb.LocalKnowledgeBase.from_files(
+    corpus,
+    method="dense",
+    dense_model=encoder.model_path,
+    dense_prefixes=prefixes,
+    embedding_cache_dir=None,
+  )
+  query_prefix, passage_prefix = local_kb.E5_PREFIXES if prefixes else ("", "")
+  assert (kb.encoder.query_prefix, kb.encoder.passage_prefix) == (query_prefix, passage_prefix)
+  # What was embedded: the raw model (no prefixes of its own) on the prefixed texts.
+  assert np.allclose(kb._text_index._emb, encoder._encode([passage_prefix + d for d in docs]))
+  assert np.allclose(
+    kb.encoder.encode_query("red car"), encoder._encode([query_prefix + "red car"])[0]
+  )
+  # The check can fail: prefixed and plain texts embed differently.
+  assert not np.allclose(encoder._encode(["passage: " + docs[0]]), encoder._encode(docs[:1]))
+
+
+def test_dense_prefixes_without_model_path_is_a_clear_error(tmp_path):
+  corpus = tmp_path / "c.jsonl"
+  corpus.write_text(json.dumps({"id": 0, "contents": "Horse\nbrown horse"}) + "\n")
+  with pytest.raises(ValueError, match=r"dense_model=/ckpt/e5-base-v2"):
+    factory.make_backend(
+      {"backend": "local", "text_corpus": str(corpus), "method": "hybrid", "dense_prefixes": True}
+    )
+  # BM25 embeds nothing: the setting does not matter there.
+  factory.make_backend(
+    {"backend": "local", "text_corpus": str(corpus), "method": "bm25", "dense_prefixes": True}
+  )
+
+
+def test_paper_preset_turns_prefixes_on():
+  from configs import okvos as okvos_config
+
+  assert okvos_config.get_config("paper").search.dense_prefixes
+  assert not okvos_config.get_config().search.dense_prefixes
+  assert "--config.search.dense_model=/ckpt/e5-base-v2" in okvos_config.__doc__
 
 
 def test_bm25_tiny_corpus_and_errors(tmp_path):
@@ -129,3 +171,105 @@ def test_concurrent_queries_are_batched_and_match(encoder):
     batched = list(pool.map(encoder.encode_query, queries))
   assert np.allclose(np.stack(batched), direct, atol=1e-5)
   assert encoder._queue == []
+
+
+# ----------------------------------------------------------------------------
+# Malformed corpora, image files, and the trainer's own construction.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "line, message",
+  [
+    (b'{"id": 1, "contents": "caf\xe9"}', r"bad.jsonl:2: not UTF-8"),
+    (b"null", r"bad.jsonl:2: expected a JSON object, got NoneType"),
+    (b"[1, 2]", r"bad.jsonl:2: expected a JSON object, got list"),
+    (b'{"id": 1, "contents": null}', r"bad.jsonl:2: 'contents' must be a string, got NoneType"),
+    (b'{"id": 1, "contents": 7}', r"bad.jsonl:2: 'contents' must be a string, got int"),
+  ],
+)
+def test_malformed_kb_lines_name_file_and_line(tmp_path, line, message):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_bytes(b'{"id": 0, "contents": "Horse\\na horse"}\n' + line + b"\n")
+  with pytest.raises(ValueError, match=message):
+    local_kb.LocalKnowledgeBase.from_files(bad, method="bm25")
+
+
+def test_malformed_image_rows_name_file_and_line(tmp_path):
+  corpus = tmp_path / "c.jsonl"
+  corpus.write_text(json.dumps({"id": 0, "contents": "Horse\nbrown horse"}) + "\n")
+  images = tmp_path / "image_corpus.jsonl"
+  images.write_text('{"id": 0, "name": null, "filename": "a.png"}\n')
+  with pytest.raises(ValueError, match=r"image_corpus.jsonl:1: 'name' must be a string"):
+    local_kb.LocalKnowledgeBase.from_files(corpus, images, method="bm25")
+
+
+def _synthetic_layout_kb(root: pathlib.Path) -> pathlib.Path:
+  """A two-entity KB laid out as data/synthetic.py writes it (image_path "images/X")."""
+  from segresearch_jax.data import synthetic
+
+  kb = root / "kb"
+  (kb / "images").mkdir(parents=True)
+  rows = []
+  for i, (name, colour, shape) in enumerate(
+    [("Red Lions", "red", "circle"), ("Blue Owls", "blue", "square")]
+  ):
+    synthetic.render_emblem(colour, shape, 32).save(kb / "images" / f"{name}.png")
+    rows.append(
+      {"id": i, "name": name, "filename": f"{name}.png", "image_path": f"images/{name}.png"}
+    )
+  (kb / "image_corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  docs = [
+    {"id": i, "contents": f"{r['name']}\nThe {r['name']} are a team."} for i, r in enumerate(rows)
+  ]
+  (kb / "text_corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+  return kb
+
+
+def _trainer_backend(kb_dir, tmp_path, **search):
+  """The backend exactly as the trainer builds it for `kb_dir`."""
+  from configs import okvos as okvos_config
+  from segresearch_jax import train
+
+  config = okvos_config.get_config()
+  config.workdir = str(tmp_path / "run")
+  config.search.method = "bm25"
+  for key, value in search.items():
+    setattr(config.search, key, value)
+  return train.make_search_backend(config, str(kb_dir))
+
+
+@needs_kb
+def test_trainer_backend_finds_official_images(tmp_path):
+  """The official layout (image_path "data/local_KB/images/X") through train.py's path."""
+  import shutil
+
+  from PIL import Image
+
+  from segresearch_jax.agent import bridge
+
+  kb_dir = tmp_path / "local_KB"
+  shutil.copytree(KB_DIR, kb_dir)
+  backend = _trainer_backend(kb_dir, tmp_path, cache_mode="off")
+  assert len(backend.images) == 99  # every official image found
+  found = backend.image_search("Apple company", 1)
+  assert found[0].name == "Apple Inc"
+  assert pathlib.Path(found[0].path).parent == kb_dir / "images"
+  Image.open(found[0].path).verify()
+  assert bridge.load_image(found[0], 32).shape == (32, 32, 3)
+
+
+def test_trainer_backend_finds_synthetic_images(tmp_path):
+  kb_dir = _synthetic_layout_kb(tmp_path)
+  backend = _trainer_backend(kb_dir, tmp_path)  # with the search cache, as by default
+  found = backend.image_search("Blue Owls emblem", 1)
+  assert found[0].name == "Blue Owls" and pathlib.Path(found[0].path).is_file()
+  assert backend.image_search("Blue Owls emblem", 1) == found  # served from the cache
+  assert backend.hits == 1
+
+
+def test_missing_image_files_fail_at_startup(tmp_path):
+  kb_dir = _synthetic_layout_kb(tmp_path)
+  (kb_dir / "images" / "Red Lions.png").unlink()
+  with pytest.raises(FileNotFoundError, match=r"1 of 2 image files not found.*Red Lions\.png"):
+    _trainer_backend(kb_dir, tmp_path, cache_mode="off")

@@ -1,8 +1,16 @@
-"""A persistent search cache that makes runs replayable offline (SPEC §2.2).
+"""A persistent search cache that makes runs replayable offline (docs/method.md §2.2).
 
 Search results change from day to day (the seed paper names this as its main
-limitation); recording every answer in SQLite, keyed by (backend, tool,
+limitation); recording every answer in SQLite, keyed by (backend identity, tool,
 normalised query, k), lets a later run replay exactly the same observations.
+
+The backend identity is the backend's `cache_identity` when it has one (the local KB:
+its name plus a fingerprint of the corpus and the encoder; web backends: their
+settings; the service client: the served KB's identity), else its `name`. Pointing a
+workdir at another knowledge base therefore never serves the old one's documents.
+Only answers are stored: an error raises past the cache, and an empty answer (how a
+momentary failure such as every image download failing can look) is not stored, so a
+later call asks again.
 
 Modes:
   off: every call goes to the backend; nothing is read or written.
@@ -34,7 +42,7 @@ def normalise_query(query: str) -> str:
 
 
 class SearchCache:
-  """(backend, tool, normalised query, k) -> JSON results, in one SQLite file.
+  """(backend identity, tool, normalised query, k) -> JSON results, in one SQLite file.
 
   Thread-safe: one connection guarded by a lock (SQLite writes are serialised anyway).
   """
@@ -95,10 +103,18 @@ class CachedBackend:
     self.hits = 0
     self.misses = 0
     self._lock = threading.Lock()
+    self._identity: str | None = None
+
+  @property
+  def identity(self) -> str:
+    """The cache key's backend part (read once: a service client asks its server)."""
+    if self._identity is None:
+      self._identity = str(getattr(self.backend, "cache_identity", None) or self.backend.name)
+    return self._identity
 
   def _call(self, tool: str, query: str, k: int, result_cls):
     if self.mode != "off":
-      stored = self.cache.get(self.name, tool, query, k)
+      stored = self.cache.get(self.identity, tool, query, k)
       if stored is not None:
         with self._lock:
           self.hits += 1
@@ -107,12 +123,12 @@ class CachedBackend:
       self.misses += 1
     if self.mode == "replay":
       raise CacheMiss(
-        f"Search cache {self.cache.path} has no entry for {self.name}/{tool} "
+        f"Search cache {self.cache.path} has no entry for {self.identity}/{tool} "
         f"query={query!r} k={k} (replay mode never calls the backend)."
       )
     found = getattr(self.backend, tool)(query, k)
-    if self.mode == "read_write":
-      self.cache.put(self.name, tool, query, k, [r.to_json() for r in found])
+    if self.mode == "read_write" and found:
+      self.cache.put(self.identity, tool, query, k, [r.to_json() for r in found])
     return found
 
   def text_search(self, query: str, k: int) -> list[results_lib.TextResult]:

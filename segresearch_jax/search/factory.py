@@ -2,13 +2,22 @@
 
 Fields read (defaults in `DEFAULTS`):
   backend: local | service | serper | ddgs.
-  text_corpus, image_corpus, images_dir: local knowledge base files (backend=local).
+  text_corpus, image_corpus, images_dir: local knowledge base files (backend=local);
+    image files are found in images_dir, else the `images/` folder next to the image
+    corpus, else at each row's `image_path`; a missing one fails at startup.
   method: bm25 | dense | hybrid; dense_model: local model dir (None = packaged MiniLM);
+    dense_prefixes: the e5 `query: ` / `passage: ` prefixes (needs dense_model);
     hybrid_alpha; embedding_cache_dir (None = ~/.cache/segresearch_jax/embeddings).
-  service_url: the retrieval service root (backend=service).
+  service_url: the retrieval service root (backend=service); its token comes from
+    SEGRESEARCH_SEARCH_TOKEN in the environment.
+  web_top_k: text results per web search (official 3; 0 = the caller's k).
+  fetch_pages: serper fetches each result page and answers with the context around
+    the best-matching sentence, 960 characters in all (official); False = snippets.
   serper_base_url, image_dir: Serper root and where downloaded images go.
-  timeout_s, max_retries, backoff_s: per request (web and service backends).
-  summariser_url, summariser_model: optional OpenAI-compatible summariser (serper).
+  timeout_s, max_retries, backoff_s: per request (web and service backends); the
+    timeout bounds each request as a whole.
+  summarizer_url, summarizer_model: OpenAI-compatible summariser of the fetched pages
+    (serper; the official "web browsing"); summarizer_retries, summarizer_timeout_s.
   cache_path: SQLite search cache file (None = no cache); cache_mode: off |
     read_write | replay.
 """
@@ -30,16 +39,21 @@ DEFAULTS: dict[str, Any] = {
   "images_dir": None,
   "method": "dense",
   "dense_model": None,
+  "dense_prefixes": False,
   "hybrid_alpha": 0.5,
   "embedding_cache_dir": None,
   "service_url": None,
+  "web_top_k": web.WEB_TOP_K,
+  "fetch_pages": True,
   "serper_base_url": web.SERPER_URL,
   "image_dir": None,
   "timeout_s": 30.0,
   "max_retries": 2,
   "backoff_s": 1.0,
-  "summariser_url": None,
-  "summariser_model": None,
+  "summarizer_url": None,
+  "summarizer_model": None,
+  "summarizer_retries": 10,
+  "summarizer_timeout_s": 120.0,
   "cache_path": None,
   "cache_mode": "read_write",
 }
@@ -61,6 +75,7 @@ def make_backend(config: Mapping[str, Any] | Any) -> results_lib.Backend:
       c["images_dir"],
       method=c["method"],
       dense_model=c["dense_model"],
+      dense_prefixes=bool(c["dense_prefixes"]),
       hybrid_alpha=c["hybrid_alpha"],
       embedding_cache_dir=c["embedding_cache_dir"] or local_kb.DEFAULT_CACHE_DIR,
     )
@@ -75,21 +90,29 @@ def make_backend(config: Mapping[str, Any] | Any) -> results_lib.Backend:
     )
   elif kind == "serper":
     summariser = None
-    if c["summariser_url"] or c["summariser_model"]:
+    if c["summarizer_url"] or c["summarizer_model"]:
       summariser = web.Summariser(
-        c["summariser_url"], c["summariser_model"], timeout_s=c["timeout_s"]
+        c["summarizer_url"],
+        c["summarizer_model"],
+        timeout_s=c["summarizer_timeout_s"],
+        max_retries=c["summarizer_retries"],
       )
     backend = web.SerperBackend(
       base_url=c["serper_base_url"],
       timeout_s=c["timeout_s"],
       max_retries=c["max_retries"],
       backoff_s=c["backoff_s"],
+      top_k=c["web_top_k"] or None,
+      fetch_pages=bool(c["fetch_pages"]),
       image_dir=c["image_dir"],
       summariser=summariser,
     )
   elif kind == "ddgs":
     backend = web.DuckDuckGoBackend(
-      timeout_s=c["timeout_s"], max_retries=c["max_retries"], backoff_s=c["backoff_s"]
+      timeout_s=c["timeout_s"],
+      max_retries=c["max_retries"],
+      backoff_s=c["backoff_s"],
+      top_k=c["web_top_k"] or None,
     )
   else:
     raise ValueError(f"Unknown search backend {kind!r}; expected one of {BACKENDS}.")

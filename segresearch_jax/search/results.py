@@ -17,18 +17,33 @@ class SearchError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TextResult:
-  """One retrieved document: title (first line), text (the rest) and score."""
+  """One retrieved document: title (first line), text (the rest) and score.
+
+  Attributes:
+    title: the document title (for a preformatted result, the query).
+    text: the document body.
+    score: the retrieval score.
+    preformatted: the backend already shaped and cut `text` as the whole observation
+      body (official Serper page processing: up to 960 characters); it is shown as
+      is, not numbered or cut to one document's length.
+  """
 
   title: str
   text: str
   score: float = 0.0
+  preformatted: bool = False
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> TextResult:
-    return cls(title=str(d["title"]), text=str(d["text"]), score=float(d.get("score", 0.0)))
+    return cls(
+      title=str(d["title"]),
+      text=str(d["text"]),
+      score=float(d.get("score", 0.0)),
+      preformatted=bool(d.get("preformatted", False)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
