@@ -42,3 +42,17 @@ def test_records_round_trip_through_jsonl(tmp_path):
     {"tool": "text_search", "query": "who", "latency_s": 0.01, "error": None}
   ]
   assert back[0]["frames"] == [0, 4] and back[1]["reward"] == {"score": 0.0}
+
+
+def test_lone_surrogates_are_written_and_read_back(tmp_path):
+  # A model can decode to a lone surrogate (or write `\ud800` in a search JSON); UTF-8
+  # cannot encode one, and the step's records must not be lost for it.
+  rows = [
+    {"id": "a", "response": "x\ud800y é", "tool_calls": [{"query": "\udfff"}]},
+    {"id": "b", "response": "plain é"},
+  ]
+  path = records.write_step(tmp_path, 1, rows)
+  lines = path.read_text(encoding="utf-8").splitlines()
+  assert [json.loads(line) for line in lines] == rows
+  assert "é" in lines[1]  # records without surrogates stay readable
+  assert records.json_line({"a": "\ud800"}) == '{"a": "\\ud800"}'

@@ -173,7 +173,7 @@ def test_jitted_batch_of_8(image_path):
   assert (np.asarray(out.image_pixels[2]) == 77).all() and not np.asarray(out.image_pixels[0]).any()
   # Errors are observations.
   assert body[3] == "Error: Frame index not in [0, 4, 10, 13, 18, 23]."
-  assert body[4] == "Error: Invalid JSON in <search>."
+  assert body[4] == "Error: The search call is not valid JSON."  # no tag: see num_search
   assert body[5].startswith("Error: Search failed") and "HTTP 500" in body[5]
   assert body[6].startswith("Error: No tool call found")
   # Not pending: nothing.

@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from segresearch_jax.agent import rollout
-
 
 def _jsonable(value: Any) -> Any:
   if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -50,6 +48,10 @@ def episode_records(
     tool_calls: per row, the bridge's call records.
     rewards: per row, the reward terms.
   """
+  # Imported here so that this module stays free of JAX: evaluation writes its
+  # prediction lines with `json_line`.
+  from segresearch_jax.agent import rollout
+
   rows = []
   for r, sample in enumerate(samples):
     n = int(out["response_length"][r])
@@ -85,6 +87,26 @@ def write_step(
   tmp = path.with_suffix(".jsonl.tmp")
   with tmp.open("w", encoding="utf-8") as f:
     for rec in records:
-      f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+      f.write(json_line(rec) + "\n")
   tmp.replace(path)
   return path
+
+
+def json_line(record: Any, **kwargs: Any) -> str:
+  """`json.dumps(record)` as text that always encodes as UTF-8.
+
+  Non-ASCII text is kept readable (`ensure_ascii=False`) unless the record holds a lone
+  surrogate (a model can decode to one, e.g. "\\ud800"), which UTF-8 cannot encode;
+  then the whole record is written with `\\uXXXX` escapes, which `json.loads` reads
+  back to the same string, so no record is lost or altered.
+
+  Args:
+    record: a JSON-serialisable value.
+    **kwargs: passed to `json.dumps` (e.g. `indent`).
+  """
+  text = json.dumps(record, ensure_ascii=False, **kwargs)
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    text = json.dumps(record, ensure_ascii=True, **kwargs)
+  return text

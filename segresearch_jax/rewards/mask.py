@@ -27,6 +27,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from segresearch_jax.agent import protocol
 from segresearch_jax.data import okvos as okvos_data
 from segresearch_jax.rewards import okvos
 from segresearch_jax.segmentation import mask_cache
@@ -198,19 +199,20 @@ def parse_mask_prompts(
   points = np.zeros((b, 2), np.float32)
   valid = np.zeros(b, bool)
   for i, (response, gt) in enumerate(zip(responses, ground_truths)):
-    kf = okvos._KEYFRAME.search(response)
-    if not kf:
+    # The reward's reading (linear, never raises); the frame slot through the one
+    # keyframe-number parser, so `05` or `٥` name no slot.
+    reading = okvos.read_response(response)
+    frame = None if reading.keyframe is None else protocol.keyframe_number(reading.keyframe)
+    if frame is None:
       continue
-    hits = np.flatnonzero(frame_numbers[i] == int(kf.group(1)))
+    hits = np.flatnonzero(frame_numbers[i] == frame)
     if not hits.size:
       continue
     slot[i] = hits[0]
     gt = json.loads(gt) if isinstance(gt, str) else gt
-    answer = okvos._ANSWER.search(response)
-    pred = okvos._parse_answer(answer.group(1)) if answer else None
-    if pred is None:
+    if reading.box is None or reading.point is None:
       continue
-    boxes[i], points[i] = pred
-    valid[i] = kf.group(1) in gt
+    boxes[i], points[i] = reading.box, reading.point
+    valid[i] = reading.target(gt) is not None
   boxes, points = normalise_prompts(boxes, points, convention, resized)
   return dict(keyframe_slot=slot, pred_box=boxes, pred_point=points, valid=valid)

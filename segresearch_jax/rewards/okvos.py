@@ -1,4 +1,4 @@
-"""The official OK-VOS training reward (SPEC §3.1), exactly, and its jittable split.
+"""The official OK-VOS training reward (docs/method.md §3.1), exactly, and its jittable split.
 
 `score_response` is the reference: one decoded response (special tokens removed,
 observations included) against the sample's ground truth and reference search
@@ -6,8 +6,16 @@ steps. The same numbers come out of two halves that the trainer uses instead:
 `parse_responses` (host: regexes, JSON, sentence embeddings for IGR) turns a batch
 into fixed arrays, and `reward_terms` (`jnp`, jittable) does all the arithmetic.
 The official quirks are kept on purpose: the FIRST keyframe tag, `<answer>` matched
-WITHOUT DOTALL, the +1 pixel IoU convention, the point tested against the
-PREDICTED box, and a score that is not gated by format.
+WITHOUT DOTALL, all four accuracy terms gated on a keyframe AND a parsed answer, each
+box/point term scored on its own, the +1 pixel IoU convention, the point tested
+against the PREDICTED box, and a score that is not gated by format
+(docs/method.md §3.1).
+
+Model output is hostile, so reading it never raises and takes linear time: the
+official regexes are kept below as the definition, and `read_response`,
+`format_reward`, `search_turns` and `first_text_query` find exactly their matches
+without the quadratic rescans their `.*?` makes on degenerate text (tests compare
+both on generated responses; `benchmarks/parse_speed.py` times them).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,6 +31,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from segresearch_jax.agent import protocol
+
+# The official regexes: the definition of what the reward reads. Only `_KEYFRAME` runs
+# as is (it is linear: `\s*` and `\d+` cannot overlap, so a failed start backtracks
+# only over its own whitespace and digits); the others restart a `.*?` scan at every
+# `<thinking>` / `<answer>`, quadratic on degenerate text, and are replaced by the
+# linear scanners below, which give the same matches.
 _FORMAT_KEYFRAME = re.compile(
   r"<thinking>.*?</thinking>\s*<keyframe>\s*(\d+)\s*</keyframe>", re.DOTALL
 )
@@ -30,6 +46,17 @@ _KEYFRAME = re.compile(r"<keyframe>\s*(\d+)\s*</keyframe>")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL: a multi-line answer scores 0
 _SEARCH_TURN = re.compile(r"<thinking>.*?</thinking>\s*<search>.*?</search>", re.DOTALL)
 _TEXT_QUERY = re.compile(r'\{"name":\s*"text_search".*?"query":\s*"(.*?)"\}', re.DOTALL)
+
+# Pieces of those regexes that anchor on a literal and so search in linear time.
+_THINKING = "<thinking>"
+_ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
+_SEARCH_CLOSE = "</search>"
+_KEYFRAME_AFTER_THINKING = re.compile(r"</thinking>\s*<keyframe>\s*\d+\s*</keyframe>")
+_ANSWER_AFTER_THINKING = re.compile(r"</thinking>\s*<answer>\s*")
+_SEARCH_AFTER_THINKING = re.compile(r"</thinking>\s*<search>")
+_TEXT_QUERY_HEAD = re.compile(r'\{"name":\s*"text_search"')
+_TEXT_QUERY_KEY = re.compile(r'"query":\s*"')
+_TEXT_QUERY_END = '"}'
 
 TERMS = ("iou_score", "box_l1_score", "point_l1_score", "keyframe_score", "process_score")
 
@@ -112,39 +139,169 @@ def _ground_truth(ground_truth: str | Mapping) -> dict:
   return json.loads(ground_truth) if isinstance(ground_truth, str) else dict(ground_truth)
 
 
-def _numbers(value: Any, n: int) -> list[float] | None:
-  if (
+def _is_number_list(value: Any, n: int) -> bool:
+  return (
     isinstance(value, list)
     and len(value) == n
     and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-  ):
-    return [float(v) for v in value]
-  return None
+  )
+
+
+def _as_float(v: int | float) -> float:
+  # JSON integers are unbounded; one beyond the float range compares like +-inf, which
+  # is what Python's exact integer arithmetic in the official code makes of it.
+  try:
+    return float(v)
+  except OverflowError:
+    return math.inf if v > 0 else -math.inf
+
+
+def _numbers(value: Any, n: int) -> list[float] | None:
+  """`value` as n floats when it is a list of n JSON numbers (not booleans), else None."""
+  return [_as_float(v) for v in value] if _is_number_list(value, n) else None
 
 
 def format_reward(response: str) -> float:
-  """1 when a thinking+keyframe turn and a thinking+answer turn exist and the answer is
-  JSON with exactly {bbox_2d: 4 numbers, point_2d: 2 numbers}."""
-  if not _FORMAT_KEYFRAME.search(response):
+  r"""1 when a thinking+keyframe turn and a thinking+answer turn exist and the answer is
+  JSON with exactly {bbox_2d: 4 numbers, point_2d: 2 numbers}.
+
+  Same result as searching `_FORMAT_KEYFRAME` and `_FORMAT_ANSWER`, in linear time.
+  Both start with `<thinking>.*?</thinking>`, so a match exists exactly when a
+  `</thinking>` followed by the rest lies after the FIRST `<thinking>`; the answer
+  group is then the text after the first `</thinking>\s*<answer>\s*` up to the next
+  `</answer>`, trailing whitespace dropped (the lazy group stops at the first close).
+  """
+  start = response.find(_THINKING)
+  if start < 0:
     return 0.0
-  answer = _FORMAT_ANSWER.search(response)
-  if not answer:
+  body = start + len(_THINKING)
+  if _KEYFRAME_AFTER_THINKING.search(response, body) is None:
     return 0.0
-  try:
-    parsed = json.loads(answer.group(1))
-  except (json.JSONDecodeError, ValueError):
+  head = _ANSWER_AFTER_THINKING.search(response, body)
+  if head is None:
     return 0.0
+  end = response.find(_ANSWER_CLOSE, head.end())
+  if end < 0:
+    return 0.0
+  parsed = protocol.json_value(response[head.end() : end].rstrip())
   ok = (
     isinstance(parsed, dict)
     and set(parsed) == {"bbox_2d", "point_2d"}
-    and _numbers(parsed["bbox_2d"], 4) is not None
-    and _numbers(parsed["point_2d"], 2) is not None
+    and _is_number_list(parsed["bbox_2d"], 4)
+    and _is_number_list(parsed["point_2d"], 2)
   )
   return 1.0 if ok else 0.0
 
 
+def search_turns(response: str) -> int:
+  r"""`len(_SEARCH_TURN.findall(response))` in linear time: the thinking+search turns.
+
+  Each match starts at the first `<thinking>` after the previous match and ends at the
+  first `</search>` after the first `</thinking>\s*<search>` that follows it.
+  """
+  count, pos = 0, 0
+  while (start := response.find(_THINKING, pos)) >= 0:
+    head = _SEARCH_AFTER_THINKING.search(response, start + len(_THINKING))
+    if head is None:
+      break
+    end = response.find(_SEARCH_CLOSE, head.end())
+    if end < 0:
+      break
+    count += 1
+    pos = end + len(_SEARCH_CLOSE)
+  return count
+
+
+def first_text_query(response: str) -> str | None:
+  """`_TEXT_QUERY.search(response).group(1)` in linear time (the query IGR embeds).
+
+  The leftmost `{"name": "text_search"` wins when any match exists; its query is the
+  first `"query": "` after it, up to the next `"}`.
+  """
+  head = _TEXT_QUERY_HEAD.search(response)
+  if head is None:
+    return None
+  key = _TEXT_QUERY_KEY.search(response, head.end())
+  if key is None:
+    return None
+  end = response.find(_TEXT_QUERY_END, key.end())
+  return None if end < 0 else response[key.end() : end]
+
+
+def first_keyframe_tag(response: str) -> str | None:
+  r"""The digit string of the FIRST `<keyframe>\s*(\d+)\s*</keyframe>` (official `\d`,
+  so Unicode digits such as `٥` count), or None. The reward compares it with the
+  ground-truth keys as a string: `05` is not `5`."""
+  match = _KEYFRAME.search(response)
+  return None if match is None else match.group(1)
+
+
+def first_line_answer(response: str) -> str | None:
+  """`_ANSWER.search(response).group(1)` in linear time: the FIRST `<answer>…</answer>`
+  on one line (`.` without DOTALL stops only at `\n`).
+
+  An `<answer>` whose next `</answer>` lies beyond a newline fails, and so does every
+  other `<answer>` before that newline, so the scan resumes after it.
+  """
+  pos, close = 0, -1
+  while (start := response.find(_ANSWER_OPEN, pos)) >= 0:
+    start += len(_ANSWER_OPEN)
+    if close < start:
+      close = response.find(_ANSWER_CLOSE, start)
+      if close < 0:
+        return None
+    newline = response.find("\n", start, close)
+    if newline < 0:
+      return response[start:close]
+    pos = newline + 1
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+  """What the accuracy terms read from one response (docs/method.md §3.1, steps 1-2).
+
+  Attributes:
+    keyframe: the digit string of the first keyframe tag, or None.
+    answered: a single-line `<answer>` exists and its stripped text is JSON (any value).
+    box: the answer's `bbox_2d` as 4 floats, or None (missing, wrong length, not
+      numbers, or the answer is not an object).
+    point: the answer's `point_2d` as 2 floats, or None.
+  """
+
+  keyframe: str | None
+  answered: bool
+  box: list[float] | None = None
+  point: list[float] | None = None
+
+  def target(self, gt: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ground-truth entry the accuracy terms score against, or None when all
+    four are 0: no keyframe, no parsed answer, or a keyframe that is no GT key."""
+    if self.keyframe is None or not self.answered:
+      return None
+    return gt.get(self.keyframe)
+
+
+def read_response(response: str) -> Reading:
+  """Reads the keyframe tag and the answer the accuracy terms score; never raises."""
+  keyframe = first_keyframe_tag(response)
+  text = first_line_answer(response)
+  pred = protocol.INVALID_JSON if text is None else protocol.json_value(text.strip())
+  if pred is protocol.INVALID_JSON:
+    return Reading(keyframe, answered=False)
+  if not isinstance(pred, dict):
+    return Reading(keyframe, answered=True)
+  return Reading(
+    keyframe,
+    answered=True,
+    box=_numbers(pred.get("bbox_2d"), 4),
+    point=_numbers(pred.get("point_2d"), 2),
+  )
+
+
 def box_iou_plus_one(a: Sequence[float], b: Sequence[float]) -> float:
-  """Box IoU with the +1 pixel convention (inclusive integer boxes)."""
+  """Box IoU with the +1 pixel convention (inclusive integer boxes); 0 when the union
+  is not positive (inverted or NaN boxes)."""
   ix1, iy1, ix2, iy2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
   inter = (ix2 - ix1 + 1) * (iy2 - iy1 + 1) if ix1 < ix2 and iy1 < iy2 else 0.0
   area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
@@ -166,7 +323,7 @@ def score_response(
   config: RewardConfig = RewardConfig(),
   embed_fn: EmbedFn | None = None,
 ) -> dict[str, float]:
-  """The official reward of one response (SPEC §3.1).
+  """The official reward of one response (docs/method.md §3.1).
 
   Args:
     response: the decoded response, special tokens removed.
@@ -182,31 +339,28 @@ def score_response(
   gt = _ground_truth(ground_truth)
   fmt = format_reward(response)
   iou = box_l1 = point_l1 = keyframe = 0.0
-  kf = _KEYFRAME.search(response)
-  if kf and kf.group(1) in gt:
-    target = gt[kf.group(1)]
-    keyframe = float(target["max_conn_area"])
-    answer = _ANSWER.search(response)
-    pred = _parse_answer(answer.group(1)) if answer else None
-    if pred is not None:
-      box, point = pred
-      gt_box, gt_point = (
-        [float(v) for v in target["bbox_2d"]],
-        [float(v) for v in target["point_2d"]],
-      )
+  reading = read_response(response)
+  target = reading.target(gt)
+  if target is not None:
+    keyframe = float(target.get("max_conn_area", 0))
+    gt_box = [float(v) for v in target["bbox_2d"]]
+    gt_point = [float(v) for v in target["point_2d"]]
+    box, point = reading.box, reading.point
+    if box is not None:
       iou = float(box_iou_plus_one(box, gt_box) > config.iou_threshold)
-      box_l1 = float(np.mean(np.abs(np.subtract(box, gt_box))) < config.box_l1_threshold)
+      box_l1 = float(sum(abs(p - g) for p, g in zip(box, gt_box)) / 4 < config.box_l1_threshold)
+    if box is not None and point is not None:
       inside = box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
-      dist = float(np.hypot(point[0] - gt_point[0], point[1] - gt_point[1]))
+      dist = math.hypot(point[0] - gt_point[0], point[1] - gt_point[1])
       point_l1 = float(inside and dist < config.point_distance_threshold)
   tpr = igr = 0.0
   if steps:
-    k = min(len(_SEARCH_TURN.findall(response)), config.tpr_budget) + fmt
+    k = min(search_turns(response), config.tpr_budget) + fmt
     tpr = 1.0 - (1.0 - config.tpr_p) ** k
-    query = _TEXT_QUERY.search(response)
-    if query:
+    query = first_text_query(response)
+    if query is not None:
       embed_fn = embed_fn or _default_embedder()
-      vectors = embed_fn([query.group(1), *steps])
+      vectors = embed_fn([query, *steps])
       igr = float(np.max(vectors[1:] @ vectors[0]) > config.igr_threshold)
     process = 0.5 * (igr + tpr)
   else:
@@ -229,17 +383,35 @@ def score_response(
   )
 
 
-def _parse_answer(text: str) -> tuple[list[float], list[float]] | None:
+def validation_reward(response: str, ground_truth: str | Mapping[str, Any]) -> float:
+  r"""The official validation reward: continuous box IoU on the LAST keyframe tag.
+
+  The IoU (+1 pixel convention, `box_iou_plus_one`) between the answer's `bbox_2d`
+  and the ground-truth `bbox_2d` of the frame named by the last
+  `<keyframe>\s*(\d+)\s*</keyframe>`; the answer is the one the training reward
+  reads (the first single-line `<answer>`). 0.0 when the keyframe, the answer, the
+  box or the ground-truth entry is missing or invalid; never raises.
+
+  Args:
+    response: the decoded response, special tokens removed.
+    ground_truth: {frame_number: {bbox_2d, ...}} (or its JSON).
+  """
   try:
-    parsed = json.loads(text)
-  except (json.JSONDecodeError, ValueError):
-    return None
-  if not isinstance(parsed, dict):
-    return None
-  box, point = _numbers(parsed.get("bbox_2d"), 4), _numbers(parsed.get("point_2d"), 2)
-  if box is None or point is None:
-    return None
-  return box, point
+    gt = _ground_truth(ground_truth)
+  except (ValueError, TypeError, RecursionError):
+    return 0.0
+  if not isinstance(gt, Mapping):
+    return 0.0
+  keyframe = None
+  for match in _KEYFRAME.finditer(response):
+    keyframe = match.group(1)
+  box = read_response(response).box
+  target = gt.get(keyframe) if keyframe is not None else None
+  gt_box = _numbers(target.get("bbox_2d"), 4) if isinstance(target, Mapping) else None
+  if box is None or gt_box is None:
+    return 0.0
+  iou = box_iou_plus_one(box, gt_box)
+  return float(iou) if math.isfinite(iou) else 0.0
 
 
 _EMBEDDER: list[EmbedFn] = []
@@ -267,6 +439,11 @@ def parse_responses(
 ) -> dict[str, np.ndarray]:
   """Everything non-numeric of a batch, as fixed arrays for `reward_terms`.
 
+  The gating of docs/method.md §3.1 is decided here, once, by `read_response`:
+  `keyframe_ok` (keyframe, parsed answer and a GT key: the keyframe term and the gate
+  of the other three), `box_ok` (the answer's box is valid: iou and box_l1) and
+  `answer_ok` (box and point valid: point_l1). `reward_terms` only does arithmetic.
+
   IGR needs sentence embeddings, so it is computed here: all first text_search
   queries of the batch are embedded in one call, and the embeddings of each sample's
   reference steps are cached across calls in `step_cache`.
@@ -275,6 +452,7 @@ def parse_responses(
   out = dict(
     format=np.zeros(b, np.float32),
     keyframe_ok=np.zeros(b, bool),
+    box_ok=np.zeros(b, bool),
     answer_ok=np.zeros(b, bool),
     pred_box=np.zeros((b, 4), np.float32),
     pred_point=np.zeros((b, 2), np.float32),
@@ -297,24 +475,25 @@ def parse_responses(
       gt = _ground_truth(gt)
     out["format"][i] = format_reward(response)
     out["num_search"][i] = response.count("<search>")
-    kf = _KEYFRAME.search(response)
-    if kf and kf.group(1) in gt:
-      target = gt[kf.group(1)]
+    reading = read_response(response)
+    target = reading.target(gt)
+    if target is not None:
       out["keyframe_ok"][i] = True
-      out["max_conn_area"][i] = float(target["max_conn_area"])
+      out["max_conn_area"][i] = float(target.get("max_conn_area", 0))
       out["gt_box"][i] = target["bbox_2d"]
       out["gt_point"][i] = target["point_2d"]
-      answer = _ANSWER.search(response)
-      pred = _parse_answer(answer.group(1)) if answer else None
-      if pred is not None:
-        out["answer_ok"][i] = True
-        out["pred_box"][i], out["pred_point"][i] = pred
+      if reading.box is not None:
+        out["box_ok"][i] = True
+        out["pred_box"][i] = reading.box
+        if reading.point is not None:
+          out["answer_ok"][i] = True
+          out["pred_point"][i] = reading.point
     if st:
       out["has_steps"][i] = True
-      out["search_turns"][i] = len(_SEARCH_TURN.findall(response))
-      query = _TEXT_QUERY.search(response)
-      if query:
-        queries[i] = query.group(1)
+      out["search_turns"][i] = search_turns(response)
+      query = first_text_query(response)
+      if query is not None:
+        queries[i] = query
   if queries:
     embed_fn = embed_fn or _default_embedder()
     step_cache = {} if step_cache is None else step_cache
@@ -339,7 +518,9 @@ def reward_terms(
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   pb, gb = f32(parsed["pred_box"]), f32(parsed["gt_box"])  # [B, 4]
   pp, gp = f32(parsed["pred_point"]), f32(parsed["gt_point"])  # [B, 2]
-  scored = jnp.asarray(parsed["keyframe_ok"]) & jnp.asarray(parsed["answer_ok"])
+  keyframe_ok = jnp.asarray(parsed["keyframe_ok"])
+  box_scored = keyframe_ok & jnp.asarray(parsed["box_ok"])  # iou and box_l1
+  point_scored = keyframe_ok & jnp.asarray(parsed["answer_ok"])  # also needs the point
   # 1. Box IoU with the +1 convention.
   lo, hi = jnp.maximum(pb[:, :2], gb[:, :2]), jnp.minimum(pb[:, 2:], gb[:, 2:])
   overlap = jnp.all(lo < hi, axis=-1)
@@ -347,14 +528,14 @@ def reward_terms(
   area = lambda x: (x[:, 2] - x[:, 0] + 1) * (x[:, 3] - x[:, 1] + 1)
   union = area(pb) + area(gb) - inter
   iou = jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
-  iou_score = scored & (iou > config.iou_threshold)
+  iou_score = box_scored & (iou > config.iou_threshold)
   # 2. Mean L1 of the box corners.
-  box_l1_score = scored & (jnp.mean(jnp.abs(pb - gb), axis=-1) < config.box_l1_threshold)
+  box_l1_score = box_scored & (jnp.mean(jnp.abs(pb - gb), axis=-1) < config.box_l1_threshold)
   # 3. Point inside its own box and near the GT point.
   inside = jnp.all((pp >= pb[:, :2]) & (pp <= pb[:, 2:]), axis=-1)
   dist = jnp.sqrt(jnp.sum((pp - gp) ** 2, axis=-1))
-  point_score = scored & inside & (dist < config.point_distance_threshold)
-  keyframe_score = jnp.where(jnp.asarray(parsed["keyframe_ok"]), f32(parsed["max_conn_area"]), 0.0)
+  point_score = point_scored & inside & (dist < config.point_distance_threshold)
+  keyframe_score = jnp.where(keyframe_ok, f32(parsed["max_conn_area"]), 0.0)
   # 4. Process: tapering search reward + initial guidance, or format without steps.
   fmt = f32(parsed["format"])
   k = jnp.minimum(f32(parsed["search_turns"]), config.tpr_budget) + fmt

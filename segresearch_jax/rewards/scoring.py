@@ -1,7 +1,7 @@
 """Rewards and advantages of a rollout batch: host parse, then one jitted function.
 
     parsed = parse(responses, batch)                     # host: regexes, JSON, IGR
-    scores = score_fn(parsed, lengths, stop_reasons)     # jit: SPEC §3.1 terms,
+    scores = score_fn(parsed, lengths, stop_reasons)     # jit: docs/method.md §3.1 terms,
                                                          # mask term, DAPO shaping,
                                                          # group advantages
 
@@ -31,13 +31,14 @@ class ScoreConfig:
   """Reward and shaping settings (official values by default).
 
   Attributes:
-    reward: the SPEC §3.1 constants.
+    reward: the docs/method.md §3.1 constants.
     group_size: rollouts per prompt (consecutive rows).
     overlong_buffer: > 0 turns on DAPO's soft overlong penalty over the last
       `overlong_buffer` tokens before `max_response_length`.
     overlong_penalty: its size at `max_response_length`.
     max_response_length: the response cap.
-    mask_weight: weight of the mask-cache term (SPEC §3.2); 0 = exactly SPEC §3.1.
+    mask_weight: weight of the mask-cache term (docs/method.md §3.2); 0 = exactly the
+      official reward (§3.1).
     mask_prompt: which cached prompt scores it ("box" | "point" | "mean").
   """
 
