@@ -18,23 +18,33 @@ preemption) leaves the earlier steps loadable; the partial folder is never liste
 the next `Checkpointer` on the directory deletes it (in the background, before its first
 save).
 
+Damage: a step folder that is empty or lacks an item (a partial copy, a deleted
+folder) is never a step: the read-only helpers skip it, and a `Checkpointer` moves it
+aside when it opens the directory (`<step>.incomplete`; an empty one is removed).
+`restore_latest` restores the newest step that restores; when newer ones fail (a
+truncated or deleted tensor file, broken JSON) it says which and why, and moves them
+aside (`<step>.damaged`) so the resumed run can save those steps again. When no step
+restores, one error lists every step and why.
+
 Asynchronous: `save` returns once the arrays are copied to host memory and writes them
 in a background thread, so the state may be donated to the next update right away. Call
 `wait()` or `close()` before the process exits, or the last save is lost.
 
-Multi-process: every process calls `save`, `restore`, `wait` and `close` with the same
-arguments (Orbax saves collectively: each process writes the shards it holds, and the
-primary process writes the JSON items and renames the folder). Never guard these calls
-with `jax.process_index() == 0`.
+Multi-process: every process calls `save`, `restore`, `restore_latest`, `wait` and
+`close` with the same arguments (Orbax saves collectively: each process writes the
+shards it holds, and the primary process writes the JSON items and renames the folder;
+a step any process cannot restore is skipped by all, and the primary moves it aside).
+Never guard these calls with `jax.process_index() == 0`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -50,8 +60,13 @@ RNG = "rng"
 DATA = "data"
 METADATA = "metadata"
 
+# The items every step has; DATA is absent when a step was saved without an iterator.
+REQUIRED_ITEMS = (STATE, RNG, METADATA)
+
 # What a data iterator must be for grain's Orbax handler (both have get_state/set_state).
 DataIterator = grain.DatasetIterator | grain.DataLoaderIterator
+
+_LOG = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------
@@ -222,15 +237,79 @@ def _item_handlers(state_handler: ocp.CheckpointHandler) -> dict[str, ocp.Checkp
   }
 
 
+def _step_dir(directory: str, step: int) -> str:
+  return os.path.join(directory, str(step))
+
+
+def _incomplete_reason(step_dir: str | os.PathLike) -> str | None:
+  """Why a step folder cannot hold a complete save, or None; reads no array.
+
+  Orbax renames a step's folder only once every item is written, so an empty folder or
+  one without an item was made or damaged by something else (a partial copy, a deleted
+  item folder) and never restores.
+  """
+  try:
+    names = os.listdir(step_dir)
+  except OSError as e:
+    return f"unreadable folder ({e.strerror})"
+  if not names:
+    return "empty folder"
+  missing = [
+    item
+    for item in REQUIRED_ITEMS
+    if not os.path.isdir(os.path.join(step_dir, item))
+    or not os.listdir(os.path.join(step_dir, item))
+  ]
+  if missing:
+    return f"partial folder: no {', '.join(missing)} item"
+  return None
+
+
+def _complete_steps(manager: ocp.CheckpointManager, directory: str) -> list[int]:
+  return sorted(
+    s for s in manager.all_steps() if _incomplete_reason(_step_dir(directory, s)) is None
+  )
+
+
 def _resolve_step(manager: ocp.CheckpointManager, directory: str, step: int | None) -> int:
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise FileNotFoundError(f"No complete checkpoint in {directory}.")
+  steps = _complete_steps(manager, directory)
   if step is None:
+    if not steps:
+      raise FileNotFoundError(f"No complete checkpoint in {directory}.")
     return steps[-1]
   if int(step) not in steps:
-    raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; steps there: {steps}.")
+    reason = ""
+    if int(step) in manager.all_steps():
+      reason = f" ({_incomplete_reason(_step_dir(directory, int(step)))})"
+    raise FileNotFoundError(
+      f"No checkpoint for step {step} in {directory}{reason}; steps there: {steps}."
+    )
   return int(step)
+
+
+def _short(error: BaseException, limit: int = 600) -> str:
+  """An exception as one line: TensorStore's messages run to kilobytes, most of them its spec."""
+  text = " ".join(f"{type(error).__name__}: {error}".split()).split(" [tensorstore_spec")[0]
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _set_aside(directory: str, step: int, suffix: str) -> str:
+  """Renames `<directory>/<step>` to a free `<step>.<suffix>[-k]`, a name Orbax never lists."""
+  target, k = os.path.join(directory, f"{step}.{suffix}"), 1
+  while os.path.exists(target):
+    k += 1
+    target = os.path.join(directory, f"{step}.{suffix}-{k}")
+  os.rename(_step_dir(directory, step), target)
+  return target
+
+
+def _all_processes(ok: bool) -> bool:
+  """Whether `ok` holds on every process: a step one process cannot read is not used."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _remove_temporary(directory: str) -> None:
@@ -250,10 +329,17 @@ class Checkpointer:
     keep: how many of the newest steps to keep; older ones are deleted after each save.
     save_every: `save` writes steps that are multiples of this (and any step with force).
     async_save: write in a background thread (default); False blocks in `save`.
+    log: where to say which step folders were moved aside (and why).
   """
 
   def __init__(
-    self, directory: str | os.PathLike, *, keep: int, save_every: int, async_save: bool = True
+    self,
+    directory: str | os.PathLike,
+    *,
+    keep: int,
+    save_every: int,
+    async_save: bool = True,
+    log: Callable[[str], Any] = _LOG.warning,
   ):
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}.")
@@ -277,17 +363,44 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
       self.directory, options=options, item_handlers=_item_handlers(ocp.StandardCheckpointHandler())
     )
-    if several:
+    if jax.process_index() == 0:
+      self._set_aside_incomplete(log)
+    self._barrier("checkpointer")
+    # Orbax listed the folders when it opened the directory: list them again.
+    self._manager.reload()
+
+  def _barrier(self, name: str) -> None:
+    if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
-      multihost_utils.sync_global_devices(f"checkpointer {self.directory}")
+      multihost_utils.sync_global_devices(f"{name} {self.directory}")
+
+  def _set_aside_incomplete(self, log: Callable[[str], Any]) -> None:
+    """Removes empty step folders and renames partial ones, so none is taken as a step
+    and the run can save that step again."""
+    for step in sorted(self._manager.all_steps()):
+      path = _step_dir(self.directory, step)
+      reason = _incomplete_reason(path)
+      if reason is None:
+        continue
+      if reason == "empty folder":
+        os.rmdir(path)
+        log(f"checkpoint step {step} in {self.directory} is an empty folder: removed it")
+      else:
+        moved = _set_aside(self.directory, step, "incomplete")
+        log(
+          f"checkpoint step {step} in {self.directory} is not a step ({reason}): moved to {moved}"
+        )
 
   def all_steps(self) -> list[int]:
     """Saved steps, ascending; includes a step this process is still writing (`wait()`)."""
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
-    """The newest saved step, or None when there is none (a fresh run)."""
+    """The newest saved step, or None when there is none (a fresh run).
+
+    Only a restore can tell damaged files: resume with `restore_latest`.
+    """
     return self._manager.latest_step()
 
   def save(
@@ -336,10 +449,10 @@ class Checkpointer:
     abstract_state: Any,
     data_iterator: DataIterator | None = None,
   ) -> tuple[Any, jax.Array, dict[str, Any]]:
-    """Restores `step` (None: the latest); arrays land in `abstract_state`'s shardings.
+    """Restores `step` (None: as `restore_latest`); arrays land in `abstract_state`'s shardings.
 
     Args:
-      step: the step to restore, or None for the latest complete one.
+      step: the step to restore, or None for the newest step that restores.
       abstract_state: the state's pytree of `jax.ShapeDtypeStruct` with shardings
         (`abstract_state(state)`, or `jax.eval_shape` plus partition rules); the
         restored arrays are laid out as it says, whatever layout saved them. Leaves
@@ -350,16 +463,88 @@ class Checkpointer:
     Returns:
       (state, rng, metadata).
     """
+    if step is None:
+      return self.restore_latest(abstract_state, data_iterator)[1:]
     target = _as_restore_target(abstract_state)
     self.wait()  # A step still being written is not restorable yet.
-    step = _resolve_step(self._manager, self.directory, step)
+    return self._restore_step(
+      _resolve_step(self._manager, self.directory, step), target, data_iterator
+    )
+
+  def restore_latest(
+    self,
+    abstract_state: Any,
+    data_iterator: DataIterator | None = None,
+    *,
+    log: Callable[[str], Any] = _LOG.warning,
+  ) -> tuple[int, Any, jax.Array, dict[str, Any]]:
+    """Restores the newest step that restores: what a resumed run continues from.
+
+    A newer step that fails (a truncated or missing tensor file, broken JSON, no data
+    state) is reported through `log` with the reason, then renamed `<step>.damaged` so
+    the resumed run can save that step again. Steps older than the one restored are
+    never touched, and nothing is moved when no step restores.
+
+    Args:
+      abstract_state: as in `restore`.
+      data_iterator: as in `restore`.
+      log: where to say which steps were skipped and why.
+
+    Returns:
+      (step, state, rng, metadata).
+
+    Raises:
+      FileNotFoundError: the directory holds no complete step.
+      ValueError: no step restores; the message lists every step and why.
+    """
+    target = _as_restore_target(abstract_state)
+    self.wait()
+    steps = _complete_steps(self._manager, self.directory)
+    if not steps:
+      raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
+    failed: list[tuple[int, str]] = []
+    for step in reversed(steps):
+      error = None
+      try:
+        restored = self._restore_step(step, target, data_iterator)
+      except Exception as e:  # Any failure of this step's files: try the one before.
+        error = e
+      if _all_processes(error is None):
+        self._set_aside_damaged(failed, step, log)
+        return (step, *restored)
+      reason = _short(error.__cause__ or error) if error else "failed on another process"
+      failed.append((step, reason))
+      log(f"checkpoint step {step} in {self.directory} does not restore: {reason}")
+    raise ValueError(
+      f"No checkpoint in {self.directory} restores (damaged files, or a model whose "
+      "structure, shapes or dtypes differ from the saved ones):\n"
+      + "\n".join(f"  step {s}: {r}" for s, r in failed)
+    )
+
+  def _set_aside_damaged(
+    self, failed: Sequence[tuple[int, str]], restored: int, log: Callable[[str], Any]
+  ) -> None:
+    if not failed:
+      return
+    if jax.process_index() == 0:
+      for step, _ in failed:
+        moved = _set_aside(self.directory, step, "damaged")
+        log(f"moved the damaged checkpoint step {step} to {moved}")
+    self._barrier(f"set aside {[s for s, _ in failed]}")
+    self._manager.reload()
+    skipped = ", ".join(str(s) for s, _ in failed)
+    log(f"resuming from checkpoint step {restored}, the newest that restores (skipped {skipped})")
+
+  def _restore_step(
+    self, step: int, target: Any, data_iterator: DataIterator | None
+  ) -> tuple[Any, jax.Array, dict[str, Any]]:
     items = {
       STATE: ocp.args.StandardRestore(target),
       RNG: ocp.args.JsonRestore(),
       METADATA: ocp.args.JsonRestore(),
     }
     if data_iterator is not None:
-      if not os.path.isdir(os.path.join(self.directory, str(step), DATA)):
+      if not os.path.isdir(os.path.join(_step_dir(self.directory, step), DATA)):
         raise ValueError(
           f"Checkpoint step {step} in {self.directory} has no data-iterator state (it was "
           "saved with data_iterator=None); restore with data_iterator=None."
@@ -367,12 +552,13 @@ class Checkpointer:
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, TypeError) as e:
+      rng = rng_from_json(out[RNG])
+    except Exception as e:  # Orbax, TensorStore and JSON errors alike.
       raise ValueError(
-        f"Could not restore step {step} of {self.directory} into the given abstract state "
-        f"(does it have the saved structure, shapes and dtypes?): {e}"
+        f"Could not restore step {step} of {self.directory} (damaged files, or an abstract "
+        f"state without the saved structure, shapes and dtypes): {_short(e)}"
       ) from e
-    return out[STATE], rng_from_json(out[RNG]), out[METADATA]
+    return out[STATE], rng, out[METADATA]
 
   def wait(self) -> None:
     """Blocks until the background write of the last save is complete."""
@@ -411,10 +597,10 @@ def _read_only_manager(directory: str | os.PathLike) -> tuple[ocp.CheckpointMana
 
 
 def available_steps(directory: str | os.PathLike) -> list[int]:
-  """The complete steps in a checkpoint directory, ascending."""
-  manager, _ = _read_only_manager(directory)
+  """The complete steps in a checkpoint directory, ascending (empty or partial folders are not)."""
+  manager, directory = _read_only_manager(directory)
   with manager:
-    return sorted(manager.all_steps())
+    return _complete_steps(manager, directory)
 
 
 def read_metadata(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
@@ -422,8 +608,25 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> tupl
   manager, directory = _read_only_manager(directory)
   with manager:
     step = _resolve_step(manager, directory, step)
-    out = manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
+    args = ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()})
+    out = _read_only_restore(manager, directory, step, args)
   return step, out[METADATA]
+
+
+def _read_only_restore(
+  manager: ocp.CheckpointManager, directory: str, step: int, args: ocp.args.Composite | None
+) -> Any:
+  """`manager.restore(step, args)`, or with `args=None` the step's item metadata."""
+  try:
+    if args is None:
+      return manager.item_metadata(step)
+    return manager.restore(step, args=args)
+  except Exception as e:  # Orbax, TensorStore and JSON errors alike.
+    steps = _complete_steps(manager, directory)
+    raise ValueError(
+      f"Checkpoint step {step} in {directory} does not restore (damaged files?): {_short(e)}; "
+      f"steps there: {steps} (pass another step)."
+    ) from e
 
 
 def restore_params(directory: str | os.PathLike, step: int | None, abstract_params: Any) -> Any:
@@ -437,7 +640,7 @@ def restore_params(directory: str | os.PathLike, step: int | None, abstract_para
   manager, directory = _read_only_manager(directory)
   with manager:
     step = _resolve_step(manager, directory, step)
-    saved = manager.item_metadata(step)[STATE]
+    saved = _read_only_restore(manager, directory, step, None)[STATE]
     saved = getattr(saved, "tree", saved)
     if not isinstance(saved, Mapping) or "params" not in saved:
       raise ValueError(f"The state saved at step {step} in {directory} has no 'params' field.")
@@ -451,7 +654,7 @@ def restore_params(directory: str | os.PathLike, step: int | None, abstract_para
       )
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
     args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-    out = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+    out = _read_only_restore(manager, directory, step, ocp.args.Composite(**{STATE: args}))
   return out[STATE]["params"]
 
 

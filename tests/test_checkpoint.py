@@ -1,8 +1,9 @@
-"""Checkpoints: round trip, resume position, keep-N, sharded restore, kill -9 safety."""
+"""Checkpoints: round trip, resume position, keep-N, sharded restore, kill -9 safety, damage."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -211,6 +212,113 @@ def test_clear_errors(tmp_path):
   ckpt.close()
 
 
+def _truncate_tensor_files(step_dir) -> None:
+  """What a disk-full or interrupted copy does to the array chunks (under `state/**/d/`)."""
+  chunks = [
+    p for p in step_dir.joinpath("state").rglob("*") if p.is_file() and p.parent.name == "d"
+  ]
+  assert chunks
+  for path in chunks:
+    with open(path, "r+b") as f:
+      f.truncate(path.stat().st_size // 2)
+
+
+def _delete_metadata(step_dir) -> None:
+  (step_dir / "metadata" / "metadata").unlink()
+
+
+@pytest.mark.parametrize(
+  "damage, why",
+  [(_truncate_tensor_files, "OUT_OF_RANGE"), (_delete_metadata, "metadata/metadata not found")],
+)
+def test_resume_skips_a_damaged_newest_step_and_says_so(tmp_path, damage, why):
+  it = iter(_dataset())
+  with checkpoint.Checkpointer(tmp_path, keep=3, save_every=1) as ckpt:
+    for step in (1, 2, 3):
+      batch = next(it)
+      if step == 3:
+        expected = batch  # The batch that followed step 2's save.
+      ckpt.save(step, _state(float(step)), jax.random.key(step), it, {"step": step})
+      ckpt.wait()
+  damage(tmp_path / "3")
+
+  said = []
+  resumed = iter(_dataset())
+  with checkpoint.Checkpointer(tmp_path, keep=3, save_every=1) as ckpt:
+    assert ckpt.latest_step() == 3  # Only a restore can tell a damaged step.
+    step, state, rng, metadata = ckpt.restore_latest(
+      checkpoint.abstract_state(_state()), resumed, log=said.append
+    )
+    assert step == 2 and metadata == {"step": 2}
+    _assert_tree_equal(state, _state(2.0))
+    np.testing.assert_array_equal(jax.random.key_data(rng), jax.random.key_data(jax.random.key(2)))
+    assert list(next(resumed)["id"]) == list(expected["id"])
+    text = "\n".join(said)
+    assert f"step 3 in {tmp_path} does not restore" in text and why in text
+    assert "resuming from checkpoint step 2" in text and "skipped 3" in text
+    # Set aside, so the resumed run saves step 3 again (instead of silently not saving it).
+    assert (tmp_path / "3.damaged").is_dir() and not (tmp_path / "3").exists()
+    assert ckpt.all_steps() == [1, 2]
+    assert ckpt.save(3, _state(30.0), rng, None, {"step": "3 again"})
+  assert checkpoint.read_metadata(tmp_path) == (3, {"step": "3 again"})
+
+
+def test_restore_none_falls_back_and_no_restorable_step_lists_each(tmp_path, caplog):
+  with checkpoint.Checkpointer(tmp_path, keep=3, save_every=1) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _state(float(step)), jax.random.key(step), None, {"step": step})
+  _delete_metadata(tmp_path / "2")
+  with checkpoint.Checkpointer(tmp_path, keep=3, save_every=1) as ckpt:
+    with caplog.at_level("WARNING", logger="segresearch_jax.checkpoint"):
+      _, _, metadata = ckpt.restore(None, checkpoint.abstract_state(_state()))
+    assert metadata == {"step": 1}
+    assert "step 2" in caplog.text and "does not restore" in caplog.text
+    # A step named explicitly: a clear error, not a bare Orbax one.
+    ckpt.save(2, _state(2.0), jax.random.key(2), None, {"step": 2})
+    ckpt.wait()
+  _truncate_tensor_files(tmp_path / "1")
+  _truncate_tensor_files(tmp_path / "2")
+  with checkpoint.Checkpointer(tmp_path, keep=3, save_every=1) as ckpt:
+    with pytest.raises(ValueError, match=r"Could not restore step 1 of .*damaged files"):
+      ckpt.restore(1, checkpoint.abstract_state(_state()))
+    with pytest.raises(ValueError, match="No checkpoint in") as error:
+      ckpt.restore_latest(checkpoint.abstract_state(_state()), log=lambda _: None)
+  lines = str(error.value).splitlines()
+  assert [line.split(":")[0].strip() for line in lines[1:]] == ["step 2", "step 1"]
+  assert all("OUT_OF_RANGE" in line and "tensorstore_spec" not in line for line in lines[1:])
+  # Nothing is moved aside when no step restores (a model change must not cost the run).
+  assert sorted(os.listdir(tmp_path)) == ["1", "2", "2.damaged"]
+  with pytest.raises(ValueError, match=r"step 2 in .* does not restore \(damaged files\?\)"):
+    checkpoint.restore_params(tmp_path, None, checkpoint.abstract_state(_state().params))
+
+
+def test_an_empty_or_partial_step_folder_is_never_the_latest(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, keep=5, save_every=1) as ckpt:
+    ckpt.save(1, _state(1.0), jax.random.key(1), None, {"step": 1})
+  (tmp_path / "9").mkdir()  # e.g. `mkdir` by a sync tool, or a copy that died at once
+  (tmp_path / "7").mkdir()
+  (tmp_path / "7" / "state").mkdir()  # a copy that died after its first item
+  (tmp_path / "7" / "state" / "_METADATA").write_text("{}")
+  # Read-only (export, evaluation): skipped, and named when asked for.
+  assert checkpoint.available_steps(tmp_path) == [1]
+  assert checkpoint.read_metadata(tmp_path) == (1, {"step": 1})
+  with pytest.raises(FileNotFoundError, match=r"step 9 .*\(empty folder\)"):
+    checkpoint.read_metadata(tmp_path, 9)
+  with pytest.raises(
+    FileNotFoundError, match=r"step 7 .*\(partial folder: no rng, metadata item\)"
+  ):
+    checkpoint.read_metadata(tmp_path, 7)
+  # A writer removes the empty folder and moves the partial one aside, saying so.
+  said = []
+  with checkpoint.Checkpointer(tmp_path, keep=5, save_every=1, log=said.append) as ckpt:
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    assert any("step 9" in s and "empty folder" in s for s in said)
+    assert any("step 7" in s and "7.incomplete" in s for s in said)
+    assert ckpt.save(7, _state(7.0), jax.random.key(7), None, {"step": 7})
+  assert sorted(os.listdir(tmp_path)) == ["1", "7", "7.incomplete"]
+  assert checkpoint.read_metadata(tmp_path) == (7, {"step": 7})
+
+
 @pytest.mark.parametrize("name", sorted(config_lib.PRESETS))
 def test_model_config_dict_round_trip(name):
   cfg = config_lib.PRESETS[name]
@@ -370,3 +478,75 @@ def test_kill_9_during_a_save_leaves_the_previous_step_loadable(tmp_path):
   ckpt.close()
   assert checkpoint.available_steps(directory) == [1, 2] and not partial.exists()
   assert checkpoint.read_metadata(directory) == (2, {"step": 2})
+
+
+_TWO_PROCESSES = """
+import glob, os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import jax.numpy as jnp, numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from segresearch_jax import checkpoint
+
+directory = sys.argv[3]
+rows = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+
+def state(value):
+  full = np.full((8,), value, np.float32)
+  return {"w": jax.make_array_from_callback((8,), rows, lambda index: full[index])}
+
+with checkpoint.Checkpointer(directory, keep=5, save_every=1) as ckpt:
+  for step in (1, 2):
+    ckpt.save(step, state(float(step)), jax.random.key(step), None, {"step": step})
+multihost_utils.sync_global_devices("saved")
+if jax.process_index() == 0:
+  os.mkdir(os.path.join(directory, "5"))
+  for path in glob.glob(os.path.join(directory, "2", "state", "**", "d", "*"), recursive=True):
+    os.truncate(path, 3)
+multihost_utils.sync_global_devices("damaged")
+said = []
+with checkpoint.Checkpointer(directory, keep=5, save_every=1, log=said.append) as ckpt:
+  abstract = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=rows)}
+  step, restored, _, metadata = ckpt.restore_latest(abstract, log=said.append)
+  assert step == 1 and metadata == {"step": 1}, (step, metadata)
+  assert ckpt.all_steps() == [1]
+  np.testing.assert_array_equal(restored["w"].addressable_data(0), np.ones(4))
+  ckpt.save(2, state(20.0), jax.random.key(2), None, {"step": "2 again"})
+print("SAID", " | ".join(said))
+print("OK")
+"""
+
+
+def test_two_processes_agree_on_the_step_and_the_primary_moves_the_damaged_one(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(
+    {k: v for k, v in os.environ.items() if not k.startswith("SEGRESEARCH_")},
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  script = textwrap.dedent(_TWO_PROCESSES)
+  directory = str(tmp_path / "ckpt")
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", script, f"127.0.0.1:{port}", str(i), directory],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=240) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-2000:] for _, err in outs)
+  primary, other = (out for out, _ in outs)
+  # Only the primary touched the folder; every process says why it skipped step 2.
+  assert "step 5" in primary and "empty folder" in primary and "step 5" not in other
+  assert "moved the damaged checkpoint step 2" in primary
+  assert "step 2" in other and "does not restore" in other
+  assert sorted(os.listdir(directory)) == ["1", "2", "2.damaged"]
+  assert checkpoint.read_metadata(directory) == (2, {"step": "2 again"})

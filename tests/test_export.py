@@ -1,6 +1,7 @@
 """Checkpoint -> export tool -> transformers: same logits, and the processor files load."""
 
 import dataclasses
+import json
 
 import flax
 import jax
@@ -207,3 +208,93 @@ def test_clear_errors(tokenizer, tmp_path, capsys):
   with pytest.raises(ValueError, match="this code builds"):
     export.export(tmp_path / "old", tmp_path / "o")
   assert not (tmp_path / "o").exists()  # Nothing is written before the checks pass.
+
+
+def test_a_non_empty_out_folder_is_refused_and_overwrite_replaces_it_whole(
+  tokenizer, tmp_path, capsys, monkeypatch
+):
+  cfg = _model_config("tiny", tokenizer)
+  _save_run(tmp_path / "ckpt", cfg, _random_params(cfg), tokenizer)
+  out = tmp_path / "hf"
+  out.mkdir()
+  # What a sharded export of another model leaves: transformers would read the index.
+  stale = {"model.safetensors.index.json": "{}", "model-00001-of-00002.safetensors": "x"}
+  for name, text in stale.items():
+    (out / name).write_text(text)
+  args = [f"--checkpoint={tmp_path / 'ckpt'}", f"--out={out}"]
+  assert export.main(args) == 1
+  assert "not empty; pass --overwrite" in capsys.readouterr().err
+  assert sorted(p.name for p in out.iterdir()) == sorted(stale)  # Untouched.
+
+  # A failure half-way through an overwrite leaves the old folder as it was.
+  def fail(*_args, **_kwargs):
+    raise ValueError("disk full")
+
+  with monkeypatch.context() as m:
+    m.setattr(weights, "save_hf_checkpoint", fail)
+    assert export.main([*args, "--overwrite"]) == 1
+  assert sorted(p.name for p in out.iterdir()) == sorted(stale)
+
+  assert export.main([*args, "--overwrite"]) == 0
+  said = capsys.readouterr().out
+  assert "embedded tokenizer" in said and "chat_template.jinja" in said
+  names = {p.name for p in out.iterdir()}
+  assert not names & set(stale) and {"config.json", "model.safetensors"} <= names
+  assert (out / "chat_template.jinja").read_text() == export.CHAT_TEMPLATE
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # No debris.
+  cfg2, _ = weights.load_hf_checkpoint(out)
+  assert cfg2 == cfg
+  # An empty folder (e.g. made by a job script) is not "in use".
+  (tmp_path / "empty").mkdir()
+  assert export.main([args[0], f"--out={tmp_path / 'empty'}"]) == 0
+  assert (tmp_path / "empty" / "model.safetensors").is_file()
+
+
+# A Qwen-style template: trailing blank line and spaces, non-ASCII, its own JSON layout.
+SOURCE_TEMPLATE = (
+  "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+  "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+  "{%- for part in message['content'] -%}{%- if part['type'] == 'image' -%}"
+  "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}{%- else -%}{{- part['text'] -}}"
+  "{%- endif -%}{%- endfor -%}{%- endif -%}{{- '<|im_end|>\\n' -}}{%- endfor -%}"
+  "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+  "{#- Qwen — source template -#}\n\n  "
+)
+
+
+def test_the_source_chat_template_is_kept_byte_for_byte(tokenizer, tmp_path, capsys):
+  cfg = _model_config("tiny", tokenizer)
+  source = tmp_path / "Qwen-source"
+  transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tokenizer.backend, eos_token=protocol.IM_END, pad_token=protocol.ENDOFTEXT
+  ).save_pretrained(source)
+  (source / "chat_template.jinja").unlink(missing_ok=True)
+  processor_template = (
+    '{\n  "chat_template": ' + json.dumps(SOURCE_TEMPLATE, ensure_ascii=False) + "\n}"
+  ).encode()
+  (source / "chat_template.json").write_bytes(processor_template)
+  tokenizer_template = SOURCE_TEMPLATE.replace("source template", "tokenizer template")
+  config = json.loads((source / "tokenizer_config.json").read_text())
+  (source / "tokenizer_config.json").write_text(
+    json.dumps({**config, "chat_template": tokenizer_template})
+  )
+
+  class SourceTokenizer:  # What the trainer records for a run on a HF tokenizer folder.
+    name = str(source)
+
+  _save_run(tmp_path / "ckpt", cfg, _random_params(cfg), SourceTokenizer())
+  out = export.export(tmp_path / "ckpt", tmp_path / "hf")
+  assert "kept as they are" in capsys.readouterr().out
+  assert (out / "chat_template.json").read_bytes() == processor_template
+  assert not (out / "chat_template.jinja").exists()  # No second template to prefer.
+  exported = json.loads((out / "tokenizer_config.json").read_text())
+  assert exported["chat_template"] == tokenizer_template
+  assert "chat_template" not in json.loads((out / "processor_config.json").read_text())
+
+  # A transformers user renders what a user of the source model renders.
+  messages = export.chat_messages("sys", "frame 3 <image>\n\nPlease find 'x'.")
+  loaded = transformers.AutoProcessor.from_pretrained(out)
+  assert loaded.chat_template == SOURCE_TEMPLATE
+  rendered = loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  assert rendered.endswith("<|im_start|>assistant\n")
+  assert transformers.AutoTokenizer.from_pretrained(out).chat_template == tokenizer_template
