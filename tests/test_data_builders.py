@@ -88,19 +88,60 @@ def test_reasonseg_polygons_rasterised_with_ignore(tmp_path):
   ]
 
 
-def test_reasonvos_expressions(tmp_path):
+def test_reasonseg_builder_drops_only_exact_flag_labels(tmp_path):
+  folder = tmp_path / "rs" / "val"
+  folder.mkdir(parents=True)
+  Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(folder / "pole.jpg")
+  anno = {
+    "text": "the flagpole",
+    "is_sentence": False,
+    "shapes": [
+      {"label": "flagpole", "points": [[2, 2], [10, 2], [10, 8], [2, 8]]},
+      {"label": "flag", "points": [[4, 4], [6, 4], [6, 5], [4, 5]]},
+    ],
+  }
+  (folder / "pole.json").write_text(json.dumps(anno))
+  builder = builders.build("reason_seg", tmp_path / "rs", tmp_path / "tfds")
+  (record,) = list(builder.as_data_source(split="val"))
+  want = np.zeros((12, 16), np.uint8)
+  want[2:9, 2:11] = 1  # The flagpole is the target; the "flag" shape is dropped.
+  np.testing.assert_array_equal(np.asarray(record["label"]), want)
+
+
+def test_reasonvos_builder_reads_the_released_layout(tmp_path):
   root = tmp_path / "rv"
-  root.mkdir()
   meta = {
     "videos": {
-      "vidB": {"frames": ["00005", "00000"], "expressions": {"0": {"exp": "the dog", "obj_id": 2}}},
-      "vidA": {"frames": ["00000"], "expressions": {"1": {"exp": "the cat", "obj_id": 1}}},
+      "vid_B": {
+        "source": "MeViS",
+        "frames": ["00005", "00000"],
+        "expressions": [{"obj_id": 2, "exp_id": 7, "exp_text": "Dog", "is_sent": False}],
+      },
+      "vidA": {
+        "source": "MOSE",
+        "frames": ["00000"],
+        "expressions": [{"obj_id": 1, "exp_id": 3, "exp_text": "the pet", "is_sent": True}],
+      },
     }
   }
+  root.mkdir()
   (root / "meta_expressions.json").write_text(json.dumps(meta))
-  records = list(builders.read_reasonvos(root))
-  assert [r["id"] for r in records] == ["vidA_1", "vidB_0"]
-  assert records[1]["frame_names"] == ["00000", "00005"]
-  assert records[1]["annotation_dir"] == "Annotations/vidB/2"
+  for vid, key, names in (
+    ("vid_B", "MeViS_vid_B_2", ["00000", "00005"]),
+    ("vidA", "MOSE_vidA_1", ["00000"]),
+  ):
+    (root / "Annotations" / key).mkdir(parents=True)
+    (root / "JPEGImages" / vid).mkdir(parents=True)
+    for name in names:
+      Image.fromarray(np.ones((4, 5), np.uint8), mode="P").save(
+        root / "Annotations" / key / f"{name}.png"
+      )
+      Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(root / "JPEGImages" / vid / f"{name}.jpg")
   builder = builders.build("reason_vos", root, tmp_path / "tfds")
-  assert builder.info.splits["test"].num_examples == 2
+  records = {r["id"].decode(): r for r in builder.as_data_source(split="test")}
+  assert sorted(records) == ["MOSE_vidA_1_3", "MeViS_vid_B_2_7"]
+  dog = records["MeViS_vid_B_2_7"]
+  assert dog["annotation_dir"].decode() == "Annotations/MeViS_vid_B_2"
+  assert [n.decode() for n in dog["frame_names"]] == ["00000", "00005"]
+  assert dog["question"].decode() == "Please segment the dog in this scene."
+  assert not dog["is_sentence"]

@@ -1,4 +1,4 @@
-"""TFDS builders writing array_record shards: OK-VOS, ReasonSeg and ReasonVOS (SPEC §4).
+"""TFDS builders writing array_record shards: OK-VOS, ReasonSeg, ReasonVOS, ReVOS (docs/method.md §4).
 
 This module imports tensorflow_datasets at the top; nothing else in the package
 imports it, so everything else works without TensorFlow. Raw data are read from the
@@ -34,11 +34,10 @@ try:
 except ImportError:
   pass
 import tensorflow_datasets as tfds
-from PIL import Image, ImageDraw
 
-from segresearch_jax.data import okvos
+from segresearch_jax.data import okvos, reasoning
 
-IGNORE_LABEL = 255  # ReasonSeg ignore regions.
+IGNORE_LABEL = reasoning.IGNORE_LABEL  # ReasonSeg ignore regions.
 
 # ----------------------------------------------------------------------------
 # OK-VOS.
@@ -47,7 +46,7 @@ IGNORE_LABEL = 255  # ReasonSeg ignore regions.
 
 @dataclasses.dataclass
 class OkvosConfig(tfds.core.BuilderConfig):
-  """Preprocessing knobs of the OK-VOS builder (SPEC §4.2)."""
+  """Preprocessing knobs of the OK-VOS builder (docs/method.md §4.2)."""
 
   num_frames: int = 6
   seed: int = 0
@@ -66,7 +65,7 @@ def okvos_config(num_frames: int = 6, seed: int = 0) -> OkvosConfig | str:
 
 
 class Okvos(tfds.core.GeneratorBasedBuilder):
-  """OK-VOS from its raw layout (SPEC §4.1), preprocessed as officially (SPEC §4.2)."""
+  """OK-VOS from its raw layout (docs/method.md §4.1), preprocessed as officially (§4.2)."""
 
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [OkvosConfig(name="f6_s0", num_frames=6, seed=0)]
@@ -193,61 +192,15 @@ def okvos_source(
 
 
 # ----------------------------------------------------------------------------
-# ReasonSeg (image).
+# ReasonSeg (image), ReasonVOS and ReVOS (video): readers in `data/reasoning.py`.
 # ----------------------------------------------------------------------------
 
 
-def polygon_mask(shapes: list[dict], width: int, height: int, name: str) -> np.ndarray:
-  """Rasterises ReasonSeg polygons: 1 = target, 255 = ignore, 0 = background.
-
-  Larger shapes are drawn first so a small shape inside a large one stays visible;
-  labels containing "ignore" or "flag" mark ignore regions (excluded from IoU).
-  """
-  canvas = Image.new("L", (width, height), 0)
-  draw = ImageDraw.Draw(canvas)
-
-  def area(points):
-    xs, ys = np.asarray(points, float).T
-    return 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
-
-  polygons = []
-  for shape in shapes:
-    points = shape.get("points")
-    if not points or len(points) < 3:
-      raise okvos.DataError(f"ReasonSeg {name}: a shape has fewer than 3 points.")
-    label = str(shape.get("label", "")).lower()
-    value = IGNORE_LABEL if ("ignore" in label or "flag" in label) else 1
-    polygons.append((area(points), value, [tuple(map(float, p)) for p in points]))
-  for _, value, points in sorted(polygons, key=lambda p: -p[0]):
-    draw.polygon(points, fill=value, outline=value)
-  return np.asarray(canvas)
-
-
-def read_reasonseg(root: pathlib.Path, split: str):
-  """Yields (name, image uint8 [H, W, 3], label uint8 [H, W], texts, is_sentence)."""
-  folder = root / split
-  if not folder.is_dir():
-    raise FileNotFoundError(f"ReasonSeg split folder not found: {folder}")
-  for image_path in sorted(folder.glob("*.jpg")):
-    json_path = image_path.with_suffix(".json")
-    if not json_path.is_file():
-      raise okvos.DataError(f"ReasonSeg {image_path.name}: missing {json_path.name}.")
-    try:
-      anno = json.loads(json_path.read_text(encoding="utf-8"))
-      texts, shapes = anno["text"], anno["shapes"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise okvos.DataError(f"ReasonSeg {json_path}: bad annotation ({e}).") from e
-    image = okvos.read_frame(image_path)
-    height, width = image.shape[:2]
-    label = polygon_mask(shapes, width, height, image_path.name)
-    texts = [texts] if isinstance(texts, str) else [str(t) for t in texts]
-    yield image_path.stem, image, label, texts, bool(anno.get("is_sentence", False))
-
-
 class ReasonSeg(tfds.core.GeneratorBasedBuilder):
-  """ReasonSeg: images, queries and rasterised polygon labels (SPEC §4.3)."""
+  """ReasonSeg (LISA layout): upright images, texts and rasterised labels (docs/method.md §4.3)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"2.0.0": "LISA's rules: exact 'flag' dropped, cp1252, EXIF, cv2 rasterising."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the ReasonSeg folder (train/, val/, test/) as manual_dir."
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -273,63 +226,31 @@ class ReasonSeg(tfds.core.GeneratorBasedBuilder):
     return {s: self._generate_examples(root, s) for s in splits}
 
   def _generate_examples(self, root: pathlib.Path, split: str):
-    for name, image, label, texts, is_sentence in read_reasonseg(root, split):
+    for record in reasoning.read_reasonseg(root, split):
+      image, label = reasoning.load_reasonseg(record)
       yield (
-        name,
+        record["id"],
         {
-          "id": name,
+          "id": record["id"],
           "image": image,
           "label": label,
-          "texts": texts,
-          "is_sentence": is_sentence,
+          "texts": record["texts"],
+          "is_sentence": record["is_sentence"],
         },
       )
 
 
-# ----------------------------------------------------------------------------
-# ReasonVOS (video).
-# ----------------------------------------------------------------------------
-
-
-def read_reasonvos(root: pathlib.Path):
-  """Yields one dict per expression of ReasonVOS (`meta_expressions.json` layout).
-
-  Layout: `meta_expressions.json` = {"videos": {vid: {"expressions": {eid: {"exp",
-  "obj_id"}}, "frames": [names]}}}, frames `JPEGImages/{vid}/{name}.jpg`, masks
-  `Annotations/{vid}/{obj_id}/{name}.png` (non-zero palette index = target). Only
-  paths are stored; frames and masks are read at evaluation time.
-  """
-  meta_path = root / "meta_expressions.json"
-  if not meta_path.is_file():
-    raise FileNotFoundError(f"ReasonVOS meta file not found: {meta_path}")
-  videos = json.loads(meta_path.read_text(encoding="utf-8"))["videos"]
-  for vid in sorted(videos):
-    entry = videos[vid]
-    frames = sorted(str(f) for f in entry.get("frames", []))
-    if not frames:
-      raise okvos.DataError(f"ReasonVOS video {vid}: no frames listed.")
-    for eid in sorted(entry["expressions"], key=str):
-      exp = entry["expressions"][eid]
-      if "exp" not in exp:
-        raise okvos.DataError(f"ReasonVOS {vid}/{eid}: no 'exp' text.")
-      oid = str(exp.get("obj_id", exp.get("anno_id", eid)))
-      yield {
-        "id": f"{vid}_{eid}",
-        "video": vid,
-        "oid": oid,
-        "expression": str(exp["exp"]),
-        "frame_names": frames,
-        "frame_dir": f"JPEGImages/{vid}",
-        "annotation_dir": f"Annotations/{vid}/{oid}",
-      }
-
-
 class ReasonVos(tfds.core.GeneratorBasedBuilder):
-  """ReasonVOS expressions with paths to their frames and masks (SPEC §4.3)."""
+  """ReasonVOS expressions (VideoLISA layout) with paths to frames and masks (docs/method.md §4.3).
 
-  VERSION = tfds.core.Version("1.0.0")
+  Frames and masks stay in the raw folder (`frame_dir`, `annotation_dir` are relative
+  to it) and are read at evaluation time.
+  """
+
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"2.0.0": "Expressions as a list, source-prefixed mask folders, is_sent."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-    "Pass the ReasonVOS folder (meta_expressions.json, ...) as manual_dir."
+    "Pass the ReasonVOS folder (meta_expressions.json, JPEGImages/, Annotations/) as manual_dir."
   )
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -339,8 +260,12 @@ class ReasonVos(tfds.core.GeneratorBasedBuilder):
         {
           "id": text,
           "video": text,
-          "oid": text,
+          "source": text,
+          "obj_id": text,
+          "exp_id": text,
           "expression": text,
+          "is_sentence": np.bool_,
+          "question": text,
           "frame_names": tfds.features.Sequence(text),
           "frame_dir": text,
           "annotation_dir": text,
@@ -353,15 +278,83 @@ class ReasonVos(tfds.core.GeneratorBasedBuilder):
     return {"test": self._generate_examples(root)}
 
   def _generate_examples(self, root: pathlib.Path):
-    for record in read_reasonvos(root):
+    for record in reasoning.read_reasonvos(root):
+      # A broken record fails the build, naming it, rather than the evaluation.
+      reasoning.frame_paths(root, record)
+      reasoning.reasonvos_masks(root, record)
       yield record["id"], record
+
+
+class Revos(tfds.core.GeneratorBasedBuilder):
+  """ReVOS expressions (VISA layout) with their decoded masks (docs/method.md §4.3).
+
+  `masks` holds every frame of the video (sorted by name), the union of the
+  expression's anno_ids; frames stay in the raw folder (`frame_dir`).
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Pass the ReVOS folder (meta_expressions_{train,valid}_.json, mask_dict.json, "
+    "JPEGImages/) as manual_dir."
+  )
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    text = tfds.features.Text()
+    return self.dataset_info_from_configs(
+      features=tfds.features.FeaturesDict(
+        {
+          "id": text,
+          "video": text,
+          "exp_id": text,
+          "expression": text,
+          "type_id": np.int32,
+          "category": text,
+          "anno_ids": tfds.features.Sequence(text),
+          "frame_names": tfds.features.Sequence(text),
+          "frame_dir": text,
+          "masks": tfds.features.Tensor(
+            shape=(None, None, None), dtype=np.bool_, encoding=tfds.features.Encoding.ZLIB
+          ),
+        }
+      ),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = pathlib.Path(dl_manager.manual_dir)
+    splits = [s for s in ("train", "valid") if (root / f"meta_expressions_{s}_.json").is_file()]
+    if not splits:
+      raise FileNotFoundError(
+        f"No meta_expressions_{{train,valid}}_.json in the ReVOS folder {root}."
+      )
+    mask_dict = reasoning.read_revos_mask_dict(root)
+    return {s: self._generate_examples(root, s, mask_dict) for s in splits}
+
+  def _generate_examples(self, root: pathlib.Path, split: str, mask_dict: dict):
+    for record in reasoning.read_revos(root, split):
+      reasoning.frame_paths(root, record)
+      names, masks = reasoning.revos_masks(root, record, mask_dict)
+      yield (
+        record["id"],
+        {
+          "id": record["id"],
+          "video": record["video"],
+          "exp_id": record["exp_id"],
+          "expression": record["expression"],
+          "type_id": record["type_id"],
+          "category": record["category"],
+          "anno_ids": record["anno_ids"],
+          "frame_names": names,
+          "frame_dir": record["frame_dir"],
+          "masks": masks,
+        },
+      )
 
 
 # ----------------------------------------------------------------------------
 # Building.
 # ----------------------------------------------------------------------------
 
-BUILDERS = {"okvos": Okvos, "reason_seg": ReasonSeg, "reason_vos": ReasonVos}
+BUILDERS = {"okvos": Okvos, "reason_seg": ReasonSeg, "reason_vos": ReasonVos, "revos": Revos}
 
 
 def build(

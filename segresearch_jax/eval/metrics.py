@@ -1,6 +1,6 @@
-"""Segmentation metrics: DAVIS J and F, OK-VOS / ReasonVOS summaries, ReasonSeg gIoU / cIoU.
+"""Segmentation metrics: DAVIS J and F; OK-VOS, ReasonVOS, ReVOS summaries; ReasonSeg gIoU / cIoU.
 
-J and F follow the DAVIS definitions exactly (SPEC §7), the same ones the official
+J and F follow the DAVIS definitions exactly (docs/method.md §7), the same ones the official
 Seg-ReSearch evaluation uses:
 
 - J, region similarity: |gt ∩ pred| / |gt ∪ pred| per frame, 1 when both are empty.
@@ -28,8 +28,11 @@ chunks of frames with NumPy. They give exactly the numbers of the per-frame DAVI
 Frames go through in chunks of about 4 M pixels so the intermediate arrays stay in
 the CPU caches. `benchmarks/eval_speed.py` compares with the per-frame DAVIS code.
 
-Summaries (`okvos_summary`, `jf_summary`) count a sample with no prediction as 0 (the
-official evaluation skips it; SPEC §9).
+Summaries (`okvos_summary`, `jf_summary`, `revos_summary`) count a sample with no
+prediction as 0 (the official evaluation skips it; docs/method.md §9). ReasonSeg's
+`reasonseg_summary` groups images by query kind (short / long = is_sentence), and
+`revos_summary` averages its two categories' means for "overall", as the official
+evaluators do.
 """
 
 from __future__ import annotations
@@ -372,7 +375,7 @@ def video_scores(
 
 def _score(record: Mapping, key: str) -> float:
   value = record.get(key)
-  if value is None:  # No prediction for this sample: it scores 0 (SPEC §9).
+  if value is None:  # No prediction for this sample: it scores 0 (docs/method.md §9).
     return 0.0
   value = float(value)
   if not math.isfinite(value):
@@ -430,7 +433,7 @@ def okvos_summary(
   expected: Iterable[Mapping] | None = None,
   abilities: Sequence[str] = OKVOS_ABILITIES,
 ) -> dict[str, dict[str, float]]:
-  """OK-VOS scores per ability and overall, as the official table (SPEC §7, §9).
+  """OK-VOS scores per ability and overall, as the official table (docs/method.md §7, §9).
 
   Each category's J and F are means over its samples and J&F = (J + F) / 2; "overall"
   is the mean over all samples (not over categories), as officially. Unlike the
@@ -485,7 +488,7 @@ def giou_ciou(
   preds: Sequence[np.ndarray | None],
   ignore_label: int = IGNORE_LABEL,
 ) -> dict[str, float]:
-  """ReasonSeg gIoU and cIoU (SPEC §4.3).
+  """ReasonSeg gIoU and cIoU (docs/method.md §4.3).
 
   gIoU is the mean over images of the per-image IoU (1 when the union is empty); cIoU
   is the total intersection over the total union. Pixels whose gt label equals
@@ -506,23 +509,122 @@ def giou_ciou(
     raise ValueError(f"giou_ciou got {len(gts)} gt masks but {len(preds)} predictions.")
   if not gts:
     raise ValueError("giou_ciou needs at least one image.")
-  ious, total_inter, total_union = [], 0, 0
+  inter, union = [], []
   for i, (gt, pred) in enumerate(zip(gts, preds)):
-    gt = np.asarray(gt)
-    if gt.ndim != 2:
-      raise ValueError(f"Image {i}: gt must be [H, W], got shape {gt.shape}.")
-    pred = np.zeros(gt.shape, dtype=bool) if pred is None else np.asarray(pred)
-    if pred.shape != gt.shape:
-      raise ValueError(f"Image {i}: gt {gt.shape} and prediction {pred.shape} differ in shape.")
-    if pred.dtype != bool and not np.issubdtype(pred.dtype, np.integer):
-      raise TypeError(f"Image {i}: prediction must be bool or integer, got {pred.dtype}.")
-    valid = gt != ignore_label if gt.dtype != bool else np.ones(gt.shape, dtype=bool)
-    target = (gt != 0) & valid
-    pred = pred.astype(bool, copy=False) & valid
-    inter = int(np.count_nonzero(target & pred))
-    union = int(np.count_nonzero(target | pred))
-    ious.append(1.0 if union == 0 else inter / union)
-    total_inter += inter
-    total_union += union
+    try:
+      counts = iou_counts(gt, pred, ignore_label)
+    except (ValueError, TypeError) as e:
+      raise type(e)(f"Image {i}: {e}") from e
+    inter.append(counts[0])
+    union.append(counts[1])
+  return giou_ciou_from_counts(inter, union)
+
+
+def iou_counts(
+  gt: np.ndarray, pred: np.ndarray | None, ignore_label: int = IGNORE_LABEL
+) -> tuple[int, int]:
+  """(intersection, union) pixel counts of one image, pixels labelled `ignore_label` left out.
+
+  Args:
+    gt: an integer label map [H, W] (nonzero = target, `ignore_label` = ignored) or a
+      bool mask.
+    pred: a bool (or integer, nonzero = target) mask [H, W], or None (empty).
+    ignore_label: the gt value excluded from the counts.
+  """
+  gt = np.asarray(gt)
+  if gt.ndim != 2:
+    raise ValueError(f"gt must be [H, W], got shape {gt.shape}.")
+  pred = np.zeros(gt.shape, dtype=bool) if pred is None else np.asarray(pred)
+  if pred.shape != gt.shape:
+    raise ValueError(f"gt {gt.shape} and prediction {pred.shape} differ in shape.")
+  if pred.dtype != bool and not np.issubdtype(pred.dtype, np.integer):
+    raise TypeError(f"The prediction must be bool or integer, got {pred.dtype}.")
+  valid = gt != ignore_label if gt.dtype != bool else np.ones(gt.shape, dtype=bool)
+  target = (gt != 0) & valid
+  pred = pred.astype(bool, copy=False) & valid
+  return int(np.count_nonzero(target & pred)), int(np.count_nonzero(target | pred))
+
+
+def giou_ciou_from_counts(inter: Sequence[int], union: Sequence[int]) -> dict[str, float]:
+  """gIoU (mean per-image IoU, 1 for an empty union) and cIoU (sum inter / sum union)."""
+  if len(inter) != len(union) or not len(inter):
+    raise ValueError(f"Need equally many (>= 1) counts, got {len(inter)} and {len(union)}.")
+  ious = [1.0 if u == 0 else i / u for i, u in zip(inter, union)]
+  total_inter, total_union = int(np.sum(inter)), int(np.sum(union))
   ciou = 1.0 if total_union == 0 else total_inter / total_union
   return {"gIoU": float(np.mean(ious)), "cIoU": float(ciou), "count": len(ious)}
+
+
+REASONSEG_GROUPS = ("short", "long", OVERALL)
+
+
+def reasonseg_summary(per_image: Sequence[Mapping]) -> dict[str, dict[str, float]]:
+  """ReasonSeg's table: gIoU / cIoU of short queries, long (sentence) queries and all.
+
+  Args:
+    per_image: dicts with "is_sentence", "inter" and "union" (`iou_counts`).
+
+  Returns:
+    {"short", "long", "overall"} -> {"gIoU", "cIoU", "count"}; a group without images
+    is left out.
+  """
+  if not per_image:
+    raise ValueError("reasonseg_summary needs at least one image.")
+  groups = {
+    "short": [r for r in per_image if not r["is_sentence"]],
+    "long": [r for r in per_image if r["is_sentence"]],
+    OVERALL: list(per_image),
+  }
+  return {
+    name: giou_ciou_from_counts([r["inter"] for r in rs], [r["union"] for r in rs])
+    for name, rs in groups.items()
+    if rs
+  }
+
+
+def format_giou_table(summary: Mapping[str, Mapping[str, float]], title: str = "") -> str:
+  """A fixed-width gIoU / cIoU table (percent), one row per query group."""
+  lines = [title] if title else []
+  lines.append(f"{'queries':<12} {'gIoU':>7} {'cIoU':>7} {'n':>6}")
+  for name, s in summary.items():
+    lines.append(f"{name:<12} {100 * s['gIoU']:7.2f} {100 * s['cIoU']:7.2f} {int(s['count']):6d}")
+  return "\n".join(lines)
+
+
+REVOS_CATEGORIES = ("referring", "reasoning")
+
+
+def revos_summary(per_sample: Sequence[Mapping]) -> dict[str, dict[str, float]]:
+  """ReVOS's table: J, F, J&F of referring and reasoning expressions and their average.
+
+  Each category's J and F are means over its expressions (each a mean over every frame
+  of its video); "overall" is the mean of the two categories' numbers, not of all
+  expressions, as VISA's evaluator computes it. Expressions of other categories (type
+  2) are not in the table. A sample without a prediction scores 0, as in `okvos_summary`.
+
+  Args:
+    per_sample: dicts with "id", "category" and "J", "F" (optional "missing").
+
+  Returns:
+    {"referring", "reasoning", "overall"} -> {"J", "F", "JF", "count", "missing"};
+    a category without expressions is left out and "overall" averages those present.
+  """
+  records = _with_expected(per_sample, None)
+  out = {}
+  for category in REVOS_CATEGORIES:
+    group = [r for r in records if r.get("category") == category]
+    if group:
+      out[category] = _mean_scores(group)
+  if not out:
+    raise ValueError(f"revos_summary needs at least one sample of {REVOS_CATEGORIES}.")
+  parts = list(out.values())
+  j = float(np.mean([p["J"] for p in parts]))
+  f = float(np.mean([p["F"] for p in parts]))
+  out[OVERALL] = {
+    "J": j,
+    "F": f,
+    "JF": float(np.mean([p["JF"] for p in parts])),
+    "count": sum(p["count"] for p in parts),
+    "missing": sum(p["missing"] for p in parts),
+  }
+  return out
