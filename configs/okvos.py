@@ -10,7 +10,13 @@ The paper recipe (Qwen3-VL-4B, 16 prompts x 8 rollouts, lr 1e-6, 100 steps):
 
     python -m segresearch_jax.train --config=configs/okvos.py:paper \
         --config.model.hf_dir=/ckpt/Qwen3-VL-4B-Instruct \
-        --config.data.okvos_dir=/data/OK-VOS --config.search.kb_dir=/data/local_KB
+        --config.data.okvos_dir=/data/OK-VOS --config.search.kb_dir=/data/local_KB \
+        --config.search.dense_model=/ckpt/e5-base-v2 \
+        --config.eval.sam2_checkpoint=/ckpt/sam2.1_hiera_large.pt
+
+It evaluates with SAM2.1 hiera-large and Serper web search (SERPER_API_KEY). Variants
+combine left to right: `:paper,8b` (Qwen3-VL-8B, 160 steps, tensor parallel 2),
+`:paper,dapo` (clip-higher, dynamic sampling, overlong shaping).
 
 Any field can be overridden with `--config.x.y=value`; a misspelled key fails at once
 (`lock_config=True`). Lengths: we cap the *response* at `rollout.max_response_length`
@@ -35,10 +41,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.hf_dir = ""  # A local HF checkpoint; overrides the preset's shapes and weights.
   c.model.tokenizer_dir = ""  # Local HF tokenizer/processor dir; empty = the embedded tokenizer.
   c.model.dtype = "float32"  # Compute dtype (params stay fp32): float32 | bfloat16.
+  # True: refuse to start without `hf_dir` (a recipe that fine-tunes a pretrained
+  # model must not silently train a randomly initialised one).
+  c.model.require_hf_dir = False
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"  # synthetic | okvos
   c.data.okvos_dir = ""  # Raw OK-VOS layout (SPEC §4.1) when source == okvos.
+  # Evaluating a reasoning benchmark instead (`evaluate.py`; variants reasonseg |
+  # reasonvos | revos): its name, and each one's raw folder as released.
+  c.data.benchmark = ""
+  c.data.reasonseg_dir = ""
+  c.data.reasonvos_dir = ""
+  c.data.revos_dir = ""
   c.data.synthetic_dir = ""  # Where the synthetic set is built and cached; empty = under workdir.
   c.data.synthetic_train = 192  # Samples per split of the synthetic set (disjoint entities).
   c.data.synthetic_test = 32
@@ -50,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.search_image_size = 64  # image_search results (256 in the paper).
   c.data.min_pixels = 0  # Image processor minimum; -1 = the family's (Qwen3-VL: 65536).
   c.data.on_error = "skip"  # skip (and count) | raise, for broken samples.
+  # A run stops when more than this share of the samples it has read were broken
+  # (on_error=skip), naming a few of them: a bad path or a half-copied dataset
+  # should not train on what little is left.
+  c.data.max_broken_fraction = 0.1
   # System prompt templates: "default", "compact" (same protocol, a third of the tokens)
   # or a folder with system_search.txt / system_no_search.txt (e.g. a checkpoint's own).
   c.data.templates = "compact"
@@ -59,7 +78,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.search.kb_dir = ""  # Official-format KB (text_corpus.jsonl, ...); empty = the synthetic KB.
   c.search.method = "bm25"  # bm25 | dense | hybrid
   c.search.dense_model = ""  # Local embedding model dir; empty = the packaged MiniLM.
+  # The e5 `query: ` / `passage: ` prefixes (the official e5-base-v2 retriever was
+  # trained with them); needs search.dense_model.
+  c.search.dense_prefixes = False
   c.search.service_url = ""  # backend=service: a `segresearch_jax.search.service` root.
+  # Web backends (serper | ddgs): results per text search (official 3, whatever
+  # text_top_k says); serper fetches each result page and answers with the context
+  # around its best-matching sentence, 960 characters in all (official page processing).
+  c.search.web_top_k = 3
+  c.search.fetch_pages = True
+  # Official "web browsing": an OpenAI-compatible chat endpoint condenses the fetched
+  # pages (temperature 0.6, top_p 0.95, up to 8192 tokens). Empty = off.
+  c.search.summarizer_url = ""
+  c.search.summarizer_model = ""
   c.search.text_top_k = 1  # Official 2; the synthetic KB answers every query at rank 1.
   c.search.image_top_k = 1
   c.search.timeout_s = 30.0
@@ -148,9 +179,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 0  # 0 = only at the end.
+  # Validation every N steps (greedy, held-out split, `val/*` metrics); 0 = only at the end.
+  c.eval.every_steps = 0
   c.eval.num_samples = 0  # 0 = the whole split.
   c.eval.segmenter = "weight_free"  # weight_free | sam2
+  # Evaluation's search backend: "" = the training one (config.search), else
+  # local | service | serper | ddgs | none with the other config.search settings.
+  c.eval.search = ""
   c.eval.sam2_config = "configs/sam2.1/sam2.1_hiera_l.yaml"
   c.eval.sam2_checkpoint = ""
   c.eval.official_two_calls = False  # Reproduce the official box-dropping SAM2 prompts (SPEC §9).
@@ -190,6 +225,7 @@ def _paper(c: ml_collections.ConfigDict) -> None:
   c.data.min_pixels = -1
   c.data.templates = "default"
   c.search.method = "dense"
+  c.search.dense_prefixes = True  # e5-base-v2: --config.search.dense_model=/ckpt/e5-base-v2
   c.search.text_top_k = 2
   c.rollout.group_size = 8
   c.rollout.max_turns = 6
@@ -202,13 +238,65 @@ def _paper(c: ml_collections.ConfigDict) -> None:
   c.loss.mini_batches = 2
   c.sft.steps = 0
   c.reward.mask_weight = 0.0  # The official reward (SPEC §3.1).
+  c.model.require_hf_dir = True
+  # Evaluated as the paper reports it: SAM2.1 hiera-large J&F with web search,
+  # validated on the held-out split every 10 steps (the official schedule).
+  c.eval.segmenter = "sam2"
+  c.eval.search = "serper"
+  c.eval.every_steps = 10
   c.eval.frozen_control = False  # Would double the rollout time at 16 x 8.
   c.batch_size = 16
   c.mesh.data = 1
   c.mesh.fsdp = -1
 
 
-# Variants applied in the order given: `configs/okvos.py:paper,dapo`.
+def _8b(c: ml_collections.ConfigDict) -> None:
+  """The official 8B recipe on top of `paper`: Qwen3-VL-8B, 160 steps, shorter
+  responses and observations, the model split over 2 devices (tensor parallel)."""
+  c.total_steps = 160
+  c.model.preset = "qwen3_vl_8b"
+  c.model.require_hf_dir = True
+  c.rollout.max_response_length = 6144
+  c.rollout.max_obs_length = 2048
+  c.mesh.tensor = 2
+
+
+def _dapo(c: ml_collections.ConfigDict) -> None:
+  """DAPO as the official DAPO script sets it: clip-higher 0.28, dynamic sampling
+  (refill with groups whose rewards differ), soft overlong penalty over the last
+  4096 response tokens. The official trainer never reads the last two
+  (docs/method.md §9); here they act."""
+  c.loss.clip_high = 0.28
+  c.dapo.filter_groups = True
+  c.dapo.overlong_buffer = 4096
+  c.dapo.overlong_penalty = 1.0
+
+
+def _reasonseg(c: ml_collections.ConfigDict) -> None:
+  """Evaluate on ReasonSeg's val split (LISA layout): --config.data.reasonseg_dir=DIR
+  (`--config.data.eval_split=test` for test)."""
+  c.data.benchmark = "reasonseg"
+  c.data.eval_split = "val"
+
+
+def _reasonvos(c: ml_collections.ConfigDict) -> None:
+  """Evaluate on ReasonVOS (VideoLISA layout): --config.data.reasonvos_dir=DIR."""
+  c.data.benchmark = "reasonvos"
+  c.data.eval_split = "test"
+
+
+def _revos(c: ml_collections.ConfigDict) -> None:
+  """Evaluate on ReVOS's valid split (VISA layout): --config.data.revos_dir=DIR."""
+  c.data.benchmark = "revos"
+  c.data.eval_split = "valid"
+
+
+# Variants applied in the order given: `configs/okvos.py:paper,dapo`, `:paper,8b`.
 VARIANTS = {
   "paper": _paper,
+  "8b": _8b,
+  "dapo": _dapo,
+  "reasonseg": _reasonseg,
+  "reasonvos": _reasonvos,
+  "revos": _revos,
 }

@@ -35,9 +35,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from segresearch_jax import checkpoint as checkpoint_lib
 from segresearch_jax import sharding
 from segresearch_jax.agent import rollout
+from segresearch_jax.data import okvos as okvos_lib
 from segresearch_jax.eval import predictions as predictions_lib
 from segresearch_jax.models import policy
 from segresearch_jax.models import tokenizer as tokenizer_lib
+from segresearch_jax.rewards import okvos as okvos_reward
 
 OUTCOME_TERMS = ("iou_score", "box_l1_score", "point_l1_score", "keyframe_score")
 
@@ -56,22 +58,33 @@ def pad_batch(batch: Mapping[str, Any], size: int) -> tuple[dict, int]:
   return {k: np.asarray(v)[idx] for k, v in batch.items()}, real
 
 
+# The reward terms a failed sample scores 0 in when no sample ran to name them.
+FAILED_TERMS = (*OUTCOME_TERMS, "process_score", "score", "num_search")
+
+
 def greedy_episodes(
-  config, params, dataset, runner, scorer, *, search: bool = True
+  config, params, dataset, runner, scorer, *, search: bool = True, source=None
 ) -> tuple[dict, list[predictions_lib.Prediction]]:
   """Greedy episodes over a held-out split, `config.eval.num_samples` at most (0 = all).
+
+  Every sample of the evaluated prefix of the split counts: one the pipeline skipped
+  as broken (which `source` tells) gets a failed prediction that scores 0.
 
   Args:
     config: the run config.
     params: the policy's parameters.
-    dataset: batches of `config.batch_size` prompts (the last may be short).
+    dataset: batches of `config.batch_size` prompts in split order (the last may be
+      short).
     runner: an `episodes.Runner` with group size 1 and temperature 0.
-    scorer: the trainer's `Scorer` for group size 1 (SPEC §3.1 terms).
+    scorer: the trainer's `Scorer` for group size 1 (docs/method.md §3.1 terms).
     search: False detaches the search backend (the no-search ablation).
+    source: the dataset's `okvos.OkvosDataSource` (its rows and skipped samples'
+      errors); None evaluates what the dataset yields.
 
   Returns:
-    (mean reward terms with `outcome` = the sum of the outcome terms, one
-    `Prediction` per sample with its reward terms and tool calls).
+    (mean reward terms with `outcome` = the sum of the outcome terms and
+    `val/reward` = the official validation reward, one `Prediction` per sample with
+    its reward terms and tool calls).
   """
   limit = config.eval.num_samples or None
   preds: list[predictions_lib.Prediction] = []
@@ -80,6 +93,10 @@ def greedy_episodes(
     eps = runner(params, batch, jax.random.PRNGKey(0), search=search)
     scores = scorer(batch, eps)
     for r in range(real):
+      reward = {k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"}
+      reward["validation"] = okvos_reward.validation_reward(
+        eps.responses[r], str(batch["ground_truth"][r])
+      )
       preds.append(
         predictions_lib.parse_response(
           str(batch["id"][r]),
@@ -87,20 +104,47 @@ def greedy_episodes(
           eps.responses[r],
           stop_reason=rollout.STOP_REASONS[int(eps.out["stop_reason"][r])],
           tool_calls=[dataclasses.asdict(c) for c in eps.tool_calls[r]],
-          reward={k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"},
+          reward=reward,
         )
       )
     if limit and len(preds) >= limit:
-      preds = preds[:limit]
       break
+  if source is not None:
+    preds = with_failed_samples(preds, source, limit)
   if not preds:
     raise RuntimeError("The evaluation split is empty.")
-  terms = [p.reward for p in preds]
-  m = {k: float(np.mean([t[k] for t in terms])) for k in terms[0]}
+  preds = preds[:limit]
+  ran = [p.reward for p in preds if p.failure is None]
+  keys = list(ran[0]) if ran else [*FAILED_TERMS, "validation"]
+  m = {k: float(np.mean([(p.reward or {}).get(k, 0.0) for p in preds])) for k in keys}
   m["outcome"] = sum(m[k] for k in OUTCOME_TERMS)
   m["search/per_trajectory"] = m.pop("num_search")
+  m["val/reward"] = m.pop("validation")
   m["samples"] = len(preds)
+  m["failed"] = sum(p.failure is not None for p in preds)
   return m, preds
+
+
+def with_failed_samples(
+  preds: list[predictions_lib.Prediction], source, limit: int | None
+) -> list[predictions_lib.Prediction]:
+  """`preds` in split order with a failed prediction for each sample of the split's
+  first `limit` (None = all) that the pipeline skipped; predictions past that prefix
+  (read in place of the skipped ones) are dropped."""
+  by_id = {p.id: p for p in preds}
+  errors = list(getattr(source, "errors", []))
+  out = []
+  for index, row in enumerate(source.rows[:limit]):
+    sid = okvos_lib.sample_id(row, source.split, index)
+    if sid in by_id:
+      out.append(by_id[sid])
+      continue
+    reason = next(
+      (e for e in errors if e.startswith(f"Sample {sid}:")), "skipped as broken (see the log)"
+    )
+    ability = str(row.get("ability"))
+    out.append(predictions_lib.failed_prediction(sid, ability, reason, FAILED_TERMS))
+  return out
 
 
 def format_comparison(with_search: Mapping[str, float], without: Mapping[str, float]) -> str:
@@ -163,24 +207,29 @@ def evaluate(
     config: the run config.
     params: the policy's parameters.
     components: what the trainer built (`train.build_components`): model_cfg, runner
-      (greedy), scorer (group 1), eval_dataset (a function), okvos_dir.
+      (greedy, with the evaluation's search backend), scorer (group 1), eval_dataset
+      (a function returning the dataset and its source), okvos_dir.
     out_dir: predictions.jsonl, results.json, masks/ and report.html go here.
     search: False evaluates with search detached.
     masks: also segment and compute J&F.
 
   Returns:
-    The mean reward terms (`outcome` and, with masks, "J", "F", "J&F" overall).
+    The mean reward terms (`outcome` and, with masks, "J", "F", "J&F" overall) and
+    "failures": [{"id", "error"}] of the samples whose data was broken (scored 0).
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
+  dataset, source = components["eval_dataset"]()
   m, preds = greedy_episodes(
     config,
     params,
-    components["eval_dataset"](),
+    dataset,
     components["eval_runner"],
     components["eval_scorer"],
     search=search,
+    source=source,
   )
+  m["failures"] = [{"id": p.id, "error": p.failure} for p in preds if p.failure is not None]
   predictions_lib.write_predictions(out / predictions_lib.PREDICTIONS_FILE, preds)
   if masks:
     results = segment_and_score(
@@ -193,6 +242,8 @@ def evaluate(
     )
     overall = results["summary"]["overall"]
     m.update({"J": overall["J"], "F": overall["F"], "J&F": overall["JF"]})
+    m["failures"] = results["failures"]
+    m["failed"] = len(m["failures"])
   (out / "eval_metrics.json").write_text(json.dumps(m, indent=1))
   return m
 
@@ -238,6 +289,7 @@ def main(argv: list[str]) -> None:
   config = f.config
   if config is None or not f.checkpoint:
     raise app.UsageError("--config and --checkpoint are required.")
+  train.validate_config(config, training=False)
   train.quiet_logging()
   train.initialize_distributed()
   train.enable_compilation_cache(config)
@@ -247,6 +299,13 @@ def main(argv: list[str]) -> None:
   if jax.process_index() != 0:  # Evaluation runs on process 0 (see `train.train`).
     return
   print(f"evaluating step {step} of {f.checkpoint}", flush=True)
+  if config.data.get("benchmark"):  # ReasonSeg / ReasonVOS / ReVOS: their own driver.
+    from segresearch_jax.eval import reasoning
+
+    out = f.out or os.path.join(config.workdir, f"eval_{config.data.benchmark}_{step}")
+    reasoning.run(config, params, model_cfg, tokenizer, out, search=f.search)
+    print(f"results in {out}")
+    return
   components = train.build_components(config, tokenizer, model_cfg)
   out = f.out or os.path.join(config.workdir, f"eval_{step}")
   m = evaluate(config, params, components, out, search=f.search)

@@ -412,6 +412,11 @@ def _call_markdown(call: Mapping[str, Any]) -> list[str]:
   return [f"**No action** → {_md(observation)}"]
 
 
+def _coords(values) -> str:
+  """Coordinates as the model wrote them: `[10, 20.5]`, not `[10.0, 20.5]`."""
+  return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
 def trajectory_markdown(
   workdir: str | os.PathLike, step: int | None = None, row: int | None = 0
 ) -> str:
@@ -466,7 +471,7 @@ def trajectory_markdown(
     lines.append("- answer: none (no parseable `<answer>`)")
   else:
     lines.append(
-      f"- answer: box {list(answer.bbox_2d)}, point {list(answer.point_2d)}"
+      f"- answer: box {_coords(answer.bbox_2d)}, point {_coords(answer.point_2d)}"
       + (" (no target)" if answer.is_no_target else "")
     )
   reward = rec.get("reward") or {}
@@ -610,7 +615,11 @@ def eval_table(workdir: str | os.PathLike) -> str:
   if not with_search or not without:
     raise ValueError(f"{summary_path} lacks eval_with_search / eval_without_search.")
   head = f"{int(with_search.get('samples', 0))} held-out samples, greedy decoding"
-  return head + "\n" + evaluate.format_comparison(with_search, without)
+  lines = [head, evaluate.format_comparison(with_search, without)]
+  failures = with_search.get("failures") or []
+  if failures:  # scored 0 in the table above
+    lines.append(f"{len(failures)} failed (scored 0): " + ", ".join(f["id"] for f in failures))
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import logging
 import os
 import pathlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -40,7 +40,9 @@ from segresearch_jax.agent import bridge as bridge_lib
 from segresearch_jax.agent import episodes as episodes_lib
 from segresearch_jax.agent import records as records_lib
 from segresearch_jax.agent import rollout
+from segresearch_jax.data import okvos as okvos_lib
 from segresearch_jax.data import pipeline
+from segresearch_jax.eval import reasoning as reasoning_eval
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import decoding, policy, weights
 from segresearch_jax.models import tokenizer as tokenizer_lib
@@ -48,7 +50,10 @@ from segresearch_jax.rewards import mask as mask_lib
 from segresearch_jax.rewards import scoring
 from segresearch_jax.rl import losses
 from segresearch_jax.rl import update as update_lib
+from segresearch_jax.search import cache as search_cache
 from segresearch_jax.search import factory as search_factory
+from segresearch_jax.search import local_kb
+from segresearch_jax.segmentation import video as video_lib
 from segresearch_jax.tools import compare_runs
 
 _FLAGS: dict[str, Any] = {}
@@ -141,8 +146,143 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+# Every enum of the run config: field -> accepted values.
+CONFIG_CHOICES: dict[str, tuple[str, ...]] = {
+  "model.preset": tuple(config_lib.PRESETS),
+  "model.dtype": ("float32", "bfloat16"),
+  "data.source": ("synthetic", "okvos"),
+  "data.on_error": okvos_lib.ON_ERROR,
+  "data.benchmark": ("", *reasoning_eval.BENCHMARKS),
+  "search.backend": (*search_factory.BACKENDS, "none"),
+  "search.method": local_kb.METHODS,
+  "search.cache_mode": search_cache.MODES,
+  "reward.mask_prompt": mask_lib.PROMPTS,
+  "mask_cache.segmenter": video_lib.VIDEO_SEGMENTERS,
+  "loss.kl_estimator": losses.KL_ESTIMATORS,
+  "loss.aggregation": losses.AGGREGATIONS,
+  "eval.segmenter": video_lib.VIDEO_SEGMENTERS,
+  "eval.search": ("", *search_factory.BACKENDS, "none"),
+}
+
+# Every bounded number of the run config: (field, accepts, the rule in words).
+CONFIG_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+  ("total_steps", lambda v: v >= 0, ">= 0"),
+  ("batch_size", lambda v: v >= 1, ">= 1"),
+  ("log_every", lambda v: v >= 1, ">= 1"),
+  ("data.num_frames", lambda v: v >= 1, ">= 1"),
+  ("data.frame_size", lambda v: v >= 1, ">= 1"),
+  ("data.keyframe_size", lambda v: v >= 1, ">= 1"),
+  ("data.search_image_size", lambda v: v >= 1, ">= 1"),
+  ("data.min_pixels", lambda v: v >= -1, ">= -1"),
+  ("data.max_broken_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+  ("data.synthetic_train", lambda v: v >= 1, ">= 1"),
+  ("data.synthetic_test", lambda v: v >= 1, ">= 1"),
+  ("search.text_top_k", lambda v: v >= 1, ">= 1"),
+  ("search.image_top_k", lambda v: v >= 1, ">= 1"),
+  ("search.web_top_k", lambda v: v >= 1, ">= 1"),
+  ("search.timeout_s", lambda v: v > 0, "> 0"),
+  ("rollout.group_size", lambda v: v >= 1, ">= 1"),
+  ("rollout.max_turns", lambda v: v >= 1, ">= 1"),
+  ("rollout.max_prompt_length", lambda v: v >= 1, ">= 1"),
+  ("rollout.max_response_length", lambda v: v >= 1, ">= 1"),
+  ("rollout.max_action_length", lambda v: v >= 1, ">= 1"),
+  ("rollout.max_obs_length", lambda v: v >= 1, ">= 1"),
+  # A temperature <= 0 samples a flat or inverted distribution while the trainer
+  # scores the tokens at the tempered one; top_p = 0 keeps no token.
+  ("rollout.temperature", lambda v: v > 0, "> 0 (evaluation decodes greedily by itself)"),
+  ("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+  ("rollout.top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
+  ("reward.tpr_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+  ("reward.tpr_budget", lambda v: v >= 0, ">= 0"),
+  ("reward.igr_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
+  ("reward.mask_weight", lambda v: v >= 0, ">= 0"),
+  ("mask_cache.point_grid", lambda v: v >= 1, ">= 1"),
+  ("mask_cache.box_bins", lambda v: v >= 1, ">= 1"),
+  ("loss.clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("loss.clip_high", lambda v: v >= 0, ">= 0"),
+  ("loss.dual_clip", lambda v: v == 0 or v > 1, "0 (off) or > 1"),
+  ("loss.log_ratio_clamp", lambda v: v > 0, "> 0"),
+  ("loss.kl_coef", lambda v: v >= 0, ">= 0"),
+  ("loss.entropy_coef", lambda v: v >= 0, ">= 0"),
+  ("loss.mini_batches", lambda v: v >= 1, ">= 1"),
+  ("loss.micro_batches", lambda v: v >= 1, ">= 1"),
+  ("dapo.max_refills", lambda v: v >= 0, ">= 0"),
+  ("dapo.overlong_buffer", lambda v: v >= 0, ">= 0"),
+  ("dapo.overlong_penalty", lambda v: v >= 0, ">= 0"),
+  ("sft.steps", lambda v: v >= 0, ">= 0"),
+  ("sft.lr", lambda v: v >= 0, ">= 0 (0 = a frozen control run)"),
+  ("sft.batch_size", lambda v: v >= 1, ">= 1"),
+  ("sft.warmup_steps", lambda v: v >= 0, ">= 0"),
+  ("optim.lr", lambda v: v >= 0, ">= 0 (0 = a frozen control run)"),
+  ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+  ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("optim.eps", lambda v: v > 0, "> 0"),
+  ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+  ("optim.grad_clip", lambda v: v > 0, "> 0"),
+  ("checkpoint.every_steps", lambda v: v >= 1, ">= 1"),
+  ("checkpoint.keep", lambda v: v >= 1, ">= 1"),
+  ("eval.every_steps", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+  ("eval.num_samples", lambda v: v >= 0, ">= 0 (0 = the whole split)"),
+  ("eval.report_samples", lambda v: v >= 0, ">= 0"),
+)
+
+
+def _field(config, name: str) -> Any:
+  for key in name.split("."):
+    config = config[key]
+  return config
+
+
+def validate_config(config, *, training: bool = True) -> None:
+  """Checks every enum and range of the run config (`CONFIG_CHOICES`, `CONFIG_RANGES`)
+  and the settings a recipe cannot run without, before anything is read or built.
+
+  `training=False` (evaluating a saved checkpoint) does not ask for `model.hf_dir`.
+
+  Raises:
+    ValueError: naming the field, its value and what it accepts (or how to set it).
+  """
+  for name, choices in CONFIG_CHOICES.items():
+    value = _field(config, name)
+    if value not in choices:
+      shown = " | ".join(repr(c) if c == "" else c for c in choices)
+      raise ValueError(f"config.{name}={value!r} is not one of: {shown}.")
+  for name, accepts, rule in CONFIG_RANGES:
+    value = _field(config, name)
+    if not accepts(value):
+      raise ValueError(f"config.{name}={value!r} is out of range: it must be {rule}.")
+  if training and config.model.require_hf_dir and not config.model.hf_dir:
+    raise ValueError(
+      f"This recipe fine-tunes a pretrained {config.model.preset} and config.model.hf_dir is "
+      "empty: pass --config.model.hf_dir=/path/to/the/HF/checkpoint (or "
+      "--config.model.require_hf_dir=False to train randomly initialised weights)."
+    )
+  buffer, longest = config.dapo.overlong_buffer, config.rollout.max_response_length
+  if buffer >= longest:  # Would penalise every response, however short.
+    raise ValueError(
+      f"config.dapo.overlong_buffer={buffer} must be below "
+      f"config.rollout.max_response_length={longest} (the penalty ramps over the last "
+      "overlong_buffer tokens)."
+    )
+  sam2_uses = [("eval", config.eval.masks)]
+  sam2_uses.append(("mask_cache", config.reward.mask_weight > 0))
+  for section, used in sam2_uses:
+    if used and config[section].segmenter == "sam2" and not config[section].sam2_checkpoint:
+      raise ValueError(
+        f"config.{section}.segmenter=sam2 needs the SAM2.1 hiera-large checkpoint: pass "
+        f"--config.{section}.sam2_checkpoint=/path/to/sam2.1_hiera_large.pt (or "
+        f"--config.{section}.segmenter=weight_free)."
+      )
+
+
 def check_config(config, mesh=None) -> None:
   """Fails before any data is built or anything compiles on an unusable config."""
+  validate_config(config)
+  for section in ("eval", "mask_cache"):
+    path = config[section].sam2_checkpoint
+    if config[section].segmenter == "sam2" and path and not os.path.isfile(path):
+      raise FileNotFoundError(f"config.{section}.sam2_checkpoint={path!r} is not a file.")
   if config.model.hf_dir and not os.path.isdir(config.model.hf_dir):
     raise FileNotFoundError(f"config.model.hf_dir={config.model.hf_dir!r} is not a directory.")
   if config.data.source == "okvos" and not os.path.isdir(config.data.okvos_dir or ""):
@@ -188,15 +328,21 @@ def make_search_backend(config, kb_dir: str):
   if s.backend == "local":
     if not kb:
       raise ValueError("search.backend=local needs search.kb_dir (or the synthetic data set).")
+    image_corpus = os.path.join(kb, "image_corpus.jsonl")
+    # Image files are found next to the corpus (`images/`, or each row's image_path).
     fields.update(
       text_corpus=os.path.join(kb, "text_corpus.jsonl"),
-      image_corpus=os.path.join(kb, "image_corpus.jsonl"),
-      images_dir=kb,
+      image_corpus=image_corpus if os.path.isfile(image_corpus) else None,
       method=s.method,
       dense_model=s.dense_model or None,
+      dense_prefixes=s.dense_prefixes,
     )
   elif s.backend == "service":
     fields["service_url"] = s.service_url
+  elif s.backend in ("serper", "ddgs"):
+    fields.update(web_top_k=s.web_top_k, fetch_pages=s.fetch_pages)
+    if s.summarizer_url or s.summarizer_model:
+      fields.update(summarizer_url=s.summarizer_url, summarizer_model=s.summarizer_model)
   if s.cache_mode != "off":
     suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
     fields["cache_path"] = s.cache_path or os.path.join(
@@ -242,7 +388,8 @@ def make_dataset(
   """Batches of prepared + encoded prompts; training repeats forever, evaluation once.
 
   Each process reads its share of the samples (`batch_size` is per process) unless
-  `whole` (evaluation, which runs on process 0). `mask_cache_dir` attaches each
+  `whole` (evaluation, which runs on process 0 and scores a broken sample 0 instead
+  of stopping at `data.max_broken_fraction`). `mask_cache_dir` attaches each
   sample's mask-IoU tables (the mask reward's input).
   """
   dataset, source = pipeline.okvos_dataset(
@@ -260,6 +407,7 @@ def make_dataset(
     drop_remainder=train,
     template_dir=config.data.templates or None,
     mask_cache_dir=mask_cache_dir,
+    max_broken_fraction=None if whole else config.data.max_broken_fraction,
     **(dict(shard_index=0, shard_count=1) if whole else {}),
   )
   return dataset, source
@@ -382,11 +530,25 @@ def with_token_index(rows: Mapping[str, np.ndarray], min_width: int = 0) -> dict
   return dict(rows, token_index=token_index(np.asarray(rows["loss_mask"]), min_width=min_width))
 
 
+def schedule_settings(config, *, sft: bool = False) -> tuple[float, int, int]:
+  """(lr, warmup steps, optimizer updates per step) of GRPO or the warm start.
+
+  The warm-up counts training steps, as the official schedule (stepped once per
+  step) does; a GRPO step applies `loss.mini_batches` updates, a warm-start step one.
+  """
+  if sft:
+    return config.sft.lr, config.sft.warmup_steps, 1
+  return config.optim.lr, config.optim.warmup_steps, config.loss.mini_batches
+
+
 def make_update(config, model_cfg, rcfg, *, sft: bool = False):
   """(optimizer, update_fn) for GRPO or the supervised warm start; see `jit_update`."""
   o = config.optim
-  lr, warmup = (config.sft.lr, config.sft.warmup_steps) if sft else (o.lr, o.warmup_steps)
-  optimizer = update_lib.make_optimizer(lr, warmup, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip)
+  lr, warmup, per_step = schedule_settings(config, sft=sft)
+  schedule = update_lib.learning_rate_schedule(lr, warmup, updates_per_step=per_step)
+  optimizer = update_lib.make_optimizer(
+    lr, warmup, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip, updates_per_step=per_step
+  )
   loss_cfg = losses.LossConfig(
     clip_low=config.loss.clip_low,
     clip_high=config.loss.clip_high,
@@ -403,7 +565,7 @@ def make_update(config, model_cfg, rcfg, *, sft: bool = False):
     optimizer,
     loss_cfg,
     micro_batches=config.loss.micro_batches,
-    schedule=update_lib.learning_rate_schedule(lr, warmup),
+    schedule=schedule,
     loss_fn=base_loss,
   )
   return optimizer, update_fn
@@ -696,6 +858,10 @@ def build_components(config, tokenizer, model_cfg) -> dict[str, Any]:
   okvos_dir, kb_dir = pipeline.resolve_data(config.data, config.workdir, config.seed)
   backend = make_search_backend(config, kb_dir)
   bridge = make_bridge(config, backend, tokenizer, shapes)
+  eval_bridge = bridge
+  if eval_search_config(config) is not config:
+    eval_backend = make_search_backend(eval_search_config(config), kb_dir)
+    eval_bridge = make_bridge(config, eval_backend, tokenizer, shapes)
   mask_cache_dir = None
   if config.reward.mask_weight > 0:  # The mask reward reads precomputed IoU tables.
     from segresearch_jax.tools import build_mask_cache
@@ -715,9 +881,10 @@ def build_components(config, tokenizer, model_cfg) -> dict[str, Any]:
     rcfg=rcfg,
     mask_cache_dir=mask_cache_dir,
     runner=episodes_lib.Runner(model_cfg, rcfg, shapes, tokenizer, bridge),
-    eval_runner=episodes_lib.Runner(model_cfg, eval_rcfg, shapes, tokenizer, bridge),
+    eval_runner=episodes_lib.Runner(model_cfg, eval_rcfg, shapes, tokenizer, eval_bridge),
     scorer=Scorer(config, config.rollout.group_size, model_cfg.coord_convention, mask=True),
     eval_scorer=Scorer(config, 1, model_cfg.coord_convention),
+    # (dataset, source): the source names the samples the pipeline skipped.
     eval_dataset=lambda: make_dataset(
       config,
       okvos_dir,
@@ -726,8 +893,19 @@ def build_components(config, tokenizer, model_cfg) -> dict[str, Any]:
       train=False,
       batch_size=config.batch_size,
       whole=True,
-    )[0],
+    ),
   )
+
+
+def eval_search_config(config):
+  """The config evaluation builds its search backend from: `config` itself when
+  `eval.search` is "" or the training backend, else a copy with `search.backend`
+  replaced (the other `search` settings kept)."""
+  if config.eval.search in ("", config.search.backend):
+    return config
+  copy = config.copy_and_resolve_references()
+  copy.search.backend = config.eval.search
+  return copy
 
 
 def train(config) -> dict:
@@ -811,8 +989,7 @@ def train(config) -> dict:
       lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sharding
     )
     del state
-    state, rng, _ = ckpt.restore(latest, abstract, data_iter)
-    start = latest
+    start, state, rng, _ = ckpt.restore_latest(abstract, data_iter, log=log)
     writer.truncate_after(start)
     log(f"resumed from step {start} in {ckpt.directory}")
   params = None  # The train state owns the parameters from here on.
@@ -880,8 +1057,9 @@ def train(config) -> dict:
     ):
       params = sharding.local_copy(state.params)
       if main:
+        dataset, source = c["eval_dataset"]()
         val, _ = evaluate.greedy_episodes(
-          config, params, c["eval_dataset"](), c["eval_runner"], c["eval_scorer"]
+          config, params, dataset, c["eval_runner"], c["eval_scorer"], source=source
         )
         writer.write(step, val, phase="eval", console=f"eval @ {step}: {_short(val)}")
       sharding.barrier(f"eval {step}")
@@ -904,6 +1082,8 @@ def train(config) -> dict:
     f"segmenter {config.eval.segmenter}):"
   )
   print(evaluate.format_comparison(with_search, without), flush=True)
+  for failure in with_search["failures"]:
+    print(f"failed (scored 0): {failure['id']}: {failure['error']}", flush=True)
   train_rows = writer.read("train")
   if train_rows:
     summary["reward_first_steps"] = float(np.mean([r["reward/score"] for r in train_rows[:5]]))
@@ -928,7 +1108,7 @@ def train(config) -> dict:
 
 def _short(m: Mapping[str, float]) -> str:
   return ", ".join(
-    f"{k} {m[k]:.3f}" for k in ("score", "outcome", "search/per_trajectory") if k in m
+    f"{k} {m[k]:.3f}" for k in ("score", "outcome", "val/reward", "search/per_trajectory") if k in m
   )
 
 

@@ -188,3 +188,23 @@ def test_default_shard_is_this_process():
   ds = pipeline.make_dataset(source, batch_size=4, frame_size=8, num_epochs=1, shuffle=False)
   (batch,) = list(ds)  # One process: the whole source.
   assert list(batch["id"]) == ["s0", "s1", "s2", "s3"]
+
+
+def test_a_source_with_nothing_usable_raises_instead_of_repeating_forever():
+  ds = make([None] * 5, num_epochs=None, max_broken_fraction=1.0)
+  with pytest.raises(okvos.DataError, match=r"5 of the 5 samples .*none is usable"):
+    next(iter(ds))
+
+
+def test_broken_cap_counts_distinct_samples_over_epochs():
+  source = [fake_example(i) for i in range(9)] + [None]  # 1 of 10: at the cap, not over
+  it = iter(make(source, batch_size=3, num_epochs=None, max_broken_fraction=0.1))
+  seen = [i for _ in range(12) for i in ids(next(it))]  # four epochs, re-reading the None
+  assert len(set(seen)) == 9
+  source[3] = None  # 2 of 10
+  with pytest.raises(okvos.DataError, match=r"2 of the 10 samples .*max_broken_fraction=0\.1"):
+    it = iter(make(source, batch_size=3, num_epochs=None, max_broken_fraction=0.1))
+    for _ in range(12):
+      next(it)
+  # Evaluation passes None: every broken sample is dropped here and scored by the caller.
+  assert len(list(make([None] * 4, batch_size=1, num_epochs=1))) == 0

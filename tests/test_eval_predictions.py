@@ -393,3 +393,113 @@ def test_end_to_end_with_the_weight_free_video_segmenter(split, tmp_path):
   for rec in results["per_sample"]:
     assert len(list((tmp_path / rec["mask_dir"]).glob("*.png"))) == len(rec["annotated_frames"])
   assert (tmp_path / "report.html").is_file() and (tmp_path / "results.json").is_file()
+
+
+# ----------------------------------------------------------------------------
+# Broken samples: scored 0 and listed, never dropped, never fatal.
+# ----------------------------------------------------------------------------
+
+
+class _Encoder:
+  """What `train.make_dataset` needs of the prompt encoder, without a tokenizer."""
+
+  model_cfg = type("ModelCfg", (), {"coord_convention": "norm1000"})()
+
+  def __call__(self, sample):
+    return {}
+
+
+def _answering_runner(params, batch, rng, search=True):
+  """A policy that answers each prompt with its ground-truth box on the first frame."""
+  responses = []
+  for gt in batch["ground_truth"]:
+    frame, target = next((k, v) for k, v in json.loads(gt).items() if v["area"] > 0)
+    answer_json = json.dumps({"bbox_2d": target["bbox_2d"], "point_2d": target["point_2d"]})
+    responses.append(
+      f"<keyframe> {frame} </keyframe>"
+      + obs(protocol.KEYFRAME_OBSERVATION)
+      + f"<answer>{answer_json}</answer>{IM_END}"
+    )
+  n = len(responses)
+  out = {"stop_reason": np.zeros(n, np.int32)}
+  return type("Eps", (), {"responses": responses, "out": out, "tool_calls": [[]] * n})()
+
+
+def _scorer(batch, eps):
+  from segresearch_jax import evaluate
+
+  n = len(eps.responses)
+  terms = (*evaluate.OUTCOME_TERMS, "process_score", "score", "num_search")
+  return {k: np.ones(n, np.float32) for k in terms}
+
+
+@pytest.fixture()
+def broken_split(tmp_path):
+  """A synthetic test split of 4: sample 1's row has images=None (it fails
+  preprocessing), sample 2 lost a frame the policy is not shown."""
+  import pandas as pd
+
+  paths = synthetic.build(tmp_path / "syn", num_train=2, num_test=4, frames=(8, 8), size=(64, 48))
+  table = pathlib.Path(paths.okvos_dir) / "test.parquet"
+  rows = pd.read_parquet(table)
+  rows.at[1, "images"] = None
+  rows.to_parquet(table)
+  names = sorted(rows.at[2, "images"])
+  shown = set(okvos.sample_frame_indices(len(names), 6))
+  hidden = next(i for i in range(len(names)) if i not in shown)
+  (pathlib.Path(paths.okvos_dir) / "test" / "JPEGImages" / rows.at[2, "video"]).joinpath(
+    f"{names[hidden]}.jpg"
+  ).unlink()
+  return paths.okvos_dir, list(rows["id"])
+
+
+def test_load_eval_samples_keeps_a_row_without_images(broken_split):
+  okvos_dir, ids = broken_split
+  samples = predictions.load_eval_samples(okvos_dir, "test")
+  assert [s.id for s in samples] == ids
+  assert samples[1].error and "images" in samples[1].error and samples[0].error is None
+
+
+def test_evaluation_scores_broken_samples_zero_and_lists_them(broken_split, tmp_path):
+  from configs import okvos as okvos_config
+  from segresearch_jax import evaluate, train
+
+  okvos_dir, ids = broken_split
+  config = okvos_config.get_config()
+  config.batch_size, config.data.frame_size = 2, 16
+  components = {
+    "eval_dataset": lambda: train.make_dataset(
+      config, okvos_dir, "test", _Encoder(), train=False, batch_size=2, whole=True
+    ),
+    "eval_runner": _answering_runner,
+    "eval_scorer": _scorer,
+    "okvos_dir": okvos_dir,
+    "model_cfg": _Encoder.model_cfg,
+  }
+  out = tmp_path / "eval"
+  m = evaluate.evaluate(config, None, components, out)
+  assert m["samples"] == 4 and m["failed"] == 2
+  assert [f["id"] for f in m["failures"]] == [ids[1], ids[2]]
+  assert "images" in m["failures"][0]["error"]
+  assert "Missing frame" in m["failures"][1]["error"]
+  assert m["score"] == pytest.approx(0.75)  # the failed preprocessing scores 0
+  assert m["val/reward"] == pytest.approx(0.75)  # 3 rollouts answer the exact box
+  results = json.loads((out / predictions.RESULTS_FILE).read_text())
+  assert results["status_counts"] == {"ok": 2, "failed": 2}
+  assert results["summary"]["overall"]["count"] == 4
+  by_id = {r["id"]: r for r in results["per_sample"]}
+  assert by_id[ids[1]]["JF"] == 0 and by_id[ids[2]]["JF"] == 0 and by_id[ids[0]]["JF"] > 0.5
+  assert results["summary"]["overall"]["JF"] == pytest.approx(
+    (by_id[ids[0]]["JF"] + by_id[ids[3]]["JF"]) / 4
+  )
+  saved = json.loads((out / "eval_metrics.json").read_text())
+  assert saved["failures"] == m["failures"]
+  report = (out / "report.html").read_text()
+  assert "2 sample(s) failed and scored 0" in report and ids[1] in report and ids[2] in report
+  preds = predictions.read_predictions(out / predictions.PREDICTIONS_FILE)
+  assert [p.id for p in preds] == ids and preds[1].failure and preds[1].error == "failed"
+
+  # A limit evaluates the split's first samples, the broken one among them.
+  config.eval.num_samples = 2
+  m = evaluate.evaluate(config, None, components, tmp_path / "first2", masks=False)
+  assert m["samples"] == 2 and [f["id"] for f in m["failures"]] == [ids[1]]

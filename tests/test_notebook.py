@@ -386,6 +386,13 @@ def test_eval_table_compares_with_and_without_search(tmp_path):
   assert ["J&F", "0.500", "0.250", "+0.250"] in [line.split() for line in lines]
 
 
+def test_eval_table_names_the_failed_samples(tmp_path):
+  with_search = {**_terms(2.0, 0.5), "failures": [{"id": "s7", "error": "Missing frame x.jpg"}]}
+  summary = {"eval_with_search": with_search, "eval_without_search": _terms(1.25, 0.25)}
+  (tmp_path / "summary.json").write_text(json.dumps(summary))
+  assert notebook.eval_table(tmp_path).splitlines()[-1] == "1 failed (scored 0): s7"
+
+
 def test_eval_table_falls_back_to_eval_metrics_files(tmp_path):
   with pytest.raises(FileNotFoundError, match="No summary.json"):
     notebook.eval_table(tmp_path)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,17 +56,20 @@ def _command(workdir, synthetic_dir, *extra, flags=SHRUNK):
   ]
 
 
+def _rows(workdir):
+  return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _train_rows(workdir):
-  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r for r in rows if r["phase"] == "train"}
+  return {r["step"]: r for r in _rows(workdir) if r["phase"] == "train"}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, synthetic_dir):
   workdir = tmp_path_factory.mktemp("run")
-  out = subprocess.run(
-    _command(workdir, synthetic_dir), capture_output=True, text=True, timeout=1200
-  )
+  # Validation at step 1 (the last step has the final evaluation instead).
+  cmd = _command(workdir, synthetic_dir, "--config.eval.every_steps=1")
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
   assert out.returncode == 0, out.stderr[-4000:]
   return workdir, out.stdout
 
@@ -90,6 +95,9 @@ def test_main_command_trains_logs_checkpoints_and_validates(uninterrupted):
   assert {"response", "tool_calls", "reward", "stop_reason"} <= set(rec)
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["eval_with_search"]["samples"] == 2
+  assert summary["eval_with_search"]["failures"] == []
+  validation = [r for r in _rows(workdir) if r["phase"] == "eval" and r["step"] == 1]
+  assert len(validation) == 1 and 0.0 <= validation[0]["val/reward"] <= 1.0
   gain = [rows[s]["reward/score"] - rows[s]["control/score"] for s in (1, 2)]
   assert summary["reward_minus_frozen"]["steps 1-2"][0] == pytest.approx(np.mean(gain))
   assert {"0", "1", "2"} <= set(os.listdir(workdir / "checkpoints"))
@@ -134,6 +142,31 @@ def test_resume_after_kill_reproduces_the_next_metrics(tmp_path, synthetic_dir, 
     "response_length",
     "control/score",
   ):
+    assert resumed[2][key] == pytest.approx(reference[2][key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("train_run")  # shares the module's run
+def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(
+  tmp_path, synthetic_dir, uninterrupted
+):
+  reference = _train_rows(uninterrupted[0])
+  workdir = tmp_path / "damaged"
+  shutil.copytree(uninterrupted[0], workdir)
+  # Step 2's array chunks cut in half (a full disk, a copy that died): only a restore sees it.
+  chunks = [p for p in (workdir / "checkpoints" / "2" / "state").rglob("*") if p.parent.name == "d"]
+  assert chunks
+  for path in chunks:
+    os.truncate(path, path.stat().st_size // 2)
+  out = subprocess.run(
+    _command(workdir, synthetic_dir), capture_output=True, text=True, timeout=1200
+  )
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert "checkpoint step 2 in" in out.stdout and "does not restore: " in out.stdout
+  assert "resumed from step 1" in out.stdout
+  assert (workdir / "checkpoints" / "2.damaged").is_dir()
+  resumed = _train_rows(workdir)
+  for key in ("loss", "grad_norm", "param_norm", "reward/score"):
     assert resumed[2][key] == pytest.approx(reference[2][key], rel=1e-5, abs=1e-6), key
 
 
@@ -285,3 +318,78 @@ def test_reward_curve_and_gain_against_the_frozen_control(tmp_path):
   path = tmp_path / "curve.png"
   train.plot_rewards(rows, path, [{"step": 6, "score": 1.2}], window=3)
   assert Image.open(path).size == (700, 400)
+
+
+def test_trainer_logprobs_use_the_rollout_temperature(monkeypatch):
+  seen = {}
+
+  def token_logprobs(*args, temperature, **kwargs):
+    seen["temperature"] = temperature
+    return np.zeros((1, 2)), np.zeros((1, 2))
+
+  monkeypatch.setattr(train.rollout, "training_inputs", lambda *a: ())
+  monkeypatch.setattr(train.decoding, "token_logprobs", token_logprobs)
+  rows = {k: np.zeros((1, 2), np.int32) for k in (*train.PROMPT_INPUTS, *train.ROW_FIELDS)}
+  rows["prompt_positions"] = np.zeros((1, 3, 2), np.int32)
+  rows["response_positions"] = np.zeros((1, 3, 2), np.int32)
+  rcfg = train.rollout.RolloutConfig(temperature=0.7)
+  train.make_logprob_fn(None, rcfg)(None, rows)
+  assert seen["temperature"] == 0.7  # the sampler's distribution, not temperature 1
+
+
+class _FakeEncoder:
+  """What `train.make_dataset` needs of the prompt encoder, without a tokenizer."""
+
+  model_cfg = type("ModelCfg", (), {"coord_convention": "norm1000"})()
+
+  def __call__(self, sample):
+    return {}
+
+
+def _broken_set(tmp_path, broken):
+  """A small synthetic OK-VOS whose first `broken` train samples lost their frames."""
+  paths = synthetic.build(
+    tmp_path / "syn",
+    seed=0,
+    num_train=6,
+    num_test=2,
+    teams_per_split=6,
+    frames=(8, 8),
+    size=(64, 48),
+  )
+  for i in range(broken):
+    for f in (pathlib.Path(paths.okvos_dir) / "train" / "JPEGImages" / f"train_{i:04d}").iterdir():
+      f.unlink()
+  config = okvos_config.get_config()
+  config.data.frame_size = 16
+  return config, paths.okvos_dir
+
+
+def test_training_on_only_broken_samples_fails_instead_of_hanging(tmp_path):
+  config, okvos_dir = _broken_set(tmp_path, broken=6)
+  config.data.max_broken_fraction = 1.0  # even with no cap, a pass with nothing usable fails
+  ds, _ = train.make_dataset(config, okvos_dir, "train", _FakeEncoder(), train=True, batch_size=2)
+  with pytest.raises(train.okvos_lib.DataError, match=r"6 of the 6 samples .*none is usable"):
+    next(iter(ds))
+  # The warm start's pass over the same data says so too (not "No expert episode fits").
+  expert_ds, _ = train.make_dataset(
+    config, okvos_dir, "train", _FakeEncoder(), train=False, batch_size=1
+  )
+  with pytest.raises(train.okvos_lib.DataError, match="syn-train_000"):
+    list(expert_ds)
+
+
+def test_broken_share_above_the_cap_fails_naming_samples(tmp_path):
+  config, okvos_dir = _broken_set(tmp_path, broken=1)
+  make = lambda: train.make_dataset(
+    config, okvos_dir, "train", _FakeEncoder(), train=True, batch_size=2
+  )[0]
+  config.data.max_broken_fraction = 0.1  # 1 of 6 is more than 10%
+  with pytest.raises(train.okvos_lib.DataError, match=r"1 of the 6 .*syn-train_0000"):
+    it = iter(make())
+    for _ in range(6):  # two epochs: the broken sample is read in the first
+      next(it)
+  config.data.max_broken_fraction = 0.2
+  it = iter(make())
+  ids = [i for _ in range(6) for i in next(it)["id"]]
+  assert "syn-train_0000" not in ids and len(set(ids)) == 5

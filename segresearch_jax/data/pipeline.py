@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -151,6 +152,52 @@ class Prepare:
     return out
 
 
+class BrokenSampleLimit:
+  """Random access over `source` that stops a run reading mostly broken data.
+
+  A source skips a broken sample by returning None, and the pipeline drops it; over
+  a source with no usable sample, a repeating pipeline would then look for the next
+  batch forever. This wrapper counts the distinct samples that came back None and
+  raises `okvos.DataError` (in the reading thread; grain re-raises it to whoever
+  iterates) once they exceed `max_fraction` of the source, or are all of it.
+  """
+
+  def __init__(self, source: Sequence[dict | None], max_fraction: float):
+    if not 0 <= max_fraction <= 1:
+      raise ValueError(f"max_fraction must be in [0, 1], got {max_fraction}.")
+    self.source = source
+    self.max_fraction = max_fraction
+    self.broken: set[int] = set()
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict | None:
+    example = self.source[index]
+    if example is not None:
+      return example
+    n = len(self.source)
+    with self._lock:
+      self.broken.add(int(index) % n)
+      count = len(self.broken)
+    if count > self.max_fraction * n or count == n:
+      errors = list(getattr(self.source, "errors", None) or [])
+      shown = "; ".join(errors[:3]) or f"indices {sorted(self.broken)[:3]}"
+      name = repr(self.source)
+      name = name if len(name) <= 200 else type(self.source).__name__
+      raise okvos.DataError(
+        f"{count} of the {n} samples of {name} are broken, more than "
+        f"data.max_broken_fraction={self.max_fraction} allows"
+        + (" (none is usable)" if count == n else "")
+        + f". The first: {shown}. Fix the data or raise data.max_broken_fraction."
+      )
+    return None
+
+  def __repr__(self) -> str:
+    return f"BrokenSampleLimit({self.source!r}, max_fraction={self.max_fraction})"
+
+
 def collate(examples: Sequence[dict]) -> dict[str, Any]:
   """Batches dicts: same-shape numeric arrays/scalars are stacked, the rest become
   object arrays of length B (strings, lists, ragged arrays)."""
@@ -189,6 +236,7 @@ def make_dataset(
   num_threads: int = 2,
   prefetch: int = 8,
   drop_remainder: bool = True,
+  max_broken_fraction: float | None = None,
 ) -> grain.IterDataset:
   """The batched pipeline over `source` (see the module docstring).
 
@@ -213,6 +261,9 @@ def make_dataset(
     num_threads: worker threads for decoding/resizing.
     prefetch: samples buffered ahead per thread pool.
     drop_remainder: drop a short last batch (static shapes under jit).
+    max_broken_fraction: iterating raises `okvos.DataError` once more than this
+      share of the source's samples were skipped as broken (None), or all of them
+      (see `BrokenSampleLimit`); None never stops (evaluation scores them instead).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
@@ -225,6 +276,8 @@ def make_dataset(
     raise ValueError(f"shard_index {shard_index} not in [0, {shard_count}).")
   if len(source) < shard_count:
     raise ValueError(f"Source has {len(source)} samples, fewer than {shard_count} shards.")
+  if max_broken_fraction is not None:
+    source = BrokenSampleLimit(source, max_broken_fraction)
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segresearch_jax.agent import protocol
+from segresearch_jax.agent import protocol, records
 from segresearch_jax.data import okvos
 from segresearch_jax.eval import metrics, reports
 from segresearch_jax.segmentation import video
@@ -49,13 +49,14 @@ STATUS_MISSING = "missing"
 STATUS_NO_KEYFRAME = "no_keyframe"
 STATUS_NO_ANSWER = "no_answer"
 STATUS_BAD_KEYFRAME = "bad_keyframe"
+# The sample's data is broken (it could not be prepared, or a frame or mask of its
+# video cannot be read): scored 0 and listed with the reason, never skipped.
+STATUS_FAILED = "failed"
 
 RESULTS_FILE = "results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 MASKS_DIR = "masks"
 
-_SEARCH_RE = re.compile(r"<search>(.*?)</search>", re.DOTALL)
-_INFORMATION_RE = re.compile(r"<information>(.*?)</information>", re.DOTALL)
 _NEXT_ACTION_RE = re.compile(r"<(?:search|keyframe|answer|thinking)>")
 _RESULT_RE = re.compile(r"(?:^|\n)(\d+)\. \(Title: ([^\n]*?)\) ?")
 _ERROR_RE = re.compile(r"Error: ([^\n<]*)")
@@ -86,6 +87,8 @@ class Prediction:
     error: why the answer cannot prompt a segmenter ("no_keyframe" | "no_answer"), or
       None when it can (or when it is a "no target" answer).
     reward: optional reward terms of this response, e.g. {"score": 3.0, ...}.
+    failure: why the sample was never rolled out (its data could not be prepared);
+      such a record has an empty response and is scored 0 (`failed_prediction`).
   """
 
   id: str
@@ -99,6 +102,7 @@ class Prediction:
   stop_reason: str | None = None
   error: str | None = None
   reward: dict[str, float] | None = None
+  failure: str | None = None
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -140,15 +144,16 @@ def search_calls_from_response(response: str) -> list[dict]:
   on the last allowed generation is never executed and has neither.
   """
   calls = []
-  for m in _SEARCH_RE.finditer(response):
-    action = protocol.parse_search(m.group(1))
-    nxt = _NEXT_ACTION_RE.search(response, m.end())
-    after = response[m.end() : nxt.start() if nxt else len(response)]
-    info = _INFORMATION_RE.search(after)
+  # Tags found in linear time: a response full of unclosed tags is model output too.
+  for end, content in protocol.iter_tags(response, "search"):
+    action = protocol.parse_search(content)
+    nxt = _NEXT_ACTION_RE.search(response, end)
+    after = response[end : nxt.start() if nxt else len(response)]
+    info = protocol.first_tag(after, ("information",))
     error = action.error
     results: list[dict] = []
     if info is not None:
-      results = _parse_results(_clean(info.group(1)))
+      results = _parse_results(_clean(info[1]))
     elif error is None:
       err = _ERROR_RE.search(after)
       error = err.group(1).strip() if err else None
@@ -228,6 +233,21 @@ def parse_response(
   )
 
 
+def failed_prediction(
+  sample_id: str, ability: str, failure: str, reward_terms: Iterable[str] = ()
+) -> Prediction:
+  """The record of a sample that could not be rolled out: no answer, every reward
+  term in `reward_terms` 0, and the reason, so evaluation scores it 0 and lists it."""
+  return Prediction(
+    id=str(sample_id),
+    ability=str(ability),
+    response="",
+    error=STATUS_FAILED,
+    reward={k: 0.0 for k in reward_terms},
+    failure=str(failure),
+  )
+
+
 def write_predictions(path: str | os.PathLike, predictions: Iterable[Prediction]) -> pathlib.Path:
   """Writes one JSON line per prediction (atomically: a temp file then a rename)."""
   path = pathlib.Path(path)
@@ -235,7 +255,7 @@ def write_predictions(path: str | os.PathLike, predictions: Iterable[Prediction]
   tmp = path.with_name(path.name + ".tmp")
   with tmp.open("w", encoding="utf-8") as f:
     for p in predictions:
-      f.write(json.dumps(_as_prediction(p).to_json(), ensure_ascii=False) + "\n")
+      f.write(records.json_line(_as_prediction(p).to_json()) + "\n")
   tmp.replace(path)
   return path
 
@@ -281,34 +301,55 @@ class EvalSample:
   frame_paths: tuple[str, ...]
   frame_numbers: tuple[int, ...]
   annotation_dir: str
+  error: str | None = None  # Why the row cannot be evaluated (scored 0), if it cannot.
 
 
 def load_eval_samples(okvos_dir: str | os.PathLike, split: str = "test") -> list[EvalSample]:
-  """The samples of an OK-VOS split in the raw layout (SPEC §4.1), in parquet order."""
+  """The samples of an OK-VOS split in the raw layout (docs/method.md §4.1), in parquet
+  order; a row whose frame list cannot be read is kept with its `error`."""
   samples = []
   for index, row in enumerate(okvos.read_rows(okvos_dir, split)):
     sid = okvos.sample_id(row, split, index)
-    names = row["images"]
-    if isinstance(names, str):  # Some exports store the list as a JSON string.
-      names = json.loads(names)
-    # Video order is by frame number (as SAM2 orders a frame folder); for the
-    # zero-padded names of OK-VOS this is also the name order.
-    names = sorted((str(n) for n in names), key=okvos.frame_number)
-    if not names:
-      raise okvos.DataError(f"Sample {sid}: the images list is empty.")
-    base = pathlib.Path(okvos_dir) / split
-    frame_dir = base / "JPEGImages" / str(row["video"])
-    samples.append(
-      EvalSample(
-        id=sid,
-        ability=str(row["ability"]),
-        question=str(row["question"]),
-        frame_paths=tuple(str(frame_dir / f"{n}.jpg") for n in names),
-        frame_numbers=tuple(okvos.frame_number(n) for n in names),
-        annotation_dir=str(base / "Annotations" / str(row["video"]) / str(row["oid"])),
+    try:
+      samples.append(_eval_sample(okvos_dir, split, row, sid))
+    except (okvos.DataError, TypeError, ValueError) as e:
+      message = str(e) if str(e).startswith(f"Sample {sid}:") else f"Sample {sid}: {e}"
+      samples.append(
+        EvalSample(
+          id=sid,
+          ability=str(row.get("ability")),
+          question=str(row.get("question")),
+          frame_paths=(),
+          frame_numbers=(),
+          annotation_dir="",
+          error=message,
+        )
       )
-    )
   return samples
+
+
+def _eval_sample(okvos_dir: str | os.PathLike, split: str, row: Mapping, sid: str) -> EvalSample:
+  for col in okvos.REQUIRED_COLUMNS:
+    if row.get(col) is None:
+      raise okvos.DataError(f"Sample {sid}: column {col!r} is empty.")
+  names = row["images"]
+  if isinstance(names, str):  # Some exports store the list as a JSON string.
+    names = json.loads(names)
+  # Video order is by frame number (as SAM2 orders a frame folder); for the
+  # zero-padded names of OK-VOS this is also the name order.
+  names = sorted((str(n) for n in names), key=okvos.frame_number)
+  if not names:
+    raise okvos.DataError(f"Sample {sid}: the images list is empty.")
+  base = pathlib.Path(okvos_dir) / split
+  frame_dir = base / "JPEGImages" / str(row["video"])
+  return EvalSample(
+    id=sid,
+    ability=str(row["ability"]),
+    question=str(row["question"]),
+    frame_paths=tuple(str(frame_dir / f"{n}.jpg") for n in names),
+    frame_numbers=tuple(okvos.frame_number(n) for n in names),
+    annotation_dir=str(base / "Annotations" / str(row["video"]) / str(row["oid"])),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -449,79 +490,27 @@ def evaluate_predictions(
   per_sample = []
   for sample in samples:
     pred = by_id.get(sample.id)
-    numbers, gt = okvos.read_video_masks(sample.annotation_dir)
-    names = [p.stem for p in sorted(pathlib.Path(sample.annotation_dir).glob("*.png"))]
-    record: dict[str, Any] = {
-      "id": sample.id,
-      "ability": sample.ability,
-      "question": sample.question,
-      "frame_paths": list(sample.frame_paths),
-      "frame_numbers": list(sample.frame_numbers),
-      "annotation_dir": sample.annotation_dir,
-      "annotated_frames": names,
-      "annotated_numbers": [int(n) for n in numbers],
-      "keyframe": pred.keyframe if pred else None,
-      "keyframe_index": None,
-      "box": pred.box if pred else None,
-      "point": pred.point if pred else None,
-      "box_px": None,
-      "point_px": None,
-      "search_calls": pred.search_calls if pred else [],
-      "stop_reason": pred.stop_reason if pred else None,
-      "reward": pred.reward if pred else None,
-    }
-    video_masks = None
-    if pred is None:
-      status, error = STATUS_MISSING, "no prediction for this sample"
-    elif pred.no_target:
-      status, error = STATUS_NO_TARGET, None
-    elif pred.error is not None:
-      status, error = pred.error, pred.error.replace("_", " ")
-    elif video.keyframe_index(sample.frame_numbers, pred.keyframe) < 0:
-      status = STATUS_BAD_KEYFRAME
-      error = f"keyframe {pred.keyframe} is not a frame of the video"
-    else:
-      status, error = STATUS_OK, None
-      video_masks, info = _segment(sample, pred, video_segment_fn, convention, resized)
-      record.update(info)
-    if video_masks is not None and video_masks.shape[1:] != gt.shape[1:]:
-      raise okvos.DataError(
-        f"Sample {sample.id}: frames are {video_masks.shape[1:]} but annotations "
-        f"{gt.shape[1:]} in {sample.annotation_dir}."
+    try:
+      per_sample.append(
+        _evaluate_sample(sample, pred, video_segment_fn, convention, resized, bound_th, out)
       )
-    # Annotated frames outside the video's frame list get an empty prediction.
-    index = {n: i for i, n in enumerate(sample.frame_numbers)}
-    pred_masks = np.zeros_like(gt)
-    if video_masks is not None:
-      for k, n in enumerate(numbers):
-        if n in index:
-          pred_masks[k] = video_masks[index[n]]
-    mask_dir = out / MASKS_DIR / safe_name(sample.id)
-    mask_dir.mkdir(parents=True, exist_ok=True)
-    for name, mask in zip(names, pred_masks):
-      _write_mask_png(mask_dir / f"{name}.png", mask)
-    j, f = metrics.j_and_f(gt, pred_masks, bound_th)
-    record.update(
-      status=status,
-      error=error,
-      missing=status == STATUS_MISSING,
-      mask_dir=str(mask_dir.relative_to(out)),
-      J=float(j.mean()),
-      F=float(f.mean()),
-      JF=float((j.mean() + f.mean()) / 2),
-      J_per_frame=[float(v) for v in j],
-      F_per_frame=[float(v) for v in f],
-      num_search=len(record["search_calls"]),
-    )
-    per_sample.append(record)
-    logging.info("Evaluated %s: %s J&F %.3f", sample.id, status, record["JF"])
+    except okvos.DataError as e:  # Broken data scores 0, listed with the reason.
+      per_sample.append(_failed_record(sample, pred, str(e), out))
+    logging.info("Evaluated %s: %s J&F %.3f", sample.id, *map(per_sample[-1].get, ("status", "JF")))
 
   status_counts: dict[str, int] = {}
   for r in per_sample:
     status_counts[r["status"]] = status_counts.get(r["status"], 0) + 1
+  failures = [
+    {"id": r["id"], "error": r["error"]} for r in per_sample if r["status"] == STATUS_FAILED
+  ]
+  abilities = metrics.OKVOS_ABILITIES
+  if any(r["ability"] not in abilities for r in per_sample):
+    abilities = (*abilities, UNKNOWN_ABILITY)
   results = {
-    "summary": metrics.okvos_summary(per_sample),
+    "summary": metrics.okvos_summary(per_sample, abilities=abilities),
     "status_counts": status_counts,
+    "failures": failures,
     "reward": _mean_terms(p.reward for p in preds),
     "search": {"per_sample": float(np.mean([r["num_search"] for r in per_sample]))},
     "config": {
@@ -533,7 +522,7 @@ def evaluate_predictions(
     "per_sample": per_sample,
   }
   tmp = out / (RESULTS_FILE + ".tmp")
-  tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+  tmp.write_text(records.json_line(results, indent=1), encoding="utf-8")
   tmp.replace(out / RESULTS_FILE)
   if print_table:
     print(format_results(results))
@@ -542,12 +531,128 @@ def evaluate_predictions(
   return results
 
 
+# A failed sample whose ability column is unusable is summarised under this name.
+UNKNOWN_ABILITY = "unknown"
+
+
+def _base_record(sample: EvalSample, pred: Prediction | None) -> dict[str, Any]:
+  return {
+    "id": sample.id,
+    "ability": sample.ability if sample.ability in metrics.OKVOS_ABILITIES else UNKNOWN_ABILITY,
+    "question": sample.question,
+    "frame_paths": list(sample.frame_paths),
+    "frame_numbers": list(sample.frame_numbers),
+    "annotation_dir": sample.annotation_dir,
+    "annotated_frames": [],
+    "annotated_numbers": [],
+    "keyframe": pred.keyframe if pred else None,
+    "keyframe_index": None,
+    "box": pred.box if pred else None,
+    "point": pred.point if pred else None,
+    "box_px": None,
+    "point_px": None,
+    "search_calls": pred.search_calls if pred else [],
+    "stop_reason": pred.stop_reason if pred else None,
+    "reward": pred.reward if pred else None,
+  }
+
+
+def _failed_record(
+  sample: EvalSample, pred: Prediction | None, error: str, out: pathlib.Path
+) -> dict[str, Any]:
+  """A sample that cannot be scored from its data: J = F = 0, no masks, the reason."""
+  record = _base_record(sample, pred)
+  record.update(
+    status=STATUS_FAILED,
+    error=error,
+    missing=False,
+    mask_dir=str((out / MASKS_DIR / safe_name(sample.id)).relative_to(out)),
+    J=0.0,
+    F=0.0,
+    JF=0.0,
+    J_per_frame=[],
+    F_per_frame=[],
+    num_search=len(record["search_calls"]),
+  )
+  return record
+
+
+def _evaluate_sample(
+  sample: EvalSample,
+  pred: Prediction | None,
+  video_segment_fn: VideoSegmentFn,
+  convention: str,
+  resized: tuple[int, int] | None,
+  bound_th: float,
+  out: pathlib.Path,
+) -> dict[str, Any]:
+  """One sample's record (see `evaluate_predictions`); raises `okvos.DataError` when
+  its data is broken (the caller scores it 0)."""
+  if sample.error is not None:
+    raise okvos.DataError(sample.error)
+  if pred is not None and pred.failure is not None:
+    raise okvos.DataError(pred.failure)
+  try:
+    numbers, gt = okvos.read_video_masks(sample.annotation_dir)
+  except okvos.DataError as e:
+    raise okvos.DataError(f"Sample {sample.id}: {e}") from e
+  names = [p.stem for p in sorted(pathlib.Path(sample.annotation_dir).glob("*.png"))]
+  record = _base_record(sample, pred)
+  record.update(annotated_frames=names, annotated_numbers=[int(n) for n in numbers])
+  video_masks = None
+  if pred is None:
+    status, error = STATUS_MISSING, "no prediction for this sample"
+  elif pred.no_target:
+    status, error = STATUS_NO_TARGET, None
+  elif pred.error is not None:
+    status, error = pred.error, pred.error.replace("_", " ")
+  elif video.keyframe_index(sample.frame_numbers, pred.keyframe) < 0:
+    status = STATUS_BAD_KEYFRAME
+    error = f"keyframe {pred.keyframe} is not a frame of the video"
+  else:
+    status, error = STATUS_OK, None
+    video_masks, info = _segment(sample, pred, video_segment_fn, convention, resized)
+    record.update(info)
+  if video_masks is not None and video_masks.shape[1:] != gt.shape[1:]:
+    raise okvos.DataError(
+      f"Sample {sample.id}: frames are {video_masks.shape[1:]} but annotations "
+      f"{gt.shape[1:]} in {sample.annotation_dir}."
+    )
+  # Annotated frames outside the video's frame list get an empty prediction.
+  index = {n: i for i, n in enumerate(sample.frame_numbers)}
+  pred_masks = np.zeros_like(gt)
+  if video_masks is not None:
+    for k, n in enumerate(numbers):
+      if n in index:
+        pred_masks[k] = video_masks[index[n]]
+  mask_dir = out / MASKS_DIR / safe_name(sample.id)
+  mask_dir.mkdir(parents=True, exist_ok=True)
+  for name, mask in zip(names, pred_masks):
+    _write_mask_png(mask_dir / f"{name}.png", mask)
+  j, f = metrics.j_and_f(gt, pred_masks, bound_th)
+  record.update(
+    status=status,
+    error=error,
+    missing=status == STATUS_MISSING,
+    mask_dir=str(mask_dir.relative_to(out)),
+    J=float(j.mean()),
+    F=float(f.mean()),
+    JF=float((j.mean() + f.mean()) / 2),
+    J_per_frame=[float(v) for v in j],
+    F_per_frame=[float(v) for v in f],
+    num_search=len(record["search_calls"]),
+  )
+  return record
+
+
 def format_results(results: Mapping[str, Any]) -> str:
   """The printed table: J, F, J&F per ability and overall, then counts and rewards."""
   lines = [metrics.format_summary(results["summary"], "OK-VOS (percent)")]
   counts = ", ".join(f"{k} {v}" for k, v in sorted(results["status_counts"].items()))
   lines.append(f"samples by status: {counts}")
   lines.append(f"search calls per sample: {results['search']['per_sample']:.2f}")
+  for failure in results.get("failures") or []:
+    lines.append(f"failed (scored 0): {failure['id']}: {failure['error']}")
   if results.get("reward"):
     lines.append(
       "mean reward terms: " + ", ".join(f"{k} {v:.3f}" for k, v in results["reward"].items())

@@ -193,6 +193,25 @@ def _summary_table(summary: Mapping[str, Mapping[str, float]]) -> str:
   return '<table class="summary">' + "".join(rows) + "</table>"
 
 
+def _failures_html(failures: Sequence[Mapping[str, Any]]) -> str:
+  """Every sample whose data could not be evaluated, with the reason (each scored 0)."""
+  if not failures:
+    return ""
+  items = "".join(f"<li><b>{_e(f['id'])}</b>: {_e(f['error'])}</li>" for f in failures)
+  return (
+    f'<div class="failures"><h3>{len(failures)} sample(s) failed and scored 0</h3>'
+    f'<ul class="error">{items}</ul></div>'
+  )
+
+
+def _read_frame(path: str) -> np.ndarray | None:
+  """A frame for a figure, or None when it cannot be read (the card leaves it out)."""
+  try:
+    return okvos.read_frame(path)
+  except okvos.DataError:
+    return None
+
+
 def _search_html(calls: Sequence[Mapping]) -> str:
   if not calls:
     return '<div class="searches"><h3>Search calls</h3><p>none</p></div>'
@@ -244,11 +263,19 @@ def _card(
   ]
   if rec.get("error"):
     parts.append(f'<p class="error">{_e(rec["error"])}</p>')
+  if rec["status"] == "failed":  # Its frames or masks are what could not be read.
+    if response:
+      parts.append(f"<details><summary>response</summary><pre>{_e(response)}</pre></details>")
+    parts.append("</div>")
+    return "\n".join(parts)
 
   # The frames the policy saw (the test split's linspace sampling, SPEC §4.2).
   strip = []
   for i in okvos.sample_frame_indices(len(frame_paths), shown_frames):
-    thumb = _resize(okvos.read_frame(frame_paths[i]), SHOWN_WIDTH)
+    frame = _read_frame(frame_paths[i])
+    if frame is None:
+      continue
+    thumb = _resize(frame, SHOWN_WIDTH)
     src = images.src(thumb, f"{key}/shown_{numbers[i]}.png")
     strip.append(
       f'<figure><img src="{src}" alt="frame {numbers[i]}" style="width:{SHOWN_WIDTH}px">'
@@ -260,7 +287,7 @@ def _card(
   row = []
   if rec.get("keyframe_index") is not None:
     k = int(rec["keyframe_index"])
-    frame = okvos.read_frame(frame_paths[k])
+    frame = okvos.read_frame(frame_paths[k])  # readable: the segmenter was prompted with it
     stem = pathlib.Path(frame_paths[k]).stem
     pred_path = out_dir / rec["mask_dir"] / f"{stem}.png"
     gt_path = pathlib.Path(rec["annotation_dir"]) / f"{stem}.png"
@@ -296,7 +323,9 @@ def _card(
   for i in picks:
     if annotated[i] not in path_of:
       continue
-    frame = okvos.read_frame(path_of[annotated[i]])
+    frame = _read_frame(path_of[annotated[i]])
+    if frame is None:
+      continue
     gt = okvos.read_mask(pathlib.Path(rec["annotation_dir"]) / f"{names[i]}.png")
     pred = okvos.read_mask(out_dir / rec["mask_dir"] / f"{names[i]}.png")
     image = _resize(overlay(frame, pred, gt), OVERLAY_WIDTH)
@@ -376,6 +405,7 @@ def write_html_report(
 <h1>{_e(title)}</h1>
 {_summary_table(results["summary"])}
 <p>{" · ".join(extra)}</p>
+{_failures_html(results.get("failures") or [])}
 <p class="legend"><span><i class="swatch" style="background:rgb{PRED_COLOUR}"></i>prediction</span>
 <span><i class="swatch" style="background:rgb{GT_COLOUR}"></i>ground truth boundary</span>
 <span><i class="swatch" style="background:rgb{BOX_COLOUR}"></i>predicted box</span>
@@ -385,7 +415,8 @@ def write_html_report(
 </body></html>
 """
   path = out / REPORT_FILE
-  path.write_text(page, encoding="utf-8")
+  # A response may decode to a lone surrogate; the page shows "?" for it.
+  path.write_text(page, encoding="utf-8", errors="replace")
   return path
 
 

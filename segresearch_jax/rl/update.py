@@ -33,12 +33,20 @@ class TrainState:
   step: Array  # optimizer updates applied so far
 
 
-def learning_rate_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
-  """Linear warmup then constant. Warmup counts from step 1: the first update uses
-  lr / warmup_steps (the official schedule gives it lr 0, SPEC §9)."""
+def learning_rate_schedule(
+  lr: float, warmup_steps: int, updates_per_step: int = 1
+) -> optax.Schedule:
+  """Linear warmup over training steps, then constant.
+
+  The schedule is called with the optimizer's update count; a training step applies
+  `updates_per_step` updates, all at that step's rate, so training step s (from 1)
+  runs at lr * min(1, s / warmup_steps). The first step's rate is lr / warmup_steps,
+  not 0 as in the official schedule, which therefore reaches lr one step later
+  (docs/method.md §9).
+  """
   if warmup_steps <= 0:
     return optax.constant_schedule(lr)
-  return lambda count: lr * jnp.minimum(1.0, (count + 1) / warmup_steps)
+  return lambda count: lr * jnp.minimum(1.0, (count // updates_per_step + 1) / warmup_steps)
 
 
 def make_optimizer(
@@ -49,13 +57,14 @@ def make_optimizer(
   eps: float = 1e-8,
   weight_decay: float = 0.01,
   grad_clip: float = 1.0,
+  updates_per_step: int = 1,
 ) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping (SPEC §6 defaults)."""
+  """AdamW with global-norm clipping (docs/method.md §6 defaults); the warmup counts training
+  steps of `updates_per_step` updates each (see `learning_rate_schedule`)."""
+  schedule = learning_rate_schedule(lr, warmup_steps, updates_per_step)
   return optax.chain(
     optax.clip_by_global_norm(grad_clip),
-    optax.adamw(
-      learning_rate_schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay
-    ),
+    optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
   )
 
 

@@ -1,0 +1,187 @@
+"""configs/okvos.py and its validation: every enum and range checked before anything
+is built, the paper recipe's requirements, the 8B and DAPO variants, the learning-rate
+warm-up in training steps."""
+
+import numbers
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import okvos as okvos_config
+from segresearch_jax import train
+from segresearch_jax.rl import update
+
+# Numeric fields with no bound to check (any value is a valid choice).
+UNBOUNDED = {"seed", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.max_replicated_elements"}
+
+
+def _leaves(config, prefix=""):
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if hasattr(value, "items"):
+      yield from _leaves(value, name + ".")
+    else:
+      yield name, value
+
+
+def _set(config, field, value):
+  *sections, key = field.split(".")
+  for s in sections:
+    config = config[s]
+  config[key] = value
+
+
+def _paper(tmp_path, arg="paper"):
+  config = okvos_config.get_config(arg)
+  config.model.hf_dir = str(tmp_path)
+  config.eval.sam2_checkpoint = str(tmp_path / "sam2.1_hiera_large.pt")
+  return config
+
+
+def test_default_and_every_variant_pass_validation(tmp_path):
+  train.validate_config(okvos_config.get_config())
+  for arg in ("paper", "paper,8b", "paper,dapo", "paper,8b,dapo"):
+    train.validate_config(_paper(tmp_path, arg))
+
+
+@pytest.mark.parametrize("field", sorted(train.CONFIG_CHOICES))
+def test_every_enum_rejects_an_unknown_value_naming_the_field(field):
+  config = okvos_config.get_config()
+  _set(config, field, "bogus")
+  with pytest.raises(ValueError, match=rf"config\.{field}='bogus' is not one of"):
+    train.check_config(config)
+
+
+def _out_of_range(field, accepts):
+  value = dict(_leaves(okvos_config.get_config()))[field]
+  candidates = [-2, 0, 1, 2] if isinstance(value, int) else [-2.0, -0.5, 0.0, 0.5, 1.0, 1.5]
+  return next(v for v in candidates if not accepts(v))
+
+
+@pytest.mark.parametrize("field, accepts", [(f, a) for f, a, _ in train.CONFIG_RANGES])
+def test_every_range_rejects_an_out_of_range_value_naming_the_field(field, accepts):
+  config = okvos_config.get_config()
+  value = _out_of_range(field, accepts)
+  _set(config, field, value)
+  with pytest.raises(ValueError, match=rf"config\.{field}={value!r} is out of range"):
+    train.check_config(config)
+
+
+def test_every_numeric_field_is_range_checked_or_declared_unbounded():
+  checked = {f for f, _, _ in train.CONFIG_RANGES}
+  numeric = {
+    name
+    for name, value in _leaves(okvos_config.get_config())
+    if isinstance(value, numbers.Number) and not isinstance(value, bool)
+  }
+  assert numeric - checked - UNBOUNDED == set()
+  assert (checked | UNBOUNDED) - numeric == set()  # no stale entries
+
+
+@pytest.mark.parametrize(
+  "field, value",
+  [
+    ("rollout.top_p", 0.0),  # sampled uniformly over the vocabulary
+    ("rollout.temperature", -1.0),  # sampled the inverted distribution
+    ("rollout.temperature", 0.0),
+    ("rollout.top_k", -1),
+    ("loss.mini_batches", 0),  # ZeroDivisionError in check_config
+    ("reward.mask_prompt", "boxes"),  # failed at the first GRPO step
+    ("eval.segmenter", "sam"),  # failed at the final evaluation
+    ("eval.search", "google"),
+    ("data.max_broken_fraction", 1.5),
+  ],
+)
+def test_reported_late_failures_fail_at_config_check(field, value):
+  config = okvos_config.get_config()
+  _set(config, field, value)
+  with pytest.raises(ValueError, match=rf"config\.{field}="):
+    train.check_config(config)
+
+
+def test_overlong_buffer_must_leave_room_below_the_response_cap():
+  config = okvos_config.get_config("dapo")  # 4096 tokens on the embedded 384
+  with pytest.raises(ValueError, match=r"config\.dapo\.overlong_buffer=4096 must be below"):
+    train.check_config(config)
+  config.dapo.overlong_buffer = 128
+  train.check_config(config)
+
+
+def test_paper_preset_needs_the_pretrained_checkpoint_and_sam2(tmp_path):
+  config = okvos_config.get_config("paper")
+  with pytest.raises(ValueError, match=r"--config\.model\.hf_dir="):
+    train.check_config(config)
+  config.model.hf_dir = str(tmp_path)
+  with pytest.raises(ValueError, match=r"--config\.eval\.sam2_checkpoint="):
+    train.check_config(config)
+  config.eval.sam2_checkpoint = str(tmp_path / "missing.pt")
+  with pytest.raises(FileNotFoundError, match=r"config\.eval\.sam2_checkpoint="):
+    train.check_config(config)
+  # Evaluating a saved checkpoint does not need the HF weights.
+  config = okvos_config.get_config("paper")
+  config.eval.sam2_checkpoint = "/ckpt/sam2.pt"
+  train.validate_config(config, training=False)
+
+
+def test_paper_evaluates_like_the_paper_and_validates_every_10_steps():
+  config = okvos_config.get_config("paper")
+  assert config.eval.segmenter == "sam2" and config.eval.masks
+  assert config.eval.search == "serper"
+  assert config.eval.every_steps == 10
+  assert okvos_config.get_config().eval.search == ""  # the default evaluates as it trains
+
+
+def test_8b_and_dapo_variants():
+  c = okvos_config.get_config("paper,8b")
+  assert (c.model.preset, c.total_steps, c.mesh.tensor) == ("qwen3_vl_8b", 160, 2)
+  assert (c.rollout.max_response_length, c.rollout.max_obs_length) == (6144, 2048)
+  assert c.optim.lr == 1e-6 and c.batch_size == 16  # the rest of the paper recipe
+  d = okvos_config.get_config("paper,dapo")
+  assert d.loss.clip_high == 0.28 and d.loss.clip_low == 0.2
+  assert d.dapo.filter_groups and d.dapo.overlong_buffer > 0 and d.dapo.overlong_penalty == 1.0
+  assert d.model.preset == "qwen3_vl_4b"
+  both = okvos_config.get_config("paper,8b,dapo")
+  assert both.model.preset == "qwen3_vl_8b" and both.loss.clip_high == 0.28
+
+
+def test_evaluation_search_backend_is_its_own_setting(tmp_path):
+  config = okvos_config.get_config()
+  config.workdir = str(tmp_path)
+  assert train.eval_search_config(config) is config
+  config.eval.search = "none"
+  eval_config = train.eval_search_config(config)
+  assert eval_config.search.backend == "none" and config.search.backend == "local"
+  assert eval_config.search.text_top_k == config.search.text_top_k
+  assert train.make_search_backend(eval_config, "") is None  # built from the copy
+
+
+@pytest.mark.parametrize("mini_batches", [1, 2, 4])
+def test_warmup_counts_training_steps(mini_batches):
+  config = okvos_config.get_config()
+  config.optim.lr, config.optim.warmup_steps = 1e-6, 10
+  config.loss.mini_batches = mini_batches
+  lr, warmup, per_step = train.schedule_settings(config)
+  schedule = update.learning_rate_schedule(lr, warmup, updates_per_step=per_step)
+  for step in range(1, 14):
+    for i in range(mini_batches):  # every update of a step runs at that step's lr
+      count = (step - 1) * mini_batches + i
+      assert float(schedule(count)) == pytest.approx(1e-6 * min(1.0, step / 10)), (step, i)
+  assert float(schedule(0)) > 0  # the first update is not at lr 0
+  assert float(schedule(9 * mini_batches)) == pytest.approx(1e-6)  # full lr from step 10 on
+  assert train.schedule_settings(config, sft=True)[2] == 1  # a warm-start step is one update
+
+
+def test_optimizer_applies_the_step_schedule():
+  # Adam's first updates on a constant gradient move each weight by about the lr.
+  opt = update.make_optimizer(1e-2, warmup_steps=4, eps=1e-12, weight_decay=0.0, updates_per_step=2)
+  params = {"w": jnp.zeros(())}
+  state = opt.init(params)
+  moves = []
+  for _ in range(10):
+    updates, state = opt.update({"w": jnp.ones(())}, state, params)
+    params = optax.apply_updates(params, updates)
+    moves.append(-float(updates["w"]))
+  expected = [1e-2 * min(1.0, (c // 2 + 1) / 4) for c in range(10)]
+  np.testing.assert_allclose(moves, expected, rtol=1e-4)
