@@ -3,13 +3,13 @@ r"""Reward throughput and mask-cache build cost.
     python benchmarks/reward_speed.py [--batch 256] [--sam2_prompts 8] [--no_sam2] \
         [--real_video ../shared/data/real_video/toy_horse]
 
-1. The official OK-VOS reward (SPEC 3.1) with IGR through the packaged MiniLM.
+1. The official OK-VOS reward (docs/method.md §3.1) with IGR through the packaged MiniLM.
    Baseline: the reference `score_response` called per response (pure Python, one
    embedding call per response, no memo). Ours: `score_batch`'s two halves, host
    parse + the jitted `jnp` terms, with the MiniLM wrapped in a `CachedEmbedder`
    (each distinct text embedded once per batch) cleared before every timed run
    ("cold": no help from earlier batches); also shown with the plain embedder and
-   with a warm memo, and with the SPEC 3.2 mask term added (host prompt parse + the
+   with a warm memo, and with the docs/method.md §3.2 mask term added (host prompt parse + the
    jitted cache gather). Results are checked equal before timing. The last rows
    make every query unique (no repeats within the batch to share), against the
    same per-response baseline (whose cost does not depend on repeats), and time

@@ -285,7 +285,7 @@ def reference_logprobs(
   banned_ids: tuple[int, ...],
   temperature: float = 1.0,
 ) -> torch.Tensor:
-  """[T] log-probs of the generated tokens, as the sampler defines them (SPEC §6)."""
+  """[T] log-probs of the generated tokens, as the sampler defines them (docs/method.md §6)."""
   logits = model(**model_kwargs).logits[:, :-1]  # [B, L-1, V]
   logits = logits[loss_inputs["select"]].float()  # [T, V]: only positions that train
   if banned_ids:  # never sampled, so never in the normaliser (the sampler's -inf)

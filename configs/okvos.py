@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"  # synthetic | okvos
-  c.data.okvos_dir = ""  # Raw OK-VOS layout (SPEC §4.1) when source == okvos.
+  c.data.okvos_dir = ""  # Raw OK-VOS layout (docs/method.md §4.1) when source == okvos.
   # Evaluating a reasoning benchmark instead (`evaluate.py`; variants reasonseg |
   # reasonvos | revos): its name, and each one's raw folder as released.
   c.data.benchmark = ""
@@ -112,10 +112,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.reward.tpr_p = 0.7
   c.reward.tpr_budget = 10
   c.reward.igr_threshold = 0.5
-  c.reward.mask_weight = 1.0  # Weight of the SAM2 mask-cache term (SPEC §3.2); 0 = SPEC §3.1.
+  c.reward.mask_weight = (
+    1.0  # Weight of the SAM2 mask-cache term (docs/method.md §3.2); 0 = docs/method.md §3.1.
+  )
   c.reward.mask_prompt = "box"  # Which cached prompt scores the mask: box | point | mean.
 
-  # The precomputed mask-IoU tables behind the mask reward (SPEC §3.2), built with
+  # The precomputed mask-IoU tables behind the mask reward (docs/method.md §3.2), built with
   # `python -m segresearch_jax.tools.build_mask_cache --config=...`.
   c.mask_cache = ml_collections.ConfigDict()
   c.mask_cache.segmenter = "weight_free"  # weight_free | sam2
@@ -139,7 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.mini_batches = 4
   c.loss.micro_batches = 1  # Gradient accumulation inside one update.
 
-  # DAPO options (off by default; the official DAPO script never reads them, SPEC §9).
+  # DAPO options (off by default; the official DAPO script never reads them, docs/differences.md).
   c.dapo = ml_collections.ConfigDict()
   c.dapo.filter_groups = False  # Drop groups with zero reward variance and refill.
   c.dapo.max_refills = 3  # Extra rollout batches to draw when refilling.
@@ -188,7 +190,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.search = ""
   c.eval.sam2_config = "configs/sam2.1/sam2.1_hiera_l.yaml"
   c.eval.sam2_checkpoint = ""
-  c.eval.official_two_calls = False  # Reproduce the official box-dropping SAM2 prompts (SPEC §9).
+  c.eval.official_two_calls = (
+    False  # Reproduce the official box-dropping SAM2 prompts (docs/differences.md).
+  )
   c.eval.report_samples = 16  # Cards in the HTML report.
   c.eval.masks = True  # Segment the final evaluation's answers and report J&F.
   # Each GRPO step also rolls out its prompts with the frozen warm start (step 0) and
@@ -237,7 +241,7 @@ def _paper(c: ml_collections.ConfigDict) -> None:
   c.optim.warmup_steps = 10
   c.loss.mini_batches = 2
   c.sft.steps = 0
-  c.reward.mask_weight = 0.0  # The official reward (SPEC §3.1).
+  c.reward.mask_weight = 0.0  # The official reward (docs/method.md §3.1).
   c.model.require_hf_dir = True
   # Evaluated as the paper reports it: SAM2.1 hiera-large J&F with web search,
   # validated on the held-out split every 10 steps (the official schedule).
@@ -265,7 +269,7 @@ def _dapo(c: ml_collections.ConfigDict) -> None:
   """DAPO as the official DAPO script sets it: clip-higher 0.28, dynamic sampling
   (refill with groups whose rewards differ), soft overlong penalty over the last
   4096 response tokens. The official trainer never reads the last two
-  (docs/method.md §9); here they act."""
+  (docs/differences.md); here they act."""
   c.loss.clip_high = 0.28
   c.dapo.filter_groups = True
   c.dapo.overlong_buffer = 4096

@@ -7,11 +7,11 @@ r"""Evaluation: greedy episodes on a held-out split -> predictions -> masks -> J
    or with search detached (`--nosearch`: every search returns an error).
 2. Each response becomes a prediction record (`eval.predictions`: first keyframe,
    first answer, the search calls and their results), written to predictions.jsonl
-   together with its SPEC §3.1 reward terms.
+   together with its docs/method.md §3.1 reward terms.
 3. The video segmenter of `config.eval` (SAM2's video predictor, or the weight-free
    one) is prompted on the keyframe with the box AND the point; masks are written as
    PNGs; J, F and J&F per ability and overall go to results.json, a printed table
-   and an HTML report (SPEC §7).
+   and an HTML report (docs/method.md §7).
 
 The trainer runs steps 1-3 at the end of training (and `--config.total_steps=0`
 evaluates the initial or warm-started policy the same way).

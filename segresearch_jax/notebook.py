@@ -271,7 +271,7 @@ def check_paper_paths(hf_dir: str, okvos_dir: str, kb_dir: str) -> dict[str, pat
 
   Args:
     hf_dir: a HF Qwen-VL checkpoint (config.json, *.safetensors, the tokenizer).
-    okvos_dir: OK-VOS in its raw layout (SPEC §4.1: train.parquet, test.parquet, train/,
+    okvos_dir: OK-VOS in its raw layout (docs/method.md §4.1: train.parquet, test.parquet, train/,
       test/).
     kb_dir: the official local knowledge base (text_corpus.jsonl, image_corpus.jsonl).
 

@@ -2,8 +2,8 @@ r"""Seg-ReSearch GRPO trainer.
 
     python -m segresearch_jax.train --config=configs/okvos.py
 
-One step (SPEC §6): draw a batch of prompts -> run `group_size` episodes per prompt
-in the jitted rollout (searches served by the host bridge) -> score them (SPEC §3.1,
+One step (docs/method.md §6): draw a batch of prompts -> run `group_size` episodes per prompt
+in the jitted rollout (searches served by the host bridge) -> score them (docs/method.md §3.1,
 plus the mask-cache term) -> group advantages -> `mini_batches` PPO-clip updates
 -> log, trajectory records, checkpoint, periodic validation (greedy, held-out split).
 

@@ -57,7 +57,7 @@ def test_shapes_follow_the_processor():
   from segresearch_jax.models import config as config_lib
 
   shapes = episodes.shapes_from_config(config, config_lib.get_preset("qwen3_vl_4b"))
-  # SPEC §1.2: 448 px -> 196 tokens, 864 px -> 729, 256 px -> 64 with Qwen3-VL.
+  # docs/method.md §1.2: 448 px -> 196 tokens, 864 px -> 729, 256 px -> 64 with Qwen3-VL.
   assert shapes.tokens(448) == 196
   assert shapes.tokens(864) == 729
   assert shapes.tokens(256) == 64

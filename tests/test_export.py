@@ -43,7 +43,7 @@ def _model_config(preset: str, tokenizer) -> config_lib.ModelConfig:
 
 
 def _random_params(cfg: config_lib.ModelConfig, seed: int = 0):
-  """Every weight random: default init (ones/zeros) hides norm and bias bugs (SPEC §5)."""
+  """Every weight random: default init (ones/zeros) hides norm and bias bugs (docs/method.md §5)."""
   shapes = jax.eval_shape(lambda: policy.init_params(cfg, jax.random.PRNGKey(0)))
   rng = np.random.default_rng(seed)
   out = {}

@@ -44,7 +44,7 @@ def test_forced_size_then_transformers_on_the_resized_image():
   ours, grid = processor.preprocess_images([image], processor.QWEN3_VL, size=(448, 448))
   resized = np.asarray(Image.fromarray(image).resize((448, 448), Image.BICUBIC))
   theirs = _hf(processor.QWEN3_VL)(images=[resized], return_tensors="np")
-  assert list(grid[0]) == [1, 28, 28]  # 196 merged tokens per 448x448 frame (SPEC 1.2)
+  assert list(grid[0]) == [1, 28, 28]  # 196 merged tokens per 448x448 frame (docs/method.md §1.2)
   assert processor.num_image_tokens(grid[0], 2) == 196
   assert np.abs(ours - theirs["pixel_values"]).max() < 1e-5
 

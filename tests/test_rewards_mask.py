@@ -1,4 +1,4 @@
-"""The mask reward term: nearest-entry gathers into the cache tables, and weight 0 = SPEC 3.1."""
+"""The mask reward term: nearest-entry gathers into the cache tables, and weight 0 = docs/method.md §3.1."""
 
 import json
 import zlib

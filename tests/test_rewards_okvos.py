@@ -1,4 +1,4 @@
-"""The official OK-VOS reward: every branch of SPEC 3.1, and the jnp split equal to it."""
+"""The official OK-VOS reward: every branch of docs/method.md §3.1, and the jnp split equal to it."""
 
 import json
 import math

@@ -540,7 +540,7 @@ def _proof() -> dict:
   from segresearch_jax.rl import losses
 
   assert jax.device_count() == 8, jax.devices()
-  # The SPEC's AdamW with lr 1e-4: Adam's first step is close to lr * sign(grad), so a
+  # docs/method.md §6's AdamW with lr 1e-4: Adam's first step is close to lr * sign(grad), so a
   # gradient entry within rounding of zero moves by up to ~lr / 20 between reduction
   # orders; 1e-4 keeps that under the 1e-5 bar while every parameter still moves ~1e-4.
   optimizer = update.make_optimizer(1e-4, warmup_steps=0)

@@ -3,8 +3,8 @@
 The rollout runs inside `jax.jit` (a `lax.while_loop` over turns); search runs on
 the host. Once a turn, the rollout hands every sequence's action tokens to
 `SearchBridge.__call__`, which crosses to the host with `io_callback`. There
-`observe` decodes each pending action, parses it (SPEC §1), runs the tool calls
-concurrently in a thread pool, formats the observation (SPEC §1.3), tokenises it
+`observe` decodes each pending action, parses it (docs/method.md §1), runs the tool calls
+concurrently in a thread pool, formats the observation (docs/method.md §1.3), tokenises it
 wrapped in the chat turn, expands its image placeholder and pads everything back to
 fixed shapes. Every failure (malformed action, unknown tool, keyframe not shown,
 timeout, backend error) becomes a short error observation and a counter; nothing
@@ -151,7 +151,7 @@ class SearchBridge:
     Args:
       backend: the search backend; None for no-search runs (search errors out).
       tokenizer: the run's tokenizer.
-      max_obs_length: L, the padded observation length (SPEC §1.3).
+      max_obs_length: L, the padded observation length (docs/method.md §1.3).
       text_top_k: documents per text_search (official 2).
       image_top_k: images per image_search (official 1).
       keyframe_image_tokens: pad tokens of the high-res keyframe (729 Qwen3-VL 864²).
@@ -303,7 +303,7 @@ class SearchBridge:
     if len(body) > room:
       if outcome.image_kind != NO_IMAGE:
         return None  # An image run cannot be cut.
-      body = body[:room]  # SPEC §1.3: long observations are truncated.
+      body = body[:room]  # docs/method.md §1.3: long observations are truncated.
     return self._head_ids + body + self._tail_ids
 
   def observe(

@@ -7,7 +7,7 @@ Host-side glue between the data pipeline, the jitted rollout and the trainer:
 - `PromptEncoder` is the pipeline's `encode_fn`: it runs in grain's worker threads
   and turns a prepared sample into the rollout's per-prompt arrays (left-padded
   prompt ids, M-RoPE positions, shown-frame patches and the high-resolution
-  keyframe patches of the ORIGINAL frame files, SPEC §1.2).
+  keyframe patches of the ORIGINAL frame files, docs/method.md §1.2).
 - `expert_turns` writes the reference trajectory of a synthetic sample (search ->
   keyframe -> answer, from its reference chain and ground truth) and
   `expert_episode` runs it through the real bridge on the host, producing exactly
@@ -49,7 +49,7 @@ class EpisodeShapes:
     image_cfg: the image processor settings.
     num_frames: F, shown frames per prompt (padded).
     frame_size, keyframe_size, search_size: square sides of the shown frames, the
-      high-res keyframe and image_search results (SPEC §1.2: 448 / 864 / 256).
+      high-res keyframe and image_search results (docs/method.md §1.2: 448 / 864 / 256).
     max_prompt_length: Lp, prompts are left-padded to it.
   """
 

@@ -130,7 +130,7 @@ SEARCH_STOP = "</search>"
 KEYFRAME_STOP = "</keyframe>"
 STOP_STRINGS = (SEARCH_STOP, KEYFRAME_STOP)
 
-# Frame number the model names when the target is absent (docs/method.md §9).
+# Frame number the model names when the target is absent (docs/differences.md).
 NO_TARGET_KEYFRAME = -1
 NO_TARGET_BOX = (0, 0, 0, 0)
 NO_TARGET_POINT = (0, 0)
@@ -328,7 +328,7 @@ class Answer:
 
   @property
   def is_no_target(self) -> bool:
-    """The "no target" answer: all-zero box and point (docs/method.md §9)."""
+    """The "no target" answer: all-zero box and point (docs/differences.md)."""
     return tuple(self.bbox_2d) == NO_TARGET_BOX and tuple(self.point_2d) == NO_TARGET_POINT
 
 
@@ -367,7 +367,7 @@ def _finite_floats(value: Any, n: int) -> tuple[float, ...] | None:
 
 
 def parse_answer(response: str) -> Answer | None:
-  """The first `<answer>` of a response, multi-line accepted (evaluation, docs/method.md §9)."""
+  """The first `<answer>` of a response, multi-line accepted (evaluation, docs/differences.md)."""
   found = first_tag(response, ("answer",))
   return None if found is None else parse_answer_json(found[1])
 
@@ -411,7 +411,7 @@ def _quote(value: object) -> str:
 # ----------------------------------------------------------------------------
 
 KEYFRAME_OBSERVATION = f"Here is the high-res version of your selected frame: {IMAGE_PLACEHOLDER}"
-# After `<keyframe> -1 </keyframe>` there is no frame to show (docs/method.md §9).
+# After `<keyframe> -1 </keyframe>` there is no frame to show (docs/differences.md).
 NO_TARGET_OBSERVATION = "No frame selected: the target is absent from the video."
 MAX_DOC_CHARS = 320
 DOC_CUT_CHARS = 319

@@ -1,4 +1,4 @@
-"""Multi-turn agent episodes in one compiled program (SPEC §1).
+"""Multi-turn agent episodes in one compiled program (docs/method.md §1).
 
 `make_rollout_fn` returns a jitted function that, for a batch of prompts x group
 size, prefills the prompts (frames + text), then runs a `lax.while_loop` of decode

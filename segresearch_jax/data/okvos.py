@@ -1,4 +1,4 @@
-"""OK-VOS raw layout reading and the official per-sample preprocessing (SPEC §4.1, §4.2).
+"""OK-VOS raw layout reading and the official per-sample preprocessing (docs/method.md §4.1, §4.2).
 
 The raw layout, exactly as downloaded:
 
@@ -11,7 +11,7 @@ the ground-truth dict in ORIGINAL pixel coordinates; `convert_ground_truth` maps
 a policy's coordinate convention. The TFDS builder, the grain pipeline and the
 evaluation all go through `load_example`, so preprocessing lives in one place.
 
-Differences from the official code (SPEC §9): the train-time anchor frame is drawn
+Differences from the official code (docs/differences.md): the train-time anchor frame is drawn
 from a per-sample seeded generator, and masks are read by palette INDEX, not by
 grayscale brightness.
 """
@@ -56,7 +56,7 @@ def read_rows(okvos_dir: str | os.PathLike, split: str) -> list[dict]:
   if missing:
     raise DataError(
       f"{path} lacks required column(s) {missing}; it has {table.column_names} "
-      f"(SPEC §4.1 needs {list(REQUIRED_COLUMNS)})."
+      f"(docs/method.md §4.1 needs {list(REQUIRED_COLUMNS)})."
     )
   return table.to_pylist()
 
@@ -92,7 +92,7 @@ def read_frame(path: str | os.PathLike) -> np.ndarray:
 
 
 def frame_number(name: str) -> int:
-  """A frame's number in its video: the file stem as an int (SPEC §1.1)."""
+  """A frame's number in its video: the file stem as an int (docs/method.md §1.1)."""
   stem = pathlib.PurePath(str(name)).stem
   try:
     return int(stem)
@@ -101,7 +101,7 @@ def frame_number(name: str) -> int:
 
 
 # ----------------------------------------------------------------------------
-# Preprocessing (SPEC §4.2).
+# Preprocessing (docs/method.md §4.2).
 # ----------------------------------------------------------------------------
 
 
@@ -190,7 +190,7 @@ def ground_truth(frame_numbers: Sequence[int], masks: np.ndarray) -> dict:
 
 
 def convert_coordinate(value: float, size: int, convention: str, resized: int | None) -> int:
-  """One coordinate from original pixels into a policy's convention (SPEC §4.2)."""
+  """One coordinate from original pixels into a policy's convention (docs/method.md §4.2)."""
   if convention == "norm1000":
     return round(value / size * 1000)
   if convention == "abs_resized":
@@ -279,7 +279,7 @@ def load_example(
   seed: int = 0,
   anchor: bool | None = None,
 ) -> dict:
-  """Loads and preprocesses one parquet row (SPEC §4.2).
+  """Loads and preprocesses one parquet row (docs/method.md §4.2).
 
   Args:
     okvos_dir: the raw OK-VOS folder.

@@ -37,7 +37,7 @@ EncodeFn = Callable[[dict], dict]
 
 
 def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-  """Resizes uint8 [F, H, W, 3] to [F, size, size, 3], aspect NOT kept (SPEC §1.2), bicubic."""
+  """Resizes uint8 [F, H, W, 3] to [F, size, size, 3], aspect NOT kept (docs/method.md §1.2), bicubic."""
   if frames.shape[1:3] == (size, size):
     return frames
   return np.stack(
@@ -73,7 +73,7 @@ class Prepare:
   frame_numbers int32 [F] (-1 for padding), frame_valid bool [F], frame_paths (list),
   orig_size int32 [2] (w, h), ground_truth (JSON str, in `convention`),
   ground_truth_pixels (JSON str, original pixels), plus whatever `encode_fn` returns.
-  With `mask_cache_dir`, also the sample's mask-reward tables (SPEC §3.2) read with
+  With `mask_cache_dir`, also the sample's mask-reward tables (docs/method.md §3.2) read with
   `mask_cache.load_entry`, in the same frame order and zero-padded like `frames`:
   mask_point_iou uint8 [F, G, G] and mask_box_iou uint8 [F, P, P].
   """

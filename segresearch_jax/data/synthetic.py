@@ -1,7 +1,7 @@
 """An embedded, synthetic OK-VOS: videos, masks, queries and a knowledge base.
 
 No real dataset can be downloaded on a fresh machine, so the default config trains on
-data made here, written in the SAME raw layout as OK-VOS (SPEC §4.1) so the real reader
+data made here, written in the SAME raw layout as OK-VOS (docs/method.md §4.1) so the real reader
 (`okvos.py`) ingests it unchanged, plus a knowledge base in the official format
 (`text_corpus.jsonl`, `image_corpus.jsonl`, `images/`).
 

@@ -29,7 +29,7 @@ Frames go through in chunks of about 4 M pixels so the intermediate arrays stay 
 the CPU caches. `benchmarks/eval_speed.py` compares with the per-frame DAVIS code.
 
 Summaries (`okvos_summary`, `jf_summary`, `revos_summary`) count a sample with no
-prediction as 0 (the official evaluation skips it; docs/method.md §9). ReasonSeg's
+prediction as 0 (the official evaluation skips it; docs/differences.md). ReasonSeg's
 `reasonseg_summary` groups images by query kind (short / long = is_sentence), and
 `revos_summary` averages its two categories' means for "overall", as the official
 evaluators do.
@@ -375,7 +375,7 @@ def video_scores(
 
 def _score(record: Mapping, key: str) -> float:
   value = record.get(key)
-  if value is None:  # No prediction for this sample: it scores 0 (docs/method.md §9).
+  if value is None:  # No prediction for this sample: it scores 0 (docs/differences.md).
     return 0.0
   value = float(value)
   if not math.isfinite(value):

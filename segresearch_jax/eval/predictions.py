@@ -1,17 +1,17 @@
-"""Evaluation after the rollout: responses → prediction records → masks → J&F (SPEC §7, §9).
+"""Evaluation after the rollout: responses → prediction records → masks → J&F (docs/method.md §7, §9).
 
 This is the host side of evaluation and knows nothing about the policy:
 
 1. `parse_response` turns one decoded response into a `Prediction` (the fields of one
    line of `predictions.jsonl`); `write_predictions` / `read_predictions` store them.
 2. `load_eval_samples` lists the samples of an OK-VOS split with every frame and the
-   annotation folder (the raw layout of SPEC §4.1).
+   annotation folder (the raw layout of docs/method.md §4.1).
 3. `evaluate_predictions` prompts a video segmenter with each prediction, writes the
    masks as PNGs, scores J and F on every annotated frame and writes `results.json`,
    a printed table and (optionally) the HTML report.
 
 Which answer is used: the FIRST `<keyframe>` tag and the FIRST `<answer>` tag, the pair
-the training reward scores (SPEC §9; the official validation reward reads the last
+the training reward scores (docs/differences.md; the official validation reward reads the last
 keyframe tag). Answers may span several lines. The "no target" answer (keyframe -1, or
 an all-zero box and point) predicts an empty mask. A sample with no prediction, an
 unparseable answer or a keyframe that is not a frame of the video also gets empty

@@ -269,7 +269,7 @@ def _card(
     parts.append("</div>")
     return "\n".join(parts)
 
-  # The frames the policy saw (the test split's linspace sampling, SPEC §4.2).
+  # The frames the policy saw (the test split's linspace sampling, docs/method.md §4.2).
   strip = []
   for i in okvos.sample_frame_indices(len(frame_paths), shown_frames):
     frame = _read_frame(frame_paths[i])

@@ -14,7 +14,7 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """The ViT tower and its mergers (SPEC §5)."""
+  """The ViT tower and its mergers (docs/method.md §5)."""
 
   depth: int = 2
   hidden_size: int = 32
@@ -75,7 +75,7 @@ class ModelConfig:
 
   @property
   def coord_convention(self) -> str:
-    """How box/point coordinates are expressed by this family (SPEC §4.2)."""
+    """How box/point coordinates are expressed by this family (docs/method.md §4.2)."""
     return "norm1000" if self.family == "qwen3_vl" else "abs_resized"
 
 

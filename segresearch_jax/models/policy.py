@@ -276,7 +276,7 @@ def init_params(config: ModelConfig, rng: Array, grid_hw: tuple[int, int] = (4, 
 def mrope_positions(
   input_ids: np.ndarray, image_grids: list[tuple[int, int]], image_token_id: int, start: int = 0
 ) -> tuple[np.ndarray, int]:
-  """3-D positions for one row of real tokens (SPEC §5).
+  """3-D positions for one row of real tokens (docs/method.md §5).
 
   Text tokens get T = H = W = running index. An image with merged grid (h, w) gets
   T = cur, H = cur + row, W = cur + col, then cur += max(h, w).

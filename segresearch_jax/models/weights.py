@@ -3,7 +3,7 @@
 One function maps a Flax parameter path to its HF tensor name and layout; loading
 and export both walk the Flax tree, so they cannot disagree. HF `Linear` weights are
 (out, in) and become Flax kernels (in, out); the Conv3d patch embedding becomes a
-Dense kernel `w.reshape(D, -1).T` (SPEC §5).
+Dense kernel `w.reshape(D, -1).T` (docs/method.md §5).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The mask reward term (SPEC §3.2): a jittable gather into the precomputed IoU cache.
+"""The mask reward term (docs/method.md §3.2): a jittable gather into the precomputed IoU cache.
 
 `mask_score` looks up, for each response, the IoU that the segmenter's mask for the
 predicted prompt has with the GT mask of the chosen keyframe, from the tables that
 `segmentation/mask_cache.py` built (nearest grid entry). The trainer adds
 `mask_weight * mask_score` to the official score (`add_mask_term`); with weight 0
-the total is exactly SPEC §3.1.
+the total is exactly docs/method.md §3.1.
 
 Which table feeds the score (`prompt`): SAM2 is prompted with the box AND the point
 at evaluation, but the cache holds point-only and box-only prompts. The default "box"
@@ -78,7 +78,7 @@ def mask_score(
     keyframe_slot: int [B], index of the keyframe among the F shown frames; -1 = none.
     pred_box: float [B, 4] (x1, y1, x2, y2) normalised to [0, 1] of the frame.
     pred_point: float [B, 2] (x, y) normalised to [0, 1].
-    valid: bool [B]; False scores 0 (no keyframe/answer, as in SPEC §3.1).
+    valid: bool [B]; False scores 0 (no keyframe/answer, as in docs/method.md §3.1).
     prompt: "box" | "point" | "mean" (see the module doc).
 
   Returns:
@@ -121,7 +121,7 @@ def mask_score(
 def add_mask_term(terms: Mapping[str, Any], score: jnp.ndarray, weight: float) -> dict[str, Any]:
   """The reward dict with `mask_score` added and `score` += weight * mask_score.
 
-  With weight 0 the official score is returned untouched (bit-exact SPEC §3.1).
+  With weight 0 the official score is returned untouched (bit-exact docs/method.md §3.1).
   """
   out = dict(terms)
   out["mask_score"] = jnp.asarray(score, jnp.float32)
@@ -175,7 +175,7 @@ def parse_mask_prompts(
 ) -> dict[str, np.ndarray]:
   """The inputs of `mask_score` from decoded responses (host side).
 
-  The keyframe and answer are read exactly as SPEC §3.1 reads them (the FIRST keyframe
+  The keyframe and answer are read exactly as docs/method.md §3.1 reads them (the FIRST keyframe
   tag, the first `<answer>` without DOTALL), and a response is valid when §3.1 would
   score its answer: the keyframe is a frame where the target is present and the answer
   parses.

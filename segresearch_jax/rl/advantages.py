@@ -1,4 +1,4 @@
-"""GRPO advantages and the DAPO sample filters (SPEC §6), on the host or in jit.
+"""GRPO advantages and the DAPO sample filters (docs/method.md §6), on the host or in jit.
 
 Rewards come one per trajectory, in groups of `group_size` consecutive rows that
 share a prompt. The advantage is the group-normalised reward, broadcast over the

@@ -1,4 +1,4 @@
-"""GRPO / DAPO policy-gradient losses (SPEC §6), each returning (sum, count).
+"""GRPO / DAPO policy-gradient losses (docs/method.md §6), each returning (sum, count).
 
 Every loss returns the SUM of its per-unit values and the COUNT of units, so that
 micro-batches accumulate to the exact global mean (`sum / count` over the whole

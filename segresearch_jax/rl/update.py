@@ -42,7 +42,7 @@ def learning_rate_schedule(
   `updates_per_step` updates, all at that step's rate, so training step s (from 1)
   runs at lr * min(1, s / warmup_steps). The first step's rate is lr / warmup_steps,
   not 0 as in the official schedule, which therefore reaches lr one step later
-  (docs/method.md §9).
+  (docs/differences.md).
   """
   if warmup_steps <= 0:
     return optax.constant_schedule(lr)

@@ -1,4 +1,4 @@
-"""The mask-IoU cache behind the mask reward (SPEC §3.2): grids, tables, files, reading.
+"""The mask-IoU cache behind the mask reward (docs/method.md §3.2): grids, tables, files, reading.
 
 For every (sample, shown frame) a segmenter is prompted once with every point of a
 G x G grid and every box of a K-bin grid, and the IoU of each prompt's mask with the

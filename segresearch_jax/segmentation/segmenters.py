@@ -18,7 +18,7 @@ from `predict` but need not materialise the masks, which is what the mask cache
 
 Pixel convention of the weight-free segmenter: x is the column, y the row; pixel
 (row r, column c) is covered by a box [x1, y1, x2, y2] when x1 <= c <= x2 and
-y1 <= r <= y2 (inclusive integer boxes, like SPEC §4.2's bbox_2d), and a point (x, y)
+y1 <= r <= y2 (inclusive integer boxes, like docs/method.md §4.2's bbox_2d), and a point (x, y)
 falls on pixel (floor(y), floor(x)), clipped into the image.
 """
 
@@ -104,7 +104,7 @@ def check_gt_mask(gt_mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def iou_from_counts(inter: np.ndarray, area: np.ndarray, gt_area: float) -> np.ndarray:
-  """IoU = inter / (area + gt_area - inter); 1 when both masks are empty (SPEC §7's J)."""
+  """IoU = inter / (area + gt_area - inter); 1 when both masks are empty (docs/method.md §7's J)."""
   inter = np.asarray(inter, np.float64)
   union = np.asarray(area, np.float64) + float(gt_area) - inter
   return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 1.0)

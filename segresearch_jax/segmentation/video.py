@@ -1,4 +1,4 @@
-"""Video segmentation from the policy's answer: one box + point on the keyframe (SPEC §7).
+"""Video segmentation from the policy's answer: one box + point on the keyframe (docs/method.md §7).
 
 The policy names a keyframe (a frame NUMBER) and answers with a box and a point in
 its coordinate convention. `keyframe_index` maps the number to its index in the
@@ -9,14 +9,14 @@ a video segmenter turns it into masks for every frame:
   point in one `add_new_points_or_box` call, the mask is propagated forward and then
   backward (`reverse=True`), mask = logits > 0. `official_two_calls=True` reproduces
   the official evaluation instead: the box in one call, then the point in a second
-  call that (with SAM2's default `clear_old_points=True`) drops the box (SPEC §9).
+  call that (with SAM2's default `clear_old_points=True`) drops the box (docs/differences.md).
 - `WeightFreeVideoSegmenter`: the weight-free segmenter on the keyframe, then frame
   to frame in both directions: each next frame is segmented into colour regions and
   the regions that lie mostly inside a window around the previous mask and match its
   colours become the new mask.
 
 A "no target" answer (keyframe -1, or the box [0, 0, 0, 0]) gives empty masks for
-every frame (SPEC §9: the official code cannot even parse it).
+every frame (docs/differences.md: the official code cannot even parse it).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def to_pixels(
     resized_w, resized_h: the shown image size, required for "abs_resized".
 
   Returns:
-    float64 box [4] and point [2] in original pixels (the inverse of SPEC §4.2's
+    float64 box [4] and point [2] in original pixels (the inverse of docs/method.md §4.2's
     round(x / w * 1000) and round(x / w * new_w), up to that rounding).
   """
   box = np.asarray(box, np.float64).reshape(-1)
@@ -108,7 +108,7 @@ def keyframe_index(frame_numbers: Sequence[int], keyframe: int) -> int:
 
 
 def is_no_target(keyframe: int, box: Sequence[float]) -> bool:
-  """The "no target" answer: keyframe -1 or the box [0, 0, 0, 0] (SPEC §1.1, §9)."""
+  """The "no target" answer: keyframe -1 or the box [0, 0, 0, 0] (docs/method.md §1.1, docs/differences.md)."""
   return int(keyframe) < 0 or not np.any(np.asarray(box, np.float64))
 
 
@@ -268,7 +268,7 @@ class Sam2VideoSegmenter:
     config: SAM2 model config inside the `sam2` package.
     checkpoint: local SAM2 checkpoint; must exist unless `random_weights`.
     device: torch device; default CUDA when available, else CPU.
-    official_two_calls: reproduce the official box-then-point calls (SPEC §9).
+    official_two_calls: reproduce the official box-then-point calls (docs/differences.md).
     random_weights: build without a checkpoint (tests only).
     checkpoint_key, config_key: the config keys named in error messages.
   """

@@ -1,4 +1,4 @@
-r"""Builds the mask-IoU cache the mask reward reads (SPEC §3.2).
+r"""Builds the mask-IoU cache the mask reward reads (docs/method.md §3.2).
 
     python -m segresearch_jax.tools.build_mask_cache --config=configs/okvos.py \
         [--split=train] [--config.mask_cache.segmenter=sam2 \
