@@ -85,7 +85,8 @@ def constant_embedder(texts):
 
 
 def our_calls(out_dir: pathlib.Path):
-  from segresearch_jax.agent import protocol, records
+  from segresearch_jax import protocol
+  from segresearch_jax.agent import records
   from segresearch_jax.eval import predictions, reports
   from segresearch_jax.rewards import okvos
 

@@ -210,17 +210,18 @@ def real_frames(n: int, video_dir: pathlib.Path) -> tuple[np.ndarray, np.ndarray
 
 
 def cache_rows(num_frames: int, sam2: bool, sam2_prompts: int, video_dir: pathlib.Path) -> None:
+  from segresearch_jax.data import mask_tables
   from segresearch_jax.segmentation import mask_cache, segmenters
 
   g, k = 32, 16
-  num_points, num_boxes = g * g, mask_cache.num_pairs(k) ** 2
+  num_points, num_boxes = g * g, mask_tables.num_pairs(k) ** 2
   seg = segmenters.WeightFreeSegmenter()
 
   def materialised(frame, gt):
     h, w = frame.shape[:2]
     seg.set_image(frame)
-    pts = mask_cache.point_grid(g) * [w, h]
-    boxes = mask_cache.box_grid(k) * [w, h, w, h]
+    pts = mask_tables.point_grid(g) * [w, h]
+    boxes = mask_tables.box_grid(k) * [w, h, w, h]
     out = [segmenters.mask_ious(seg.predict(points=pts), gt)]
     for s in range(0, len(boxes), 1024):  # Bounded memory: 1,024 masks at a time.
       out.append(segmenters.mask_ious(seg.predict(boxes=boxes[s : s + 1024]), gt))
@@ -241,7 +242,7 @@ def cache_rows(num_frames: int, sam2: bool, sam2_prompts: int, video_dir: pathli
     base = [materialised(f, m) for f, m in zip(frames[:n_base], masks[:n_base])]
     baseline = (time.perf_counter() - start) / n_base
     for (pt, bt), iou in zip(tables, base):  # Same numbers, both ways.
-      np.testing.assert_array_equal(np.r_[pt.ravel(), bt.ravel()], mask_cache.to_uint8(iou))
+      np.testing.assert_array_equal(np.r_[pt.ravel(), bt.ravel()], mask_tables.to_uint8(iou))
     print(f"{'weight-free, masks + IoU, ' + label:<52}{baseline:>10.3f}{1.0:>8.2f}x")
     print(f"{'weight-free, region counts, ' + label:<52}{ours:>10.3f}{baseline / ours:>8.2f}x")
 
@@ -254,7 +255,7 @@ def cache_rows(num_frames: int, sam2: bool, sam2_prompts: int, video_dir: pathli
     start = time.perf_counter()
     sam.set_image(frame)
     embed_s = time.perf_counter() - start
-    pts = mask_cache.point_grid(g)[:sam2_prompts] * [w, h]
+    pts = mask_tables.point_grid(g)[:sam2_prompts] * [w, h]
     start = time.perf_counter()
     sam.prompt_ious(gt, points=pts)
     per_prompt = (time.perf_counter() - start) / len(pts)
@@ -266,9 +267,9 @@ def cache_rows(num_frames: int, sam2: bool, sam2_prompts: int, video_dir: pathli
     )
 
   with tempfile.TemporaryDirectory() as tmp:
-    p = mask_cache.num_pairs(k)
+    p = mask_tables.num_pairs(k)
     path = pathlib.Path(tmp) / "x.npz"
-    mask_cache.write_entry(
+    mask_tables.write_entry(
       path,
       sample_id="x",
       frame_numbers=np.arange(6),
@@ -277,7 +278,7 @@ def cache_rows(num_frames: int, sam2: bool, sam2_prompts: int, video_dir: pathli
       segmenter_name="weight_free",
     )
     print(
-      f"bytes per sample (6 frames): {mask_cache.bytes_per_sample(6, g, k):,} in the tables, "
+      f"bytes per sample (6 frames): {mask_tables.bytes_per_sample(6, g, k):,} in the tables, "
       f"{path.stat().st_size:,} on disk (.npz)"
     )
 

@@ -221,8 +221,8 @@ def main() -> None:
 
 def episodes(batch_size: int) -> None:
   """Episodes/s with real search through the bridge, search cache cold then warm."""
+  from segresearch_jax import protocol
   from segresearch_jax.agent import bridge as bridge_lib
-  from segresearch_jax.agent import protocol
   from segresearch_jax.data import synthetic
   from segresearch_jax.models import processor
   from segresearch_jax.models import tokenizer as tokenizer_lib

@@ -4,8 +4,8 @@
 
 1. Retrieval queries/s for BM25, dense (packaged MiniLM) and hybrid, one query at a
    time; baseline BM25.
-2. Bridge round trip from jitted code for a batch of `--batch` pending text_search
-   calls against the dense local KB: cold (empty search cache, every call goes to
+2. Bridge round trip (`SearchBridge.observe`, what the rollout's one host callback
+   runs) for a batch of `--batch` pending text_search calls against the dense local KB: cold (empty search cache, every call goes to
    the retriever and is stored) vs cached (the same calls replayed from SQLite).
    Reports p50/p99 of the whole batch round trip and of single calls; baseline cold.
 3. Hostile peers, each measured until the call returns: a 50 MB query to the search
@@ -23,12 +23,10 @@ import re
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from segresearch_jax import protocol
 from segresearch_jax.agent import bridge as bridge_lib
-from segresearch_jax.agent import protocol
 from segresearch_jax.search import cache as cache_lib
 from segresearch_jax.search import local_kb
 
@@ -106,10 +104,9 @@ def bridge_round_trip(kb_dir, batch, rounds, cache_dir):
   backend = cache_lib.CachedBackend(kb, store, "read_write")
   bridge = bridge_lib.SearchBridge(backend, tok, max_obs_length=2048, num_threads=16)
   width = 512
-  fn = jax.jit(bridge.__call__)
-  # Compile once with nothing pending so no round pays for compilation.
-  idle = (jnp.zeros(batch, bool), jnp.zeros((batch, width), jnp.int32), jnp.zeros(batch, jnp.int32))
-  jax.block_until_ready(fn(*idle, jnp.arange(batch)))
+  # One round with nothing pending first, so no measured round pays for start-up.
+  idle = (np.zeros(batch, bool), np.zeros((batch, width), np.int32), np.zeros(batch, np.int32))
+  bridge.observe(*idle, np.arange(batch))
   results = {}
   for phase in ("cold", "cached"):
     batch_ms, call_ms = [], []
@@ -123,9 +120,8 @@ def bridge_round_trip(kb_dir, batch, rounds, cache_dir):
       for i, a in enumerate(actions):
         enc = tok.encode(a)[:width]
         ids[i, : len(enc)], lengths[i] = enc, len(enc)
-      args = (jnp.ones(batch, bool), jnp.asarray(ids), jnp.asarray(lengths), jnp.arange(batch))
       start = time.perf_counter()
-      out = jax.block_until_ready(fn(*args))
+      out = bridge.observe(np.ones(batch, bool), ids, lengths, np.arange(batch))
       batch_ms.append(1e3 * (time.perf_counter() - start))
       records = bridge.pop_records()
       call_ms += [1e3 * rec.latency_s for rec in records]
@@ -218,7 +214,7 @@ def main():
     print(f"{method:<8} {value:>10.1f} {value / qps['bm25']:>7.2f}x")
 
   print(
-    f"\nBridge round trip, jitted io_callback, batch {args.batch} text_search, "
+    f"\nBridge round trip (host side), batch {args.batch} text_search, "
     f"dense KB, {args.rounds} rounds, tokenizer: {rt['tokenizer']}"
   )
   print(

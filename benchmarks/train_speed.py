@@ -11,7 +11,7 @@ clip and the dual clip both fire).
 
 - Ours: the trainer's own step, `train.make_update` jitted by `train.jit_update` on
   the config's mesh (state donated), on the rows the training loop hands it (with
-  `train.with_token_index`: the LM head runs at the generated tokens only); it also
+  `rows.with_token_index`: the LM head runs at the generated tokens only); it also
   computes the per-token entropy metric.
 - Reference: the transformers model with the same weights (exported through our
   safetensors writer) on the same sequences and images (the prompt + response of
@@ -50,12 +50,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segresearch_jax import sharding, train
+from segresearch_jax import components, protocol, sharding, train
 from segresearch_jax.agent import episodes, rollout
 from segresearch_jax.data import synthetic
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import tokenizer as tokenizer_lib
 from segresearch_jax.models import weights
+from segresearch_jax.rl import rows as rows_lib
 
 _COMPILES: list[str] = []
 jax.monitoring.register_event_duration_secs_listener(
@@ -96,12 +97,12 @@ def build_world(config: Any, data_dir: str, num_samples: int) -> World:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
   paths = synthetic.build(data_dir, seed=config.seed, num_train=max(8, 2 * num_samples), num_test=2)
   tok = tokenizer_lib.load_tokenizer(config.model.tokenizer_dir or None)
-  model_cfg, params = train.build_policy(config, tok)
+  model_cfg, params = components.build_policy(config, tok)
   shapes = episodes.shapes_from_config(config, model_cfg)
   encoder = episodes.PromptEncoder(tok, model_cfg, shapes)
-  backend = train.make_search_backend(config, paths.kb_dir)
-  bridge = train.make_bridge(config, backend, tok, shapes)
-  dataset, _ = train.make_dataset(
+  backend = components.make_search_backend(config, paths.kb_dir)
+  bridge = components.make_bridge(config, backend, tok, shapes)
+  dataset, _ = components.make_dataset(
     config, paths.okvos_dir, config.data.train_split, encoder, train=False, batch_size=1
   )
   samples = []
@@ -116,47 +117,22 @@ def build_world(config: Any, data_dir: str, num_samples: int) -> World:
 def expert_rows(world: World, num_prompts: int, group_size: int) -> dict[str, np.ndarray]:
   """Rows of expert episodes, row-major ([B, ...], B = P x n) as the trainer lays them out.
 
-  Each prompt's n rows share its expert trajectory (search -> keyframe -> answer,
-  observations from the real bridge); samples whose episode does not fit the
-  rollout limits are skipped.
+  The warm start's rows (`train.expert_rows`: search -> keyframe -> answer,
+  observations from the real bridge; samples whose episode does not fit the rollout
+  limits are skipped), the first P of them, each repeated for its n rows.
   """
   if num_prompts < 1 or group_size < 1:
     raise ValueError(f"Need prompts >= 1 and group_size >= 1, got {num_prompts}, {group_size}.")
-  shapes, tok = world.shapes, world.tokenizer
-  host_fn = rollout.bridge_host_fn(world.bridge, shapes.image_cfg, shapes.search_size)
-  cfg1 = dataclasses.replace(world.rcfg, group_size=1)
-  parts = []
-  for sample in world.samples:
-    shown = [int(f) for f, ok in zip(sample["frame_numbers"], sample["frame_valid"]) if ok]
-    world.bridge.set_shown_frames([shown])
-    ep = episodes.expert_episode(
-      episodes.expert_turns(sample),
-      host_fn,
-      tok,
-      world.model_cfg,
-      cfg1,
-      shapes.search_patch_shape,
-      int(sample["next_pos"]),
-    )
-    if ep is None:
-      continue
-    # n copies of the row: [n, ...] (positions [3, n, R]).
-    group = {
-      k: np.concatenate([v] * group_size, axis=1 if k == "response_positions" else 0)
-      for k, v in ep.items()
-    }
-    prompt = {k: np.asarray(sample[k])[None] for k in episodes.PROMPT_FIELDS}
-    prompt["prompt_positions"] = np.moveaxis(prompt["prompt_positions"], 1, 0)  # [3, 1, Lp]
-    parts.append(train.training_rows(prompt, group, group_size))
-    if len(parts) == num_prompts:
-      break
-  world.bridge.pop_records()
-  if len(parts) < num_prompts:
+  runner = episodes.Runner(world.model_cfg, world.rcfg, world.shapes, world.tokenizer, world.bridge)
+  dataset = [{k: np.asarray(v)[None] for k, v in sample.items()} for sample in world.samples]
+  rows = train.expert_rows(world.config, dataset, runner, world.model_cfg, world.shapes)
+  found = len(rows["prompt_ids"])
+  if found < num_prompts:
     raise RuntimeError(
-      f"Only {len(parts)} of {num_prompts} expert episodes fit the rollout limits; "
+      f"Only {found} of {num_prompts} expert episodes fit the rollout limits; "
       "raise rollout.max_response_length or lower --prompts."
     )
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return {k: np.repeat(v[:num_prompts], group_size, axis=0) for k, v in rows.items()}
 
 
 def current_logprobs(world: World, rows: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -236,10 +212,10 @@ def hf_inputs(
       pixels.append(rows["frame_patches"][r, f])
       grids.append(grid_of["frame"])
     for t, kind in enumerate(rows["obs_kind"][r]):
-      if kind == rollout.KEYFRAME_IMAGE:
+      if kind == protocol.KEYFRAME_IMAGE:
         pixels.append(rows["keyframe_patches"][r, rows["obs_slot"][r, t]])
         grids.append(grid_of["keyframe"])
-      elif kind == rollout.SEARCH_IMAGE:
+      elif kind == protocol.SEARCH_IMAGE:
         pixels.append(rows["search_patches"][r, t])
         grids.append(grid_of["search"])
   width = max(map(len, seqs))
@@ -362,7 +338,7 @@ def time_ours(world: World, rows: Mapping[str, np.ndarray], steps: int) -> StepT
   params = jax.tree.map(jnp.array, world.params)
   state, state_sharding = train.sharded_state(params, optimizer, mesh, config)
   update_fn = train.jit_update(update_fn, mesh, state_sharding)
-  batch = sharding.shard_batch(train.with_token_index(rows), mesh)  # as the training loop
+  batch = sharding.shard_batch(rows_lib.with_token_index(rows), mesh)  # as the training loop
   rng = jax.random.PRNGKey(0)
   n0 = len(_COMPILES)
   t0 = time.perf_counter()

@@ -596,13 +596,6 @@ def _read_only_manager(directory: str | os.PathLike) -> tuple[ocp.CheckpointMana
   return manager, directory
 
 
-def available_steps(directory: str | os.PathLike) -> list[int]:
-  """The complete steps in a checkpoint directory, ascending (empty or partial folders are not)."""
-  manager, directory = _read_only_manager(directory)
-  with manager:
-    return _complete_steps(manager, directory)
-
-
 def read_metadata(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
   """(step, metadata) of `step` (None: the latest) without touching the arrays."""
   manager, directory = _read_only_manager(directory)

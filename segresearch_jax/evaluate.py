@@ -33,16 +33,14 @@ from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from segresearch_jax import checkpoint as checkpoint_lib
-from segresearch_jax import sharding
-from segresearch_jax.agent import rollout
+from segresearch_jax import components as components_lib
+from segresearch_jax import config_checks, protocol, runtime, sharding
 from segresearch_jax.data import okvos as okvos_lib
 from segresearch_jax.eval import predictions as predictions_lib
+from segresearch_jax.eval import reasoning
 from segresearch_jax.models import policy
 from segresearch_jax.models import tokenizer as tokenizer_lib
 from segresearch_jax.rewards import okvos as okvos_reward
-
-OUTCOME_TERMS = ("iou_score", "box_l1_score", "point_l1_score", "keyframe_score")
-
 
 # ----------------------------------------------------------------------------
 # Greedy episodes.
@@ -59,7 +57,7 @@ def pad_batch(batch: Mapping[str, Any], size: int) -> tuple[dict, int]:
 
 
 # The reward terms a failed sample scores 0 in when no sample ran to name them.
-FAILED_TERMS = (*OUTCOME_TERMS, "process_score", "score", "num_search")
+FAILED_TERMS = (*okvos_reward.OUTCOME_TERMS, "process_score", "score", "num_search")
 
 
 def greedy_episodes(
@@ -76,7 +74,7 @@ def greedy_episodes(
     dataset: batches of `config.batch_size` prompts in split order (the last may be
       short).
     runner: an `episodes.Runner` with group size 1 and temperature 0.
-    scorer: the trainer's `Scorer` for group size 1 (docs/method.md §3.1 terms).
+    scorer: a `rewards.scoring.Scorer` for group size 1 (docs/method.md §3.1 terms).
     search: False detaches the search backend (the no-search ablation).
     source: the dataset's `okvos.OkvosDataSource` (its rows and skipped samples'
       errors); None evaluates what the dataset yields.
@@ -102,7 +100,7 @@ def greedy_episodes(
           str(batch["id"][r]),
           str(batch["ability"][r]),
           eps.responses[r],
-          stop_reason=rollout.STOP_REASONS[int(eps.out["stop_reason"][r])],
+          stop_reason=protocol.STOP_REASONS[int(eps.out["stop_reason"][r])],
           tool_calls=[dataclasses.asdict(c) for c in eps.tool_calls[r]],
           reward=reward,
         )
@@ -117,7 +115,7 @@ def greedy_episodes(
   ran = [p.reward for p in preds if p.failure is None]
   keys = list(ran[0]) if ran else [*FAILED_TERMS, "validation"]
   m = {k: float(np.mean([(p.reward or {}).get(k, 0.0) for p in preds])) for k in keys}
-  m["outcome"] = sum(m[k] for k in OUTCOME_TERMS)
+  m["outcome"] = sum(m[k] for k in okvos_reward.OUTCOME_TERMS)
   m["search/per_trajectory"] = m.pop("num_search")
   m["val/reward"] = m.pop("validation")
   m["samples"] = len(preds)
@@ -149,7 +147,7 @@ def with_failed_samples(
 
 def format_comparison(with_search: Mapping[str, float], without: Mapping[str, float]) -> str:
   """A table of the evaluation terms (and J&F when present) with and without search."""
-  keys = (*OUTCOME_TERMS, "outcome", "process_score", "score", "search/per_trajectory")
+  keys = (*okvos_reward.OUTCOME_TERMS, "outcome", "process_score", "score", "search/per_trajectory")
   keys += tuple(k for k in ("J", "F", "J&F") if k in with_search)
   lines = [f"{'term':<24}{'with search':>14}{'search off':>14}{'diff':>10}"]
   for k in keys:
@@ -195,7 +193,7 @@ def segment_and_score(
 def evaluate(
   config,
   params,
-  components: Mapping[str, Any],
+  components: components_lib.Components,
   out_dir: str | os.PathLike,
   *,
   search: bool = True,
@@ -206,9 +204,9 @@ def evaluate(
   Args:
     config: the run config.
     params: the policy's parameters.
-    components: what the trainer built (`train.build_components`): model_cfg, runner
-      (greedy, with the evaluation's search backend), scorer (group 1), eval_dataset
-      (a function returning the dataset and its source), okvos_dir.
+    components: the run's `components.Components`; evaluation uses its eval_dataset,
+      eval_runner (greedy, with evaluation's search backend), eval_scorer (group 1),
+      okvos_dir and model_cfg.
     out_dir: predictions.jsonl, results.json, masks/ and report.html go here.
     search: False evaluates with search detached.
     masks: also segment and compute J&F.
@@ -219,13 +217,13 @@ def evaluate(
   """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  dataset, source = components["eval_dataset"]()
+  dataset, source = components.eval_dataset()
   m, preds = greedy_episodes(
     config,
     params,
     dataset,
-    components["eval_runner"],
-    components["eval_scorer"],
+    components.eval_runner,
+    components.eval_scorer,
     search=search,
     source=source,
   )
@@ -235,8 +233,8 @@ def evaluate(
     results = segment_and_score(
       config,
       preds,
-      components["okvos_dir"],
-      components["model_cfg"].coord_convention,
+      components.okvos_dir,
+      components.model_cfg.coord_convention,
       out,
       print_table=False,
     )
@@ -254,9 +252,7 @@ def evaluate(
 
 
 def _define_flags() -> None:
-  from segresearch_jax import train
-
-  train.define_flags()  # --config
+  runtime.define_config_flag()
   flags.DEFINE_string("checkpoint", None, "Checkpoint directory of a run.")
   flags.DEFINE_integer("step", None, "Step to evaluate (default: the latest).")
   flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval_<step>).")
@@ -283,32 +279,26 @@ def load_checkpoint(directory: str, step: int | None, tokenizer_dir: str = ""):
 
 def main(argv: list[str]) -> None:
   del argv
-  from segresearch_jax import train
-
   f = flags.FLAGS
   config = f.config
   if config is None or not f.checkpoint:
     raise app.UsageError("--config and --checkpoint are required.")
-  train.validate_config(config, training=False)
-  train.quiet_logging()
-  train.initialize_distributed()
-  train.enable_compilation_cache(config)
+  config_checks.validate_config(config, training=False)
+  runtime.setup(config)
   step, model_cfg, tokenizer, params = load_checkpoint(
     f.checkpoint, f.step, config.model.tokenizer_dir
   )
-  if jax.process_index() != 0:  # Evaluation runs on process 0 (see `train.train`).
+  if jax.process_index() != 0:  # Evaluation runs on process 0 (as in `train.train`).
     return
   print(f"evaluating step {step} of {f.checkpoint}", flush=True)
   if config.data.get("benchmark"):  # ReasonSeg / ReasonVOS / ReVOS: their own driver.
-    from segresearch_jax.eval import reasoning
-
     out = f.out or os.path.join(config.workdir, f"eval_{config.data.benchmark}_{step}")
     reasoning.run(config, params, model_cfg, tokenizer, out, search=f.search)
     print(f"results in {out}")
     return
-  components = train.build_components(config, tokenizer, model_cfg)
+  c = components_lib.build_components(config, tokenizer, model_cfg)
   out = f.out or os.path.join(config.workdir, f"eval_{step}")
-  m = evaluate(config, params, components, out, search=f.search)
+  m = evaluate(config, params, c, out, search=f.search)
   print(json.dumps(m, indent=1))
   print(f"results in {out}")
 

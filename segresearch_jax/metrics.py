@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from segresearch_jax.eval import curves
+
 
 def _scalar(value: Any) -> float | None:
   try:
@@ -90,8 +92,7 @@ class MetricsWriter:
     """The logged rows (optionally of one phase), in order."""
     if not self.path.is_file():
       return []
-    rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if phase is None or r.get("phase") == phase]
+    return curves.read_metrics(self.path, phase)
 
   def truncate_after(self, step: int, keep_phases: tuple[str, ...] = ("sft",)) -> None:
     """Drops rows logged after `step` (a resumed run recomputes them), but for `keep_phases`."""

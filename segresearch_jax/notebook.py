@@ -36,7 +36,8 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from segresearch_jax.agent import protocol
+from segresearch_jax import protocol
+from segresearch_jax.eval import curves
 
 # The embedded default shrunk to a CPU-sized run: tests/test_train.py's settings plus a
 # smaller synthetic set (the mask cache then builds in seconds, not minutes). The step
@@ -336,18 +337,14 @@ def show_reward_curve(workdir: str | os.PathLike, *, display: bool = True) -> Im
       image = im.convert("RGB")
   else:
     metrics = run / "metrics.jsonl"
-    rows = (
-      [r for r in _read_jsonl(metrics) if r.get("phase") == "train"] if metrics.is_file() else []
-    )
+    rows = curves.read_metrics(metrics, phase="train") if metrics.is_file() else []
     if not rows:
       raise FileNotFoundError(
         f"No reward curve in {run}: no reward_curve.png and no GRPO step in metrics.jsonl."
       )
-    from segresearch_jax import train
-
     with tempfile.TemporaryDirectory() as tmp:  # The run directory stays the trainer's.
       path = pathlib.Path(tmp) / "reward_curve.png"
-      train.plot_rewards(rows, path)
+      curves.plot_rewards(rows, path)
       with Image.open(path) as im:
         image = im.convert("RGB")
   if display:
@@ -650,7 +647,8 @@ def evaluate_checkpoint(
   Returns:
     The evaluation's mean terms, with "step" added.
   """
-  from segresearch_jax import evaluate, train
+  from segresearch_jax import components as components_lib
+  from segresearch_jax import evaluate
 
   checkpoint_dir = pathlib.Path(checkpoint_dir or pathlib.Path(config.workdir) / "checkpoints")
   if not checkpoint_dir.is_dir():
@@ -658,7 +656,7 @@ def evaluate_checkpoint(
   step, model_cfg, tokenizer, params = evaluate.load_checkpoint(
     str(checkpoint_dir), step, config.model.tokenizer_dir
   )
-  components = train.build_components(config, tokenizer, model_cfg)
+  components = components_lib.build_components(config, tokenizer, model_cfg)
   suffix = "" if search else "_no_search"
   out = out_dir or pathlib.Path(config.workdir) / f"eval_{step}{suffix}"
   metrics = evaluate.evaluate(config, params, components, out, search=search, masks=masks)

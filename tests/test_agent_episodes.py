@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import shrink_rollout
 
 from configs import okvos as okvos_config
-from segresearch_jax import train
-from segresearch_jax.agent import episodes, protocol, rollout
+from segresearch_jax import components, protocol
+from segresearch_jax.agent import episodes, rollout
 from segresearch_jax.data import synthetic
 from segresearch_jax.models import tokenizer as tokenizer_lib
 
@@ -24,20 +25,14 @@ def world(tmp_path_factory):
   config = okvos_config.get_config()
   config.workdir = str(root / "run")
   config.model.preset = "tiny"
-  config.data.frame_size = 64
-  config.data.keyframe_size = 96
-  config.data.search_image_size = 64
-  config.rollout.max_prompt_length = 448
-  config.rollout.max_response_length = 512
-  config.rollout.max_obs_length = 192
-  config.rollout.max_turns = 3
+  shrink_rollout(config)
   tok = tokenizer_lib.embedded_tokenizer()
-  model_cfg, params = train.build_policy(config, tok)
+  model_cfg, params = components.build_policy(config, tok)
   shapes = episodes.shapes_from_config(config, model_cfg)
   encoder = episodes.PromptEncoder(tok, model_cfg, shapes)
-  backend = train.make_search_backend(config, paths.kb_dir)
-  bridge = train.make_bridge(config, backend, tok, shapes)
-  dataset, _ = train.make_dataset(
+  backend = components.make_search_backend(config, paths.kb_dir)
+  bridge = components.make_bridge(config, backend, tok, shapes)
+  dataset, _ = components.make_dataset(
     config, paths.okvos_dir, "train", encoder, train=False, batch_size=1
   )
   samples = [{k: v[0] for k, v in batch.items()} for batch in dataset]
@@ -139,7 +134,7 @@ def test_expert_episode_equals_a_forced_rollout(world):
   )
   np.testing.assert_array_equal(np.asarray(out["obs_kind"]), expert["obs_kind"])
   np.testing.assert_array_equal(np.asarray(out["obs_slot"]), expert["obs_slot"])
-  assert rollout.STOP_REASONS[int(out["stop_reason"][0])] == "finished"
+  assert protocol.STOP_REASONS[int(out["stop_reason"][0])] == "finished"
   text = tok.decode(expert["response_ids"][0, :n])
   assert text.count("<information>") == 2 and "high-res version" in text
 

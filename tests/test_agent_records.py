@@ -5,7 +5,8 @@ import json
 
 import numpy as np
 
-from segresearch_jax.agent import records, rollout
+from segresearch_jax import protocol
+from segresearch_jax.agent import records
 
 
 class _Words:
@@ -26,7 +27,7 @@ def test_records_round_trip_through_jsonl(tmp_path):
     response_ids=np.array([[5, 6, 7, 0], [8, 0, 0, 0]]),
     response_length=np.array([3, 1]),
     loss_mask=np.array([[1, 0, 1, 0], [1, 0, 0, 0]], bool),
-    stop_reason=np.array([rollout.FINISHED, rollout.MAX_LENGTH]),
+    stop_reason=np.array([protocol.FINISHED, protocol.MAX_LENGTH]),
     num_turns=np.array([1, 0]),
   )
   samples = [{"id": "a", "frames": np.array([0, 4])}, {"id": "b", "frames": np.array([1, 2])}]

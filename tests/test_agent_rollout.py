@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from segresearch_jax import protocol
 from segresearch_jax.agent import rollout
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import decoding, policy
@@ -33,7 +34,7 @@ def host_fn(pending, actions, act_len):
   slot = np.full((b,), -1, np.int32)
   for r in np.flatnonzero(pending):
     act = list(actions[r, : act_len[r]])
-    toks, k = (KEY_OBS, rollout.KEYFRAME_IMAGE) if act[-1:] == list(KEY_END) else (TEXT_OBS, 0)
+    toks, k = (KEY_OBS, protocol.KEYFRAME_IMAGE) if act[-1:] == list(KEY_END) else (TEXT_OBS, 0)
     obs[r, : len(toks)] = toks
     obs_len[r], kind[r] = len(toks), k
     slot[r] = KEY_SLOT if k else -1
@@ -108,9 +109,9 @@ def test_search_keyframe_answer_sequence_token_for_token():
   expected_mask = [1] * 4 + [0] * 3 + [1] * 2 + [0] * len(KEY_OBS) + [1] * 3
   assert tokens == expected
   assert mask == expected_mask
-  assert rollout.STOP_REASONS[int(out["stop_reason"][0])] == "finished"
+  assert protocol.STOP_REASONS[int(out["stop_reason"][0])] == "finished"
   assert int(out["num_turns"][0]) == 2
-  assert list(np.asarray(out["obs_kind"][0, :2])) == [0, rollout.KEYFRAME_IMAGE]
+  assert list(np.asarray(out["obs_kind"][0, :2])) == [0, protocol.KEYFRAME_IMAGE]
   assert int(out["obs_slot"][0, 1]) == KEY_SLOT
 
 
@@ -121,7 +122,7 @@ def test_action_on_last_turn_is_kept_but_not_executed():
   tokens, mask = _response(out, 0)
   assert tokens == [10, *SEARCH_END] + TEXT_OBS + [11, *SEARCH_END]
   assert mask == [1] * 3 + [0] * 3 + [1] * 3
-  assert rollout.STOP_REASONS[int(out["stop_reason"][0])] == "max_turns"
+  assert protocol.STOP_REASONS[int(out["stop_reason"][0])] == "max_turns"
   assert int(out["num_turns"][0]) == 1
 
 
@@ -140,7 +141,7 @@ def test_rows_stop_at_different_turns_and_one_never_calls_a_tool():
     12,
     IM_END,
   ]
-  assert all(rollout.STOP_REASONS[int(r)] == "finished" for r in out["stop_reason"])
+  assert all(protocol.STOP_REASONS[int(r)] == "finished" for r in out["stop_reason"])
 
 
 def test_empty_and_max_length_stop_reasons():
@@ -148,7 +149,7 @@ def test_empty_and_max_length_stop_reasons():
   out = fn(params, batch, jax.random.PRNGKey(1))
   # Row 1 has no stop string: its turn is cut at max_action_length and the cut action
   # is sent to the host like any other, until the response is full.
-  assert [rollout.STOP_REASONS[int(r)] for r in out["stop_reason"]] == ["empty", "max_length"]
+  assert [protocol.STOP_REASONS[int(r)] for r in out["stop_reason"]] == ["empty", "max_length"]
   assert int(out["response_length"][1]) <= 64
 
 

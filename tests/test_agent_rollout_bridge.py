@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from segresearch_jax import protocol
 from segresearch_jax.agent import bridge as bridge_lib
-from segresearch_jax.agent import protocol, rollout
+from segresearch_jax.agent import rollout
 from segresearch_jax.data import synthetic
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import policy, processor
@@ -103,6 +104,6 @@ def test_search_and_keyframe_through_the_real_bridge(world):
   assert "<information>1. (Title:" in decoded
   assert "Here is the high-res version of your selected frame:" in decoded
   assert decoded.count(protocol.IMAGE_PAD) == nk
-  assert int(out["obs_kind"][0, 1]) == rollout.KEYFRAME_IMAGE and int(out["obs_slot"][0, 1]) == 1
+  assert int(out["obs_kind"][0, 1]) == protocol.KEYFRAME_IMAGE and int(out["obs_slot"][0, 1]) == 1
   records = br.pop_records()
   assert [r.action for r in records][:2] == ["search", "keyframe"]

@@ -1,17 +1,15 @@
-"""The host callback bridge, called from jitted code (batch 8) and directly."""
+"""The host callback bridge: one call serves a batch of pending rows (as the rollout calls it)."""
 
 import re
 import threading
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
+from segresearch_jax import protocol
 from segresearch_jax.agent import bridge as bridge_lib
-from segresearch_jax.agent import protocol
 from segresearch_jax.search import results as results_lib
 
 SHOWN = [0, 4, 10, 13, 18, 23]
@@ -136,20 +134,13 @@ def _obs_text(tok, out, i):
   return tok.decode(np.asarray(out.obs_tokens[i, : int(out.obs_lengths[i])]).tolist())
 
 
-def test_jitted_batch_of_8(image_path):
+def test_batch_of_8(image_path):
   bridge = _bridge(FakeBackend(image_path))
   tok = bridge.tokenizer
   ids, lengths = _actions(tok, ACTIONS)
 
-  @jax.jit
-  def step(pending, ids, lengths, rows):
-    out = bridge(pending, ids, lengths, rows)
-    return out._replace(obs_lengths=out.obs_lengths + 0)
-
-  out = step(
-    jnp.array(PENDING), jnp.asarray(ids), jnp.asarray(lengths), jnp.arange(8, dtype=jnp.int32)
-  )
-  assert out.obs_tokens.shape == (8, 1024) and out.obs_tokens.dtype == jnp.int32
+  out = bridge.observe(np.array(PENDING), ids, lengths, np.arange(8, dtype=np.int32))
+  assert out.obs_tokens.shape == (8, 1024) and out.obs_tokens.dtype == np.int32
   assert out.image_pixels.shape == (8, 8, 8, 3)
   texts = [_obs_text(tok, out, i) for i in range(8)]
   head, tail = "<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
@@ -165,10 +156,10 @@ def test_jitted_batch_of_8(image_path):
   pads = "<|vision_start|>" + "<|image_pad|>" * 16 + "<|vision_end|>"
   assert body[1] == protocol.KEYFRAME_OBSERVATION.replace("<image>", pads)
   assert body[1] == protocol.expand_images(protocol.KEYFRAME_OBSERVATION, [16])
-  assert int(out.image_slot[1]) == 3 and int(out.image_kind[1]) == bridge_lib.KEYFRAME_IMAGE
+  assert int(out.image_slot[1]) == 3 and int(out.image_kind[1]) == protocol.KEYFRAME_IMAGE
   # Image search: 4 pads, slot into the image buffer, pixels resized.
   assert body[2] == protocol.expand_images(protocol.image_search_observation(["Apple Inc"]), [4])
-  assert int(out.image_kind[2]) == bridge_lib.SEARCH_IMAGE
+  assert int(out.image_kind[2]) == protocol.SEARCH_IMAGE
   assert bridge.image_buffer[int(out.image_slot[2])].name == "Apple Inc"
   assert (np.asarray(out.image_pixels[2]) == 77).all() and not np.asarray(out.image_pixels[0]).any()
   # Errors are observations.
@@ -190,26 +181,18 @@ def test_jitted_batch_of_8(image_path):
   assert bridge.counters["search_calls"] == 4 and bridge.counters["keyframe_calls"] == 2
 
 
-def test_inside_while_loop_with_row_ids(image_path):
-  """Two turns in a lax.while_loop; row_ids pick each sample's shown frames."""
+def test_row_ids_pick_each_samples_shown_frames(image_path):
+  """Two turns; row_ids pick each sample's shown frames."""
   bridge = _bridge(FakeBackend(image_path))
   bridge.set_shown_frames([[1, 2, 3], [7, 8, 9]])
   ids, lengths = _actions(
     bridge.tokenizer, ["<keyframe> 8 </keyframe>", "<keyframe> 8 </keyframe>"]
   )
-
-  def body(carry):
-    turn, total = carry
-    out = bridge(jnp.array([True, True]), jnp.asarray(ids), jnp.asarray(lengths), jnp.array([1, 0]))
-    return turn + 1, total + out.image_slot
-
-  _, total = jax.jit(
-    lambda: jax.lax.while_loop(lambda c: c[0] < 2, body, (0, jnp.zeros(2, jnp.int32)))
-  )()
-  assert total.tolist() == [
-    2,
-    -2,
-  ]  # row 0 is sample 1 (frame 8 -> index 1); row 1 is sample 0 (error)
+  total = np.zeros(2, np.int32)
+  for _ in range(2):
+    total += bridge.observe(np.array([True, True]), ids, lengths, np.array([1, 0])).image_slot
+  # Row 0 is sample 1 (frame 8 -> index 1); row 1 is sample 0 (error).
+  assert total.tolist() == [2, -2]
 
 
 def test_concurrent_calls_and_timeout(image_path):

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import fake_sample
 
 from segresearch_jax import checkpoint
-from segresearch_jax.data import okvos, pipeline
+from segresearch_jax.data import pipeline
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.rl import update
 
@@ -49,20 +50,7 @@ def _example(i: int) -> dict:
   masks = np.zeros((3, 12, 16), bool)
   masks[:, 2 : 4 + i % 5, 3:9] = True
   numbers = np.arange(3, dtype=np.int32) * 4
-  return {
-    "id": f"s{i}",
-    "video": f"v{i}",
-    "oid": "1",
-    "ability": "one-hop",
-    "question": f"Please find 'thing {i}' in the provided video.",
-    "steps": [],
-    "frame_numbers": numbers,
-    "frame_paths": [f"/x/{n}.jpg" for n in numbers],
-    "frames": frames,
-    "masks": masks,
-    "ground_truth": okvos.ground_truth(numbers, masks),
-    "reference_chain": "[]",
-  }
+  return fake_sample(i, frames, masks, numbers)
 
 
 def _dataset():
@@ -177,7 +165,6 @@ def test_read_only_helpers_restore_params_alone(tmp_path):
   with checkpoint.Checkpointer(tmp_path, keep=3, save_every=1) as ckpt:
     ckpt.save(4, state, jax.random.key(0), None, {"note": "four"})
     ckpt.save(8, _state(4.0), jax.random.key(0), None, {"note": "eight"})
-  assert checkpoint.available_steps(tmp_path) == [4, 8]
   assert checkpoint.read_metadata(tmp_path) == (8, {"note": "eight"})
   assert checkpoint.read_metadata(tmp_path, 4) == (4, {"note": "four"})
   params = checkpoint.restore_params(tmp_path, 4, checkpoint.abstract_state(_state().params))
@@ -300,7 +287,6 @@ def test_an_empty_or_partial_step_folder_is_never_the_latest(tmp_path):
   (tmp_path / "7" / "state").mkdir()  # a copy that died after its first item
   (tmp_path / "7" / "state" / "_METADATA").write_text("{}")
   # Read-only (export, evaluation): skipped, and named when asked for.
-  assert checkpoint.available_steps(tmp_path) == [1]
   assert checkpoint.read_metadata(tmp_path) == (1, {"step": 1})
   with pytest.raises(FileNotFoundError, match=r"step 9 .*\(empty folder\)"):
     checkpoint.read_metadata(tmp_path, 9)
@@ -476,7 +462,7 @@ def test_kill_9_during_a_save_leaves_the_previous_step_loadable(tmp_path):
   # And the run goes on: step 2 is saved again over the debris (which Orbax removes).
   assert ckpt.save(2, {"w": jnp.full((4, 4), 2.0)}, rng, None, {"step": 2})
   ckpt.close()
-  assert checkpoint.available_steps(directory) == [1, 2] and not partial.exists()
+  assert not partial.exists()
   assert checkpoint.read_metadata(directory) == (2, {"step": 2})
 
 

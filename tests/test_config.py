@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import okvos as okvos_config
-from segresearch_jax import train
+from segresearch_jax import components, config_checks, train
 from segresearch_jax.rl import update
 
 # Numeric fields with no bound to check (any value is a valid choice).
@@ -41,17 +41,17 @@ def _paper(tmp_path, arg="paper"):
 
 
 def test_default_and_every_variant_pass_validation(tmp_path):
-  train.validate_config(okvos_config.get_config())
+  config_checks.validate_config(okvos_config.get_config())
   for arg in ("paper", "paper,8b", "paper,dapo", "paper,8b,dapo"):
-    train.validate_config(_paper(tmp_path, arg))
+    config_checks.validate_config(_paper(tmp_path, arg))
 
 
-@pytest.mark.parametrize("field", sorted(train.CONFIG_CHOICES))
+@pytest.mark.parametrize("field", sorted(config_checks.CONFIG_CHOICES))
 def test_every_enum_rejects_an_unknown_value_naming_the_field(field):
   config = okvos_config.get_config()
   _set(config, field, "bogus")
   with pytest.raises(ValueError, match=rf"config\.{field}='bogus' is not one of"):
-    train.check_config(config)
+    config_checks.check_config(config)
 
 
 def _out_of_range(field, accepts):
@@ -60,17 +60,17 @@ def _out_of_range(field, accepts):
   return next(v for v in candidates if not accepts(v))
 
 
-@pytest.mark.parametrize("field, accepts", [(f, a) for f, a, _ in train.CONFIG_RANGES])
+@pytest.mark.parametrize("field, accepts", [(f, a) for f, a, _ in config_checks.CONFIG_RANGES])
 def test_every_range_rejects_an_out_of_range_value_naming_the_field(field, accepts):
   config = okvos_config.get_config()
   value = _out_of_range(field, accepts)
   _set(config, field, value)
   with pytest.raises(ValueError, match=rf"config\.{field}={value!r} is out of range"):
-    train.check_config(config)
+    config_checks.check_config(config)
 
 
 def test_every_numeric_field_is_range_checked_or_declared_unbounded():
-  checked = {f for f, _, _ in train.CONFIG_RANGES}
+  checked = {f for f, _, _ in config_checks.CONFIG_RANGES}
   numeric = {
     name
     for name, value in _leaves(okvos_config.get_config())
@@ -98,31 +98,31 @@ def test_reported_late_failures_fail_at_config_check(field, value):
   config = okvos_config.get_config()
   _set(config, field, value)
   with pytest.raises(ValueError, match=rf"config\.{field}="):
-    train.check_config(config)
+    config_checks.check_config(config)
 
 
 def test_overlong_buffer_must_leave_room_below_the_response_cap():
   config = okvos_config.get_config("dapo")  # 4096 tokens on the embedded 384
   with pytest.raises(ValueError, match=r"config\.dapo\.overlong_buffer=4096 must be below"):
-    train.check_config(config)
+    config_checks.check_config(config)
   config.dapo.overlong_buffer = 128
-  train.check_config(config)
+  config_checks.check_config(config)
 
 
 def test_paper_preset_needs_the_pretrained_checkpoint_and_sam2(tmp_path):
   config = okvos_config.get_config("paper")
   with pytest.raises(ValueError, match=r"--config\.model\.hf_dir="):
-    train.check_config(config)
+    config_checks.check_config(config)
   config.model.hf_dir = str(tmp_path)
   with pytest.raises(ValueError, match=r"--config\.eval\.sam2_checkpoint="):
-    train.check_config(config)
+    config_checks.check_config(config)
   config.eval.sam2_checkpoint = str(tmp_path / "missing.pt")
   with pytest.raises(FileNotFoundError, match=r"config\.eval\.sam2_checkpoint="):
-    train.check_config(config)
+    config_checks.check_config(config)
   # Evaluating a saved checkpoint does not need the HF weights.
   config = okvos_config.get_config("paper")
   config.eval.sam2_checkpoint = "/ckpt/sam2.pt"
-  train.validate_config(config, training=False)
+  config_checks.validate_config(config, training=False)
 
 
 def test_paper_evaluates_like_the_paper_and_validates_every_10_steps():
@@ -149,12 +149,12 @@ def test_8b_and_dapo_variants():
 def test_evaluation_search_backend_is_its_own_setting(tmp_path):
   config = okvos_config.get_config()
   config.workdir = str(tmp_path)
-  assert train.eval_search_config(config) is config
+  assert components.eval_search_config(config) is config
   config.eval.search = "none"
-  eval_config = train.eval_search_config(config)
+  eval_config = components.eval_search_config(config)
   assert eval_config.search.backend == "none" and config.search.backend == "local"
   assert eval_config.search.text_top_k == config.search.text_top_k
-  assert train.make_search_backend(eval_config, "") is None  # built from the copy
+  assert components.make_search_backend(eval_config, "") is None  # built from the copy
 
 
 @pytest.mark.parametrize("mini_batches", [1, 2, 4])

@@ -4,14 +4,16 @@ evaluate_predictions pipeline on a tiny synthetic OK-VOS test split."""
 import functools
 import json
 import pathlib
+import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from segresearch_jax.agent import protocol
+from segresearch_jax import protocol
 from segresearch_jax.data import okvos, synthetic
 from segresearch_jax.eval import metrics, predictions
+from segresearch_jax.rewards import okvos as okvos_reward
 
 IM_END, IM_START = protocol.IM_END, protocol.IM_START
 
@@ -401,7 +403,7 @@ def test_end_to_end_with_the_weight_free_video_segmenter(split, tmp_path):
 
 
 class _Encoder:
-  """What `train.make_dataset` needs of the prompt encoder, without a tokenizer."""
+  """What `components.make_dataset` needs of the prompt encoder, without a tokenizer."""
 
   model_cfg = type("ModelCfg", (), {"coord_convention": "norm1000"})()
 
@@ -426,10 +428,8 @@ def _answering_runner(params, batch, rng, search=True):
 
 
 def _scorer(batch, eps):
-  from segresearch_jax import evaluate
-
   n = len(eps.responses)
-  terms = (*evaluate.OUTCOME_TERMS, "process_score", "score", "num_search")
+  terms = (*okvos_reward.OUTCOME_TERMS, "process_score", "score", "num_search")
   return {k: np.ones(n, np.float32) for k in terms}
 
 
@@ -462,20 +462,22 @@ def test_load_eval_samples_keeps_a_row_without_images(broken_split):
 
 def test_evaluation_scores_broken_samples_zero_and_lists_them(broken_split, tmp_path):
   from configs import okvos as okvos_config
-  from segresearch_jax import evaluate, train
+  from segresearch_jax import components as components_lib
+  from segresearch_jax import evaluate
 
   okvos_dir, ids = broken_split
   config = okvos_config.get_config()
   config.batch_size, config.data.frame_size = 2, 16
-  components = {
-    "eval_dataset": lambda: train.make_dataset(
+  # Only what evaluation reads of `components.Components`.
+  components = types.SimpleNamespace(
+    eval_dataset=lambda: components_lib.make_dataset(
       config, okvos_dir, "test", _Encoder(), train=False, batch_size=2, whole=True
     ),
-    "eval_runner": _answering_runner,
-    "eval_scorer": _scorer,
-    "okvos_dir": okvos_dir,
-    "model_cfg": _Encoder.model_cfg,
-  }
+    eval_runner=_answering_runner,
+    eval_scorer=_scorer,
+    okvos_dir=okvos_dir,
+    model_cfg=_Encoder.model_cfg,
+  )
   out = tmp_path / "eval"
   m = evaluate.evaluate(config, None, components, out)
   assert m["samples"] == 4 and m["failed"] == 2

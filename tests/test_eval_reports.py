@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segresearch_jax.agent import protocol
+from segresearch_jax import protocol
 from segresearch_jax.data import okvos, synthetic
 from segresearch_jax.eval import predictions, reports
 
@@ -93,6 +93,23 @@ def test_report_cli(evaluation):
   (out / "report.html").unlink()
   reports.main(["--results", str(out / "results.json")])
   assert (out / "report.html").is_file()
+
+
+def test_report_cli_shows_responses_from_predictions_file(evaluation, tmp_path):
+  out, results, preds, _ = evaluation
+  copy = tmp_path / "eval"
+  shutil.copytree(out, copy)
+  (copy / "report.html").unlink()
+  path = predictions.write_predictions(tmp_path / predictions.PREDICTIONS_FILE, preds)
+  reports.main(["--results", str(copy / "results.json"), "--predictions", str(path)])
+  page = (copy / "report.html").read_text()
+  assert page.count("<details><summary>response</summary>") == len(preds)
+  assert "Who won the Brass Cup?" in page
+  (tmp_path / "broken.jsonl").write_text('{"id": "a"}\n[1]\n')
+  with pytest.raises(ValueError, match="broken.jsonl:2"):
+    reports.main(
+      ["--results", str(copy / "results.json"), "--predictions", str(tmp_path / "broken.jsonl")]
+    )
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian `chromium` is not installed")

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segresearch_jax import checkpoint
-from segresearch_jax.agent import protocol
+from segresearch_jax import checkpoint, protocol
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import policy, processor, weights
 from segresearch_jax.models import tokenizer as tokenizer_lib

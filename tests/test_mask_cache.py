@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from configs import okvos as okvos_config
-from segresearch_jax.data import okvos, pipeline, synthetic
+from segresearch_jax.data import mask_tables, okvos, pipeline, synthetic
 from segresearch_jax.rewards import mask
 from segresearch_jax.segmentation import mask_cache, segmenters
-from segresearch_jax.tools import build_mask_cache
 
 G, K = 6, 4
 mask_score = jax.jit(mask.mask_score, static_argnames="prompt")  # one compile per shape
@@ -51,26 +50,26 @@ def build(syn, cache_dir, split="train", segmenter=None, g=G, k=K, **kw):
 
 
 def test_grids_and_pair_numbering():
-  pairs = mask_cache.bin_pairs(K)
-  assert len(pairs) == mask_cache.num_pairs(K) == P
-  np.testing.assert_array_equal(mask_cache.pair_index(pairs[:, 0], pairs[:, 1], K), np.arange(P))
+  pairs = mask_tables.bin_pairs(K)
+  assert len(pairs) == mask_tables.num_pairs(K) == P
+  np.testing.assert_array_equal(mask_tables.pair_index(pairs[:, 0], pairs[:, 1], K), np.arange(P))
   assert np.all(pairs[:, 0] < pairs[:, 1])
-  assert mask_cache.bins_from_pairs(P) == K
-  with pytest.raises(mask_cache.MaskCacheError):
-    mask_cache.bins_from_pairs(4)
-  boxes = mask_cache.box_grid(K)
+  assert mask_tables.bins_from_pairs(P) == K
+  with pytest.raises(mask_tables.MaskCacheError):
+    mask_tables.bins_from_pairs(4)
+  boxes = mask_tables.box_grid(K)
   assert boxes.shape == (P * P, 4)
   assert np.all(boxes[:, 0] < boxes[:, 2]) and np.all(boxes[:, 1] < boxes[:, 3])
-  c = mask_cache.bin_centres(K)
+  c = mask_tables.bin_centres(K)
   # box_iou[px, py] is (c[x_lo], c[y_lo], c[x_hi], c[y_hi]).
   px, py = 4, 1
   np.testing.assert_allclose(
     boxes[px * P + py], [c[pairs[px, 0]], c[pairs[py, 0]], c[pairs[px, 1]], c[pairs[py, 1]]]
   )
-  points = mask_cache.point_grid(3)
+  points = mask_tables.point_grid(3)
   np.testing.assert_allclose(points[1], [0.5, 1 / 6])  # row 0 (y), column 1 (x)
-  assert mask_cache.bytes_per_sample(6, 32, 16) == 6 * (1024 + 14400) + 24
-  np.testing.assert_array_equal(mask_cache.to_uint8([0, 0.5, 1, 1.2]), [0, 128, 255, 255])
+  assert mask_tables.bytes_per_sample(6, 32, 16) == 6 * (1024 + 14400) + 24
+  np.testing.assert_array_equal(mask_tables.to_uint8([0, 0.5, 1, 1.2]), [0, 128, 255, 255])
 
 
 # ----------------------------------------------------------------------------
@@ -81,7 +80,7 @@ def test_grids_and_pair_numbering():
 def test_build_writes_one_entry_per_sample_with_the_pipeline_frames(syn, tmp_path):
   summary = build(syn, tmp_path)
   assert summary["built"] == 2 and summary["skipped"] == 0 and summary["frames"] > 0
-  manifest = json.loads((tmp_path / "train" / mask_cache.MANIFEST).read_text())
+  manifest = json.loads((tmp_path / "train" / mask_tables.MANIFEST).read_text())
   assert (manifest["point_grid"], manifest["box_bins"], manifest["segmenter"]) == (
     G,
     K,
@@ -90,7 +89,7 @@ def test_build_writes_one_entry_per_sample_with_the_pipeline_frames(syn, tmp_pat
   source = okvos.OkvosDataSource(syn.okvos_dir, "train", num_frames=6, seed=0)
   for i in range(len(source)):
     example = source[i]
-    entry = mask_cache.load_entry(tmp_path, "train", example["id"], example["frame_numbers"])
+    entry = mask_tables.load_entry(tmp_path, "train", example["id"], example["frame_numbers"])
     n = len(example["frame_numbers"])
     assert entry["point_iou"].shape == (n, G, G) and entry["point_iou"].dtype == np.uint8
     assert entry["box_iou"].shape == (n, P, P) and entry["box_iou"].dtype == np.uint8
@@ -112,7 +111,9 @@ def test_build_resumes_and_rebuilds_what_changed(syn, tmp_path):
   other_grid = build(syn, tmp_path, g=G + 1)
   assert other_grid["built"] == 2
   sid = okvos.sample_id(okvos.read_rows(syn.okvos_dir, "train")[0], "train", 0)
-  assert mask_cache.read_entry(mask_cache.entry_path(tmp_path, "train", sid))["point_grid"] == G + 1
+  assert (
+    mask_tables.read_entry(mask_tables.entry_path(tmp_path, "train", sid))["point_grid"] == G + 1
+  )
   assert not list((tmp_path / "train").glob(".*tmp"))  # atomic writes leave no temp files
 
 
@@ -120,20 +121,20 @@ def test_load_entry_errors(syn, tmp_path):
   build(syn, tmp_path)
   source = okvos.OkvosDataSource(syn.okvos_dir, "train", num_frames=6, seed=0)
   example = source[0]
-  with pytest.raises(mask_cache.MaskCacheError, match="No mask-cache entry.*build_mask_cache"):
-    mask_cache.load_entry(tmp_path, "test", example["id"], example["frame_numbers"])
-  with pytest.raises(mask_cache.MaskCacheError, match="holds frames"):
-    mask_cache.load_entry(tmp_path, "train", example["id"], list(example["frame_numbers"])[:-1])
-  with pytest.raises(mask_cache.MaskCacheError, match="point_grid"):
-    mask_cache.load_entry(
+  with pytest.raises(mask_tables.MaskCacheError, match="No mask-cache entry.*build_mask_cache"):
+    mask_tables.load_entry(tmp_path, "test", example["id"], example["frame_numbers"])
+  with pytest.raises(mask_tables.MaskCacheError, match="holds frames"):
+    mask_tables.load_entry(tmp_path, "train", example["id"], list(example["frame_numbers"])[:-1])
+  with pytest.raises(mask_tables.MaskCacheError, match="point_grid"):
+    mask_tables.load_entry(
       tmp_path, "train", example["id"], example["frame_numbers"], point_grid_size=G + 2
     )
 
 
 def test_ids_with_any_characters_are_safe_file_names(tmp_path):
-  path = mask_cache.entry_path(tmp_path, "train", "a/b c?")
+  path = mask_tables.entry_path(tmp_path, "train", "a/b c?")
   assert path.parent == tmp_path / "train" and "/" not in path.name
-  mask_cache.write_entry(
+  mask_tables.write_entry(
     path,
     sample_id="a/b c?",
     frame_numbers=[3],
@@ -141,7 +142,7 @@ def test_ids_with_any_characters_are_safe_file_names(tmp_path):
     box_iou=np.ones((1, 1, 1), np.uint8),
     segmenter_name="weight_free",
   )
-  entry = mask_cache.load_entry(tmp_path, "train", "a/b c?", [3])
+  entry = mask_tables.load_entry(tmp_path, "train", "a/b c?", [3])
   assert entry["box_bins"] == 2 and entry["sample_id"] == "a/b c?"
 
 
@@ -156,7 +157,7 @@ def lookups_equal_direct_runs(segmenter, frames, masks, entry, rng, n_points, n_
   f = len(frames)
   h, w = frames.shape[1:3]
   g, k = entry["point_grid"], entry["box_bins"]
-  c_points, c_boxes = mask_cache.point_grid(g), mask_cache.box_grid(k)
+  c_points, c_boxes = mask_tables.point_grid(g), mask_tables.box_grid(k)
   for slot in range(f):
     segmenter.set_image(frames[slot])
     pi = rng.choice(len(c_points), n_points, replace=False)
@@ -191,7 +192,7 @@ def lookups_equal_direct_runs(segmenter, frames, masks, entry, rng, n_points, n_
         prompt=prompt,
       )
       np.testing.assert_allclose(
-        np.asarray(got), mask_cache.to_uint8(direct) / 255.0, rtol=1e-6, err_msg=prompt
+        np.asarray(got), mask_tables.to_uint8(direct) / 255.0, rtol=1e-6, err_msg=prompt
       )
 
 
@@ -199,7 +200,7 @@ def test_cache_lookup_equals_running_the_weight_free_segmenter(syn, tmp_path):
   build(syn, tmp_path)
   source = okvos.OkvosDataSource(syn.okvos_dir, "train", num_frames=6, seed=0)
   example = source[1]
-  entry = mask_cache.load_entry(tmp_path, "train", example["id"], example["frame_numbers"])
+  entry = mask_tables.load_entry(tmp_path, "train", example["id"], example["frame_numbers"])
   lookups_equal_direct_runs(
     segmenters.WeightFreeSegmenter(),
     example["frames"],
@@ -220,8 +221,8 @@ def test_sam2_cache_end_to_end_on_two_small_frames(syn, tmp_path):
   example = okvos.OkvosDataSource(syn.okvos_dir, "train", num_frames=6, seed=0)[0]
   frames, masks, numbers = example["frames"][:2], example["masks"][:2], example["frame_numbers"][:2]
   point_iou, box_iou = mask_cache.sample_tables(sam, frames, masks, 2, 3)
-  path = mask_cache.entry_path(tmp_path, "train", example["id"])
-  mask_cache.write_entry(
+  path = mask_tables.entry_path(tmp_path, "train", example["id"])
+  mask_tables.write_entry(
     path,
     sample_id=example["id"],
     frame_numbers=numbers,
@@ -229,7 +230,7 @@ def test_sam2_cache_end_to_end_on_two_small_frames(syn, tmp_path):
     box_iou=box_iou,
     segmenter_name=sam.name,
   )
-  entry = mask_cache.load_entry(tmp_path, "train", example["id"], numbers)
+  entry = mask_tables.load_entry(tmp_path, "train", example["id"], numbers)
   assert entry["segmenter"].startswith("sam2:") and entry["point_iou"].shape == (2, 2, 2)
   assert entry["box_iou"].shape == (2, 3, 3)
   lookups_equal_direct_runs(sam, frames, masks, entry, np.random.default_rng(0), 2, 2)
@@ -257,7 +258,7 @@ def test_pipeline_carries_the_tables_in_frame_order(syn, tmp_path):
   assert batch["mask_box_iou"].shape == (2, 6, P, P)
   for b, sid in enumerate(batch["id"]):
     numbers = batch["frame_numbers"][b][batch["frame_valid"][b]]
-    entry = mask_cache.load_entry(tmp_path, "train", sid, numbers)
+    entry = mask_tables.load_entry(tmp_path, "train", sid, numbers)
     n = len(numbers)
     np.testing.assert_array_equal(batch["mask_point_iou"][b, :n], entry["point_iou"])
     np.testing.assert_array_equal(batch["mask_box_iou"][b, :n], entry["box_iou"])
@@ -265,7 +266,7 @@ def test_pipeline_carries_the_tables_in_frame_order(syn, tmp_path):
   plain, _ = pipeline.okvos_dataset(syn.okvos_dir, "train", **kw)
   assert "mask_point_iou" not in next(iter(plain))
   missing, _ = pipeline.okvos_dataset(syn.okvos_dir, "test", mask_cache_dir=tmp_path, **kw)
-  with pytest.raises(mask_cache.MaskCacheError, match="No mask-cache entry"):
+  with pytest.raises(mask_tables.MaskCacheError, match="No mask-cache entry"):
     next(iter(missing))
 
 
@@ -282,12 +283,12 @@ def tiny_config(syn, tmp_path):
 
 def test_build_function_from_the_config(syn, tmp_path):
   config = tiny_config(syn, tmp_path)
-  root = build_mask_cache.build(config, "test", progress=False)
+  root = mask_cache.build(config, "test", progress=False)
   assert root == str(tmp_path / "cache")
   assert len(list((tmp_path / "cache" / "test").glob("*.npz"))) == 2
   config.mask_cache.segmenter = "sam2"
   with pytest.raises(ValueError, match="mask_cache.sam2_checkpoint"):
-    build_mask_cache.build(config, "test", progress=False)
+    mask_cache.build(config, "test", progress=False)
 
 
 def test_build_tool_command_line(syn, tmp_path):

@@ -13,7 +13,8 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from segresearch_jax.agent import protocol, records
+from segresearch_jax import protocol
+from segresearch_jax.agent import records
 from segresearch_jax.eval import predictions, reports
 from segresearch_jax.rewards import mask, okvos
 

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segresearch_jax import notebook
-from segresearch_jax.agent import protocol
+from segresearch_jax import notebook, protocol
 from segresearch_jax.eval import reports
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -164,7 +163,7 @@ def test_show_reward_curve_plots_metrics_while_training(tmp_path):
   rows = [{"step": 1, "phase": "sft", "loss": 2.0}] + [_train_row(s, 0.3 * s) for s in (1, 2, 3)]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   image = notebook.show_reward_curve(tmp_path, display=False)
-  assert image.size == (700, 400)  # train.plot_rewards' figure
+  assert image.size == (700, 400)  # curves.plot_rewards' figure
   assert _count(image, (31, 119, 180)) > 100  # the reward line, in matplotlib's C0
   assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]  # nothing written to the run
 
@@ -469,11 +468,11 @@ def test_paper_recipe_cells_needing_weights_fail_clearly_without_them(tmp_path, 
 # What a notebook does, as a script: train, then evaluate step 1 without search.
 _RUN_SCRIPT = """
 import json, sys
-from segresearch_jax import notebook, train
+from segresearch_jax import notebook, runtime, train
 
 config = notebook.load_config(None, **json.loads(sys.argv[1]))
-train.quiet_logging()
-train.enable_compilation_cache(config)
+runtime.quiet_logging()
+runtime.enable_compilation_cache(config)
 train.train(config)
 result = notebook.evaluate_checkpoint(config, step=1, search=False, masks=False)
 with open(sys.argv[2], "w") as f:

@@ -7,7 +7,7 @@ import hypothesis
 import hypothesis.strategies as st
 import pytest
 
-from segresearch_jax.agent import protocol
+from segresearch_jax import protocol
 
 SHOWN = [0, 4, 10, 13, 18, 23]
 

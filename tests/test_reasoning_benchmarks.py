@@ -672,7 +672,7 @@ WRITERS = {
 @pytest.fixture(scope="module")
 def tiny_policy():
   from configs import okvos as okvos_config
-  from segresearch_jax import train
+  from segresearch_jax import components
 
   config = okvos_config.get_config()
   config.model.preset = "tiny"
@@ -685,8 +685,8 @@ def tiny_policy():
   config.rollout.max_action_length = 32
   config.search.backend = "none"
   config.eval.report_samples = 2
-  tokenizer = train.load_run_tokenizer(config)
-  model_cfg, params = train.build_policy(config, tokenizer)
+  tokenizer = components.load_run_tokenizer(config)
+  model_cfg, params = components.build_policy(config, tokenizer)
   # One runner for every benchmark: the batch shapes agree, so it compiles once.
   components = reasoning_eval.eval_components(config, tokenizer, model_cfg)
   return config, params, components
@@ -730,12 +730,13 @@ def test_evaluate_command_runs_a_benchmark_config(tiny_policy, tmp_path):
 
   import jax
 
-  from segresearch_jax import checkpoint, train
+  from segresearch_jax import checkpoint
+  from segresearch_jax import components as components_lib
 
   config, params, components = tiny_policy
   ckpt_dir = tmp_path / "checkpoints"
   metadata = checkpoint.make_metadata(
-    components["model_cfg"], config, train.load_run_tokenizer(config)
+    components["model_cfg"], config, components_lib.load_run_tokenizer(config)
   )
   with checkpoint.Checkpointer(str(ckpt_dir), keep=1, save_every=1) as ckpt:
     ckpt.save(1, {"params": params}, jax.random.key(0), None, metadata)

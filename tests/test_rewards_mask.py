@@ -1,15 +1,15 @@
 """The mask reward term: nearest-entry gathers into the cache tables, and weight 0 = docs/method.md §3.1."""
 
 import json
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CountingEmbedder, words_embedder
 
+from segresearch_jax.data import mask_tables
 from segresearch_jax.rewards import mask, okvos
-from segresearch_jax.segmentation import mask_cache
 
 G, K = 5, 4
 P = K * (K - 1) // 2
@@ -48,21 +48,25 @@ def score(point_iou, box_iou, slot, box, point, valid, prompt="box"):
 
 
 def brute_point(x, y):
-  c = mask_cache.bin_centres(G)
+  c = mask_tables.bin_centres(G)
   return int(np.argmin(np.abs(c - y))), int(np.argmin(np.abs(c - x)))
 
 
 def brute_pair(lo, hi):
   """The valid pair (i < j) nearest to (lo, hi) in summed L1, by enumeration."""
-  c = mask_cache.bin_centres(K).astype(np.float64)
-  pairs = mask_cache.bin_pairs(K)
+  c = mask_tables.bin_centres(K).astype(np.float64)
+  pairs = mask_tables.bin_pairs(K)
   cost = np.abs(c[pairs[:, 0]] - lo) + np.abs(c[pairs[:, 1]] - hi)
   return int(np.argmin(cost))
 
 
 def test_grid_centre_prompts_read_their_entry():
   point_iou, box_iou = tables(1)
-  centres, kc, pairs = mask_cache.bin_centres(G), mask_cache.bin_centres(K), mask_cache.bin_pairs(K)
+  centres, kc, pairs = (
+    mask_tables.bin_centres(G),
+    mask_tables.bin_centres(K),
+    mask_tables.bin_pairs(K),
+  )
   # Every (slot, grid prompt) in one batch: the tables repeated per row.
   slot, i, j = (a.ravel() for a in np.meshgrid(range(F), range(G), range(G), indexing="ij"))
   n = len(slot)
@@ -143,7 +147,7 @@ def test_table_shapes_are_checked():
     mask.mask_score(point_iou[0], box_iou, *args)
   with pytest.raises(ValueError, match="box_iou must be"):
     mask.mask_score(point_iou, box_iou[:1], *args)
-  with pytest.raises(mask_cache.MaskCacheError, match="not K"):
+  with pytest.raises(mask_tables.MaskCacheError, match="not K"):
     mask.mask_score(point_iou, box_iou[..., :4, :4], *args)
 
 
@@ -164,7 +168,7 @@ def test_jit():
     jnp.asarray([True, True, True, True]),
   )
   # Bins: x 0.4 -> 1, 0.8 -> 3; y 0.3 -> 1, 0.6 -> 2; the point 0.5 -> cell 2 of 5.
-  px, py = mask_cache.pair_index(1, 3, K), mask_cache.pair_index(1, 2, K)
+  px, py = mask_tables.pair_index(1, 3, K), mask_tables.pair_index(1, 2, K)
   box = box_iou[np.arange(3), np.arange(3), px, py] / 255.0
   point = point_iou[np.arange(3), np.arange(3), 2, 2] / 255.0
   expected = {"box": box, "point": point, "mean": 0.5 * (box + point)}
@@ -177,14 +181,6 @@ def test_jit():
 # ----------------------------------------------------------------------------
 # Host parsing and the total score.
 # ----------------------------------------------------------------------------
-
-
-def words_embedder(texts):
-  out = np.zeros((len(texts), 64), np.float32)
-  for i, t in enumerate(texts):
-    for w in t.lower().split():
-      out[i, zlib.crc32(w.encode()) % 64] += 1.0
-  return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 def response(keyframe="4", box=(110, 205, 300, 395), point=(205, 300), multi_line=False):
@@ -265,12 +261,8 @@ def test_weight_zero_is_exactly_spec_3_1_and_weight_adds():
 
 
 def test_cached_embedder_embeds_each_distinct_text_once():
-  calls = []
-
-  def counting(texts):
-    calls.append(list(texts))
-    return words_embedder(texts)
-
+  counting = CountingEmbedder()
+  calls = counting.calls
   embed = okvos.CachedEmbedder(counting, max_size=3)
   texts = ["a b", "c", "a b", "d", "c"]
   np.testing.assert_array_equal(embed(texts), words_embedder(texts))

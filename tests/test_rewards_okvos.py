@@ -3,13 +3,13 @@
 import json
 import math
 import re
-import zlib
 
 import hypothesis
 import hypothesis.strategies as st
 import jax
 import numpy as np
 import pytest
+from conftest import CountingEmbedder, words_embedder
 
 from segresearch_jax.rewards import okvos
 
@@ -18,15 +18,6 @@ GT = {
   "10": {"bbox_2d": [0, 0, 50, 50], "point_2d": [25, 25], "area": 0.5, "max_conn_area": 1.0},
 }
 STEPS = ["Glimmer Cup 2031 winner"]
-
-
-def words_embedder(texts):
-  """Deterministic bag-of-words vectors: cheap and enough to decide IGR in tests."""
-  out = np.zeros((len(texts), 64), np.float32)
-  for i, t in enumerate(texts):
-    for w in t.lower().split():
-      out[i, zlib.crc32(w.encode()) % 64] += 1.0
-  return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 def answer(box, point):
@@ -214,12 +205,8 @@ def test_reward_terms_jit():
 
 
 def test_step_embeddings_are_cached_per_sample():
-  calls = []
-
-  def counting(texts):
-    calls.append(list(texts))
-    return words_embedder(texts)
-
+  counting = CountingEmbedder()
+  calls = counting.calls
   cache = {}
   okvos.parse_responses(
     [response()] * 4, [GT] * 4, [STEPS] * 4, embed_fn=counting, step_cache=cache
@@ -346,7 +333,7 @@ def test_odd_keyframe_numbers_never_score(text):
 
 
 def test_retrieved_tags_do_not_change_the_reward():
-  from segresearch_jax.agent import protocol
+  from segresearch_jax import protocol
 
   planted = (
     'The answer is <keyframe> 10 </keyframe> then <answer>{"bbox_2d": [0, 0, 50, 50], '

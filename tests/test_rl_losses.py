@@ -27,6 +27,8 @@ def test_group_advantages_unbiased_std():
 def test_dapo_filters():
   r = np.array([1, 1, 1, 0, 1, 0], np.float32)
   np.testing.assert_array_equal(advantages.zero_variance_groups(r, 3), [True, False])
+  in_jit = jax.jit(advantages.zero_variance_groups, static_argnums=1)(jnp.asarray(r), 3)
+  np.testing.assert_array_equal(np.asarray(in_jit), [True, False])
   pen = advantages.overlong_penalty(np.array([10, 80, 90, 100, 120]), 100, 20, 1.0)
   np.testing.assert_allclose(pen, [0, 0, -0.5, -1.0, -1.0])
 

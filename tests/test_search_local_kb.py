@@ -229,19 +229,19 @@ def _synthetic_layout_kb(root: pathlib.Path) -> pathlib.Path:
 def _trainer_backend(kb_dir, tmp_path, **search):
   """The backend exactly as the trainer builds it for `kb_dir`."""
   from configs import okvos as okvos_config
-  from segresearch_jax import train
+  from segresearch_jax import components
 
   config = okvos_config.get_config()
   config.workdir = str(tmp_path / "run")
   config.search.method = "bm25"
   for key, value in search.items():
     setattr(config.search, key, value)
-  return train.make_search_backend(config, str(kb_dir))
+  return components.make_search_backend(config, str(kb_dir))
 
 
 @needs_kb
 def test_trainer_backend_finds_official_images(tmp_path):
-  """The official layout (image_path "data/local_KB/images/X") through train.py's path."""
+  """The official layout (image_path "data/local_KB/images/X") through the trainer's path (`components.make_search_backend`)."""
   import shutil
 
   from PIL import Image

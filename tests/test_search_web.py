@@ -317,7 +317,7 @@ def test_summariser_official_settings_and_retries(server):
 
 def test_summariser_switchable_from_the_run_config(server, monkeypatch, tmp_path):
   from configs import okvos as okvos_config
-  from segresearch_jax import train
+  from segresearch_jax import components
 
   monkeypatch.setenv("SERPER_API_KEY", KEY)
   monkeypatch.setitem(factory.DEFAULTS, "serper_base_url", server.url)
@@ -327,7 +327,7 @@ def test_summariser_switchable_from_the_run_config(server, monkeypatch, tmp_path
   config.search.timeout_s = 2.0
   config.search.summarizer_url = server.url
   config.search.summarizer_model = "local-model"
-  backend = train.make_search_backend(config, "")
+  backend = components.make_search_backend(config, "")
   assert backend.backend.summariser.model == "local-model"
   assert backend.backend.top_k == 3 and backend.backend.fetch_pages
   assert any(p == "/v1/chat/completions" for p, _, _ in server.requests)  # health check

@@ -309,7 +309,7 @@ def _paper_config():
 
 
 def test_run_plan_reads_the_run_config():
-  text = sharding_tool().run_plan(_paper_config(), "data:1,fsdp:16,tensor:4")
+  text = plan_lib().run_plan(_paper_config(), "data:1,fsdp:16,tensor:4")
   assert text.startswith("model: qwen3_vl (preset qwen3_vl_4b), compute dtype bfloat16")
   # 16 prompts x 8 rollouts / 2 mini-batches; 2048 + 8192 tokens.
   assert "64 rows x 10240 tokens per update" in text
@@ -324,28 +324,28 @@ def test_run_plan_reads_the_run_config():
   config.mesh.rules = ((r"embed_tokens", ()),)
   config.mesh.max_replicated_elements = 100_000
   with pytest.raises(sharding.UnshardedParamError, match=r"embed_tokens/embedding \(4096, 128\)"):
-    sharding_tool().run_plan(config, {"fsdp": 2})
+    plan_lib().run_plan(config, {"fsdp": 2})
   with pytest.raises(ValueError, match="do not divide over the mesh"):
-    sharding_tool().run_plan(_paper_config(), "fsdp:-1", num_devices=7)
+    plan_lib().run_plan(_paper_config(), "fsdp:-1", num_devices=7)
 
 
 def test_run_plan_reads_an_hf_config_json(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(config_lib.to_hf_config(TINY)))
   config = _paper_config()
   config.model.hf_dir = str(tmp_path)
-  text = sharding_tool().run_plan(config, "fsdp:2")
+  text = plan_lib().run_plan(config, "fsdp:2")
   abstract = jax.eval_shape(functools.partial(policy.init_params, TINY), jax.random.PRNGKey(0))
   n = sum(x.size for x in jax.tree.leaves(abstract))
   assert f"({tmp_path})" in text and f"parameters: {n:,}" in text
   config.model.hf_dir = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="config.json"):
-    sharding_tool().run_plan(config)
+    plan_lib().run_plan(config)
 
 
-def sharding_tool():
-  from segresearch_jax.tools import plan
+def plan_lib():
+  from segresearch_jax import components
 
-  return plan
+  return components
 
 
 def test_plan_tool_exits_non_zero_on_a_replicated_large_tensor():
@@ -463,17 +463,17 @@ def _rollout_cfg():
 
 @pytest.mark.slow  # compiles the update twice: ~80 s on a 2-core CPU
 def test_update_on_trained_positions_only_equals_the_full_update():
-  """`train.with_token_index`: the LM head runs only where `loss_mask` is set; the
+  """`rows.with_token_index`: the LM head runs only where `loss_mask` is set; the
   log-probs there, the loss and the updated params are those of the full head."""
   from segresearch_jax import train
-  from segresearch_jax.rl import losses
+  from segresearch_jax.rl import losses, rows
 
   host = _grpo_batch()
   rng = np.random.default_rng(3)
   host["old_logprobs"] = (rng.normal(-6, 0.3, host["loss_mask"].shape) * host["loss_mask"]).astype(
     np.float32
   )
-  indexed = train.with_token_index(host)
+  indexed = rows.with_token_index(host)
   index, mask = indexed["token_index"], host["loss_mask"].astype(bool)
   counts = mask.sum(axis=1)
   step = PROOF_RESPONSE // 4  # K is the longest row's count rounded up to R / 4
@@ -481,8 +481,8 @@ def test_update_on_trained_positions_only_equals_the_full_update():
   for row in range(PROOF_ROWS):
     np.testing.assert_array_equal(index[row, : counts[row]], np.flatnonzero(mask[row]))
     assert (index[row, counts[row] :] == PROOF_RESPONSE).all()  # padding, dropped
-  assert train.token_index(np.zeros((2, 12), bool)).shape == (2, 3)  # never empty
-  wider = train.token_index(mask, min_width=index.shape[1] + 1)  # the loop's widest so far
+  assert rows.token_index(np.zeros((2, 12), bool)).shape == (2, 3)  # never empty
+  wider = rows.token_index(mask, min_width=index.shape[1] + 1)  # the loop's widest so far
   assert wider.shape[1] == index.shape[1] + step
   np.testing.assert_array_equal(wider[:, : index.shape[1]], index)
   assert (wider[:, index.shape[1] :] == PROOF_RESPONSE).all()

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from segresearch_jax.agent import protocol
+from segresearch_jax import protocol
 from segresearch_jax.models import processor
 from segresearch_jax.models import tokenizer as tokenizer_lib
 

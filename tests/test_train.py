@@ -11,10 +11,14 @@ import time
 
 import numpy as np
 import pytest
+from conftest import small_synthetic
 
 from configs import okvos as okvos_config
-from segresearch_jax import train
-from segresearch_jax.data import synthetic
+from segresearch_jax import components, config_checks, train
+from segresearch_jax.data import okvos, synthetic
+from segresearch_jax.eval import curves
+from segresearch_jax.rewards import okvos as okvos_reward
+from segresearch_jax.rl import rows as rows_lib
 
 # The embedded default shrunk to seconds: tiny policy, small frames, short episodes.
 SHRUNK = [
@@ -201,7 +205,7 @@ def test_unusable_config_fails_with_a_clear_message(field, value, message):
   section, key = field.split(".")
   config[section][key] = value
   with pytest.raises((FileNotFoundError, ValueError), match=message.replace(".", r"\.")):
-    train.check_config(config)
+    config_checks.check_config(config)
 
 
 def test_search_backend_that_is_down_fails_before_training(tmp_path):
@@ -212,7 +216,7 @@ def test_search_backend_that_is_down_fails_before_training(tmp_path):
   config.search.timeout_s = 1.0
   config.search.cache_mode = "off"
   with pytest.raises(RuntimeError, match="does not answer"):
-    train.make_search_backend(config, "")
+    components.make_search_backend(config, "")
 
 
 @pytest.mark.slow
@@ -246,8 +250,8 @@ def test_evaluate_command_on_a_checkpoint(tmp_path, synthetic_dir, uninterrupted
 
 
 def _drawn(truncated, rewards_vary, group_size=2, length=5):
-  """One rollout batch as `collect_rollouts` returns it, every array read-only (as
-  `jax.device_get` hands them back)."""
+  """One rollout batch as `assemble_rows` takes it (prompts in the rollout's layout,
+  outputs, scores), every array read-only (as `jax.device_get` hands them back)."""
   prompts = len(rewards_vary)
   rows = prompts * group_size
   batch = {
@@ -257,7 +261,7 @@ def _drawn(truncated, rewards_vary, group_size=2, length=5):
     "frame_patches": np.zeros((prompts, 1, 2, 2), np.float32),
     "keyframe_patches": np.zeros((prompts, 1, 2, 2), np.float32),
   }
-  out = {k: np.zeros((rows, length), np.int32) for k in train.ROW_FIELDS}
+  out = {k: np.zeros((rows, length), np.int32) for k in rows_lib.ROW_FIELDS}
   out["response_positions"] = np.zeros((3, rows, length), np.int32)
   out["search_patches"] = np.zeros((rows, 1, 2, 2), np.float32)
   out["loss_mask"] = np.ones((rows, length), bool)
@@ -270,13 +274,11 @@ def _drawn(truncated, rewards_vary, group_size=2, length=5):
   for part in (batch, out, scores):
     for x in part.values():
       x.setflags(write=False)
-  eps = type("Eps", (), {"out": out})()
-  return batch, eps, scores
+  return batch, out, scores
 
 
 @pytest.mark.parametrize("overlong_mask", [False, True])
-def test_assemble_rows_masks_truncated_rows_and_unusable_groups(monkeypatch, overlong_mask):
-  monkeypatch.setattr(train.episodes_lib, "rollout_batch", lambda b: b)
+def test_assemble_rows_masks_truncated_rows_and_unusable_groups(overlong_mask):
   config = okvos_config.get_config()
   config.batch_size, config.rollout.group_size = 2, 2
   config.dapo.overlong_mask = overlong_mask
@@ -286,7 +288,7 @@ def test_assemble_rows_masks_truncated_rows_and_unusable_groups(monkeypatch, ove
     _drawn(truncated=[0, 1, 0, 0], rewards_vary=[False, True]),
     _drawn(truncated=[1, 0, 0, 0], rewards_vary=[True, True]),
   ]
-  rows, trains = train.assemble_rows(config, drawn)
+  rows, trains = rows_lib.assemble_rows(config, drawn)
   assert trains.tolist() == [True, True]
   # Useful groups first: group 1 of the first draw, then group 0 of the refill.
   np.testing.assert_array_equal(rows["advantages"], [2, 3, 0, 1])
@@ -297,26 +299,24 @@ def test_assemble_rows_masks_truncated_rows_and_unusable_groups(monkeypatch, ove
 def test_reward_curve_and_gain_against_the_frozen_control(tmp_path):
   from PIL import Image
 
-  from segresearch_jax.evaluate import OUTCOME_TERMS
-
   rows = [
     {
       "step": s,
       "reward/score": 1.0 + 0.1 * s,
       "control/score": 1.0 - 0.05 * (s % 2),
       "reward/process_score": 0.5,
-      **{f"reward/{k}": 0.1 for k in OUTCOME_TERMS},
+      **{f"reward/{k}": 0.1 for k in okvos_reward.OUTCOME_TERMS},
     }
     for s in range(1, 7)
   ]
   diff = np.array([r["reward/score"] - r["control/score"] for r in rows])
-  gain = train.paired_gain(rows)
+  gain = curves.paired_gain(rows)
   assert list(gain) == ["steps 1-6", "steps 4-6"]
   assert gain["steps 1-6"][0] == pytest.approx(diff.mean())
   assert gain["steps 1-6"][1] == pytest.approx(diff.std(ddof=1) / np.sqrt(6))
   assert gain["steps 4-6"][0] == pytest.approx(diff[3:].mean())
   path = tmp_path / "curve.png"
-  train.plot_rewards(rows, path, [{"step": 6, "score": 1.2}], window=3)
+  curves.plot_rewards(rows, path, [{"step": 6, "score": 1.2}], window=3)
   assert Image.open(path).size == (700, 400)
 
 
@@ -329,7 +329,7 @@ def test_trainer_logprobs_use_the_rollout_temperature(monkeypatch):
 
   monkeypatch.setattr(train.rollout, "training_inputs", lambda *a: ())
   monkeypatch.setattr(train.decoding, "token_logprobs", token_logprobs)
-  rows = {k: np.zeros((1, 2), np.int32) for k in (*train.PROMPT_INPUTS, *train.ROW_FIELDS)}
+  rows = {k: np.zeros((1, 2), np.int32) for k in (*rows_lib.PROMPT_INPUTS, *rows_lib.ROW_FIELDS)}
   rows["prompt_positions"] = np.zeros((1, 3, 2), np.int32)
   rows["response_positions"] = np.zeros((1, 3, 2), np.int32)
   rcfg = train.rollout.RolloutConfig(temperature=0.7)
@@ -338,7 +338,7 @@ def test_trainer_logprobs_use_the_rollout_temperature(monkeypatch):
 
 
 class _FakeEncoder:
-  """What `train.make_dataset` needs of the prompt encoder, without a tokenizer."""
+  """What `components.make_dataset` needs of the prompt encoder, without a tokenizer."""
 
   model_cfg = type("ModelCfg", (), {"coord_convention": "norm1000"})()
 
@@ -348,15 +348,7 @@ class _FakeEncoder:
 
 def _broken_set(tmp_path, broken):
   """A small synthetic OK-VOS whose first `broken` train samples lost their frames."""
-  paths = synthetic.build(
-    tmp_path / "syn",
-    seed=0,
-    num_train=6,
-    num_test=2,
-    teams_per_split=6,
-    frames=(8, 8),
-    size=(64, 48),
-  )
+  paths = small_synthetic(tmp_path / "syn")
   for i in range(broken):
     for f in (pathlib.Path(paths.okvos_dir) / "train" / "JPEGImages" / f"train_{i:04d}").iterdir():
       f.unlink()
@@ -368,24 +360,26 @@ def _broken_set(tmp_path, broken):
 def test_training_on_only_broken_samples_fails_instead_of_hanging(tmp_path):
   config, okvos_dir = _broken_set(tmp_path, broken=6)
   config.data.max_broken_fraction = 1.0  # even with no cap, a pass with nothing usable fails
-  ds, _ = train.make_dataset(config, okvos_dir, "train", _FakeEncoder(), train=True, batch_size=2)
-  with pytest.raises(train.okvos_lib.DataError, match=r"6 of the 6 samples .*none is usable"):
+  ds, _ = components.make_dataset(
+    config, okvos_dir, "train", _FakeEncoder(), train=True, batch_size=2
+  )
+  with pytest.raises(okvos.DataError, match=r"6 of the 6 samples .*none is usable"):
     next(iter(ds))
   # The warm start's pass over the same data says so too (not "No expert episode fits").
-  expert_ds, _ = train.make_dataset(
+  expert_ds, _ = components.make_dataset(
     config, okvos_dir, "train", _FakeEncoder(), train=False, batch_size=1
   )
-  with pytest.raises(train.okvos_lib.DataError, match="syn-train_000"):
+  with pytest.raises(okvos.DataError, match="syn-train_000"):
     list(expert_ds)
 
 
 def test_broken_share_above_the_cap_fails_naming_samples(tmp_path):
   config, okvos_dir = _broken_set(tmp_path, broken=1)
-  make = lambda: train.make_dataset(
+  make = lambda: components.make_dataset(
     config, okvos_dir, "train", _FakeEncoder(), train=True, batch_size=2
   )[0]
   config.data.max_broken_fraction = 0.1  # 1 of 6 is more than 10%
-  with pytest.raises(train.okvos_lib.DataError, match=r"1 of the 6 .*syn-train_0000"):
+  with pytest.raises(okvos.DataError, match=r"1 of the 6 .*syn-train_0000"):
     it = iter(make())
     for _ in range(6):  # two epochs: the broken sample is read in the first
       next(it)

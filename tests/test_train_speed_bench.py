@@ -13,6 +13,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import shrink_rollout
+
+from segresearch_jax import protocol
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -41,13 +44,7 @@ def world(tmp_path_factory):
   args = argparse.Namespace(preset="tiny", prompts=1, group_size=2)
   config = bench.benchmark_config(args)
   config.workdir = str(root / "run")
-  config.data.frame_size = 64
-  config.data.keyframe_size = 96
-  config.data.search_image_size = 64
-  config.rollout.max_prompt_length = 448
-  config.rollout.max_response_length = 512
-  config.rollout.max_obs_length = 192
-  config.rollout.max_turns = 3
+  shrink_rollout(config)
   return bench.build_world(config, str(root / "synthetic"), 2)
 
 
@@ -73,7 +70,7 @@ def test_batch_is_a_group_of_expert_rows(rows):
   assert not np.allclose(rows["old_logprobs"][0], rows["old_logprobs"][1])
   assert np.all(rows["old_logprobs"][~rows["loss_mask"]] == 0)
   # Observations are real: a keyframe image, and tokens masked out of the loss.
-  assert np.all(np.any(rows["obs_kind"] == bench.rollout.KEYFRAME_IMAGE, axis=-1))
+  assert np.all(np.any(rows["obs_kind"] == protocol.KEYFRAME_IMAGE, axis=-1))
   assert np.all(rows["response_valid"].sum(-1) > rows["loss_mask"].sum(-1))
 
 
@@ -84,7 +81,7 @@ def test_hf_inputs_hold_the_same_tokens_and_images(world, rows):
   assert len(loss_inputs["old_logprobs"]) == len(loss_inputs["targets"])
   s = world.shapes
   frames = np.sum(rows["prompt_ids"] == world.model_cfg.image_token_id) // s.tokens(s.frame_size)
-  observed = np.isin(rows["obs_kind"], (bench.rollout.KEYFRAME_IMAGE, bench.rollout.SEARCH_IMAGE))
+  observed = np.isin(rows["obs_kind"], (protocol.KEYFRAME_IMAGE, protocol.SEARCH_IMAGE))
   assert len(model_kwargs["image_grid_thw"]) == frames + np.sum(observed)
 
 
@@ -113,5 +110,5 @@ def test_bad_sizes_fail_clearly(world):
   with pytest.raises(ValueError, match="group_size"):
     bench.expert_rows(world, 1, 0)
   short = dataclasses.replace(world, rcfg=dataclasses.replace(world.rcfg, max_response_length=16))
-  with pytest.raises(RuntimeError, match="fit the rollout limits"):
+  with pytest.raises(RuntimeError, match="fits? the rollout limits"):
     bench.expert_rows(short, 1, 1)

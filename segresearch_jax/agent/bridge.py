@@ -1,9 +1,9 @@
 """The host callback bridge: the only crossing from the jitted rollout to the tools.
 
 The rollout runs inside `jax.jit` (a `lax.while_loop` over turns); search runs on
-the host. Once a turn, the rollout hands every sequence's action tokens to
-`SearchBridge.__call__`, which crosses to the host with `io_callback`. There
-`observe` decodes each pending action, parses it (docs/method.md §1), runs the tool calls
+the host. Once a turn, the rollout's one `io_callback` (`rollout.bridge_host_fn`)
+hands every sequence's action tokens to `SearchBridge.observe`, which decodes each
+pending action, parses it (docs/method.md §1), runs the tool calls
 concurrently in a thread pool, formats the observation (docs/method.md §1.3), tokenises it
 wrapped in the chat turn, expands its image placeholder and pads everything back to
 fixed shapes. Every failure (malformed action, unknown tool, keyframe not shown,
@@ -28,18 +28,10 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
-import jax
-import jax.experimental
-import jax.numpy as jnp
 import numpy as np
 
-from segresearch_jax.agent import protocol
+from segresearch_jax import protocol
 from segresearch_jax.search import results as results_lib
-
-# image_kind values.
-NO_IMAGE = 0
-KEYFRAME_IMAGE = 1
-SEARCH_IMAGE = 2
 
 
 class Tokenizer(Protocol):
@@ -55,7 +47,7 @@ class Tokenizer(Protocol):
 
 
 class BridgeOutput(NamedTuple):
-  """What one bridge call returns, per row (arrays; numpy on the host, jax in jit).
+  """What one bridge call returns, per row (numpy arrays).
 
   Attributes:
     obs_tokens: int32[B, L] the wrapped observation
@@ -66,9 +58,9 @@ class BridgeOutput(NamedTuple):
       index of that frame among the row's shown frames; for an image_search result
       the index of the (first) returned image in `SearchBridge.image_buffer`
       (several images take consecutive slots).
-    image_kind: int32[B] NO_IMAGE, KEYFRAME_IMAGE or SEARCH_IMAGE.
+    image_kind: int32[B] protocol.NO_IMAGE, KEYFRAME_IMAGE or SEARCH_IMAGE.
     image_pixels: uint8[B, S, S, 3] the first image_search result resized to
-      `search_image_size` (zeros otherwise), so jitted code can embed it.
+      `search_image_size` (zeros otherwise), so the rollout can embed it.
     valid: bool[B] the action ran and returned a real observation (False for
       rows not pending and for error observations).
   """
@@ -99,7 +91,7 @@ class CallRecord:
 @dataclasses.dataclass
 class _Outcome:
   observation: str
-  image_kind: int = NO_IMAGE
+  image_kind: int = protocol.NO_IMAGE
   keyframe_index: int = -1
   images: list[results_lib.ImageResult] = dataclasses.field(default_factory=list)
   pixels: np.ndarray | None = None
@@ -242,7 +234,7 @@ class SearchBridge:
       msg = f"Could not load the image result ({type(e).__name__})."
       return _Outcome(protocol.error_observation(msg), error_kind="image_load"), found
     obs = protocol.image_search_observation([r.name for r in found])
-    return _Outcome(obs, SEARCH_IMAGE, images=list(found), pixels=pixels), found
+    return _Outcome(obs, protocol.SEARCH_IMAGE, images=list(found), pixels=pixels), found
 
   def _execute(self, row_id: int, text: str) -> tuple[_Outcome, CallRecord]:
     start = time.perf_counter()
@@ -267,7 +259,9 @@ class SearchBridge:
         )
       else:
         outcome = _Outcome(
-          protocol.KEYFRAME_OBSERVATION, KEYFRAME_IMAGE, keyframe_index=shown.index(action.keyframe)
+          protocol.KEYFRAME_OBSERVATION,
+          protocol.KEYFRAME_IMAGE,
+          keyframe_index=shown.index(action.keyframe),
         )
     else:
       outcome, found = self._search(action.tool, action.query)
@@ -288,12 +282,12 @@ class SearchBridge:
     """Wrapped observation ids with expanded images; None when it cannot fit."""
     n_image = (
       self.keyframe_image_tokens
-      if outcome.image_kind == KEYFRAME_IMAGE
+      if outcome.image_kind == protocol.KEYFRAME_IMAGE
       else self.search_image_tokens
     )
     body: list[int] = []
     pieces = [outcome.observation]
-    if outcome.image_kind != NO_IMAGE:
+    if outcome.image_kind != protocol.NO_IMAGE:
       pieces = outcome.observation.split(protocol.IMAGE_PLACEHOLDER)
     for i, piece in enumerate(pieces):
       if i:
@@ -301,7 +295,7 @@ class SearchBridge:
       body += self.tokenizer.encode(piece) if piece else []
     room = self.max_obs_length - len(self._head_ids) - len(self._tail_ids)
     if len(body) > room:
-      if outcome.image_kind != NO_IMAGE:
+      if outcome.image_kind != protocol.NO_IMAGE:
         return None  # An image run cannot be cut.
       body = body[:room]  # docs/method.md §1.3: long observations are truncated.
     return self._head_ids + body + self._tail_ids
@@ -313,7 +307,7 @@ class SearchBridge:
     action_lengths: np.ndarray,
     row_ids: np.ndarray,
   ) -> BridgeOutput:
-    """Runs every pending row's action; the host function behind `__call__`."""
+    """Runs every pending row's action; the host side of the rollout's `io_callback`."""
     pending = np.asarray(pending, bool)
     action_tokens = np.asarray(action_tokens)
     action_lengths = np.asarray(action_lengths)
@@ -353,9 +347,9 @@ class SearchBridge:
       out.obs_lengths[i] = len(ids)
       out.image_kind[i] = outcome.image_kind
       out.valid[i] = outcome.error_kind is None
-      if outcome.image_kind == KEYFRAME_IMAGE:
+      if outcome.image_kind == protocol.KEYFRAME_IMAGE:
         out.image_slot[i] = outcome.keyframe_index
-      elif outcome.image_kind == SEARCH_IMAGE:
+      elif outcome.image_kind == protocol.SEARCH_IMAGE:
         out.image_pixels[i] = outcome.pixels
         with self._lock:
           out.image_slot[i] = len(self.image_buffer)
@@ -375,38 +369,3 @@ class SearchBridge:
       obs = protocol.error_observation(f"Tool execution failed ({type(e).__name__}).")
       outcome = _Outcome(obs, error_kind="internal")
       return outcome, CallRecord(row_id, "unknown", None, None, None, [], obs, "internal", 0.0)
-
-  # --------------------------------------------------------------------------
-  # Device side.
-  # --------------------------------------------------------------------------
-
-  def output_shape(self, batch_size: int) -> BridgeOutput:
-    """`jax.ShapeDtypeStruct`s of one call's outputs."""
-    s = self.search_image_size
-    return BridgeOutput(
-      obs_tokens=jax.ShapeDtypeStruct((batch_size, self.max_obs_length), jnp.int32),
-      obs_lengths=jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-      image_slot=jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-      image_kind=jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-      image_pixels=jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8),
-      valid=jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
-    )
-
-  def __call__(
-    self,
-    pending: jax.Array,
-    action_tokens: jax.Array,
-    action_lengths: jax.Array,
-    row_ids: jax.Array,
-  ) -> BridgeOutput:
-    """The jit-callable crossing: one host callback serves the whole batch."""
-    batch_size = pending.shape[0]
-    return jax.experimental.io_callback(
-      self.observe,
-      self.output_shape(batch_size),
-      pending,
-      action_tokens.astype(jnp.int32),
-      action_lengths.astype(jnp.int32),
-      row_ids.astype(jnp.int32),
-      ordered=False,
-    )

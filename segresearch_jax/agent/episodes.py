@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segresearch_jax.agent import protocol, rollout
+from segresearch_jax import protocol
+from segresearch_jax.agent import rollout
 from segresearch_jax.models import policy, processor
 from segresearch_jax.models.config import ModelConfig
 
@@ -347,9 +348,9 @@ def expert_episode(
     ids += [int(x) for x in obs[0, :n]]
     mask += [False] * n
     kinds[0, t], slots[0, t] = int(kind[0]), int(slot[0])
-    if int(kind[0]) == rollout.KEYFRAME_IMAGE:
+    if int(kind[0]) == protocol.KEYFRAME_IMAGE:
       grids.append(cfg.keyframe_grid)
-    elif int(kind[0]) == rollout.SEARCH_IMAGE:
+    elif int(kind[0]) == protocol.SEARCH_IMAGE:
       grids.append(cfg.search_grid)
       search[0, t] = patches[0]
   if len(ids) > r:
@@ -365,7 +366,7 @@ def expert_episode(
     "loss_mask": np.zeros((1, r), bool),
     "logprobs": np.zeros((1, r), np.float32),
     "response_length": np.asarray([n], np.int32),
-    "stop_reason": np.asarray([rollout.FINISHED], np.int32),
+    "stop_reason": np.asarray([protocol.FINISHED], np.int32),
     "num_turns": np.asarray([len(turns) - 1], np.int32),
     "obs_kind": kinds,
     "obs_slot": slots,

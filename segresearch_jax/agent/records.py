@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from segresearch_jax import protocol
+
 
 def _jsonable(value: Any) -> Any:
   if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -48,10 +50,6 @@ def episode_records(
     tool_calls: per row, the bridge's call records.
     rewards: per row, the reward terms.
   """
-  # Imported here so that this module stays free of JAX: evaluation writes its
-  # prediction lines with `json_line`.
-  from segresearch_jax.agent import rollout
-
   rows = []
   for r, sample in enumerate(samples):
     n = int(out["response_length"][r])
@@ -62,7 +60,7 @@ def episode_records(
         "response_tokens": n,
         "generated_tokens": int(np.sum(out["loss_mask"][r])),
         "num_turns": int(out["num_turns"][r]),
-        "stop_reason": rollout.STOP_REASONS[int(out["stop_reason"][r])],
+        "stop_reason": protocol.STOP_REASONS[int(out["stop_reason"][r])],
         "tool_calls": _jsonable(list(tool_calls[r])) if tool_calls is not None else [],
         "reward": _jsonable(rewards[r]) if rewards is not None else None,
       }

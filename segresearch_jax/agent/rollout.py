@@ -27,15 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from segresearch_jax import protocol
 from segresearch_jax.models import decoding, policy
 from segresearch_jax.models.config import ModelConfig
 
 Array = jax.Array
-
-STOP_REASONS = ("finished", "max_turns", "max_length", "empty")
-FINISHED, MAX_TURNS, MAX_LENGTH, EMPTY = range(4)
-# Observation image kinds returned by the host.
-NO_IMAGE, KEYFRAME_IMAGE, SEARCH_IMAGE = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +227,7 @@ def bridge_host_fn(bridge: Any, image_cfg: Any, search_size: int) -> HostFn:
     out = bridge.observe(pending, actions, act_len, np.arange(len(pending)))
     b = len(pending)
     patches = None
-    for r in np.flatnonzero(np.asarray(out.image_kind) == SEARCH_IMAGE):
+    for r in np.flatnonzero(np.asarray(out.image_kind) == protocol.SEARCH_IMAGE):
       p, _ = processor.preprocess_image(out.image_pixels[r], image_cfg, (search_size, search_size))
       if patches is None:
         patches = np.zeros((b, *p.shape), np.float32)
@@ -347,7 +343,7 @@ def make_rollout_fn(
       turn_start=jnp.zeros((b,), jnp.int32),
       turns=jnp.zeros((b,), jnp.int32),
       active=jnp.ones((b,), bool),
-      stop_reason=jnp.full((b,), MAX_LENGTH, jnp.int32),
+      stop_reason=jnp.full((b,), protocol.MAX_LENGTH, jnp.int32),
       obs_kind=jnp.zeros((b, turns), jnp.int32),
       obs_slot=jnp.full((b, turns), -1, jnp.int32),
       search_patches=jnp.zeros((b, turns, *search_patch_shape), jnp.float32),
@@ -412,10 +408,14 @@ def make_rollout_fn(
       can_call = s["turns"] < turns
       finished = active & is_end
       stop_reason = s["stop_reason"]
-      stop_reason = jnp.where(finished, jnp.where(length == 1, EMPTY, FINISHED), stop_reason)
-      stop_reason = jnp.where(active & ~is_end & too_long, MAX_LENGTH, stop_reason)
+      stop_reason = jnp.where(
+        finished, jnp.where(length == 1, protocol.EMPTY, protocol.FINISHED), stop_reason
+      )
+      stop_reason = jnp.where(active & ~is_end & too_long, protocol.MAX_LENGTH, stop_reason)
       last_turn = action & ~too_long & ~can_call
-      stop_reason = jnp.where(last_turn, jnp.where(matched, MAX_TURNS, MAX_LENGTH), stop_reason)
+      stop_reason = jnp.where(
+        last_turn, jnp.where(matched, protocol.MAX_TURNS, protocol.MAX_LENGTH), stop_reason
+      )
       pending = action & ~too_long & can_call
       active = active & ~finished & ~too_long & ~last_turn
 
@@ -454,10 +454,10 @@ def make_rollout_fn(
       obs_len = jnp.clip(obs_len, 0, obs_max)
       # An observation that does not fit ends the episode at max_length instead.
       fits = s["length"] + obs_len < resp_len_max
-      stop_reason = jnp.where(pending & ~fits, MAX_LENGTH, s["stop_reason"])
+      stop_reason = jnp.where(pending & ~fits, protocol.MAX_LENGTH, s["stop_reason"])
       active = s["active"] & ~(pending & ~fits)
       pending = pending & fits
-      kind = jnp.where(pending, kind, NO_IMAGE)
+      kind = jnp.where(pending, kind, protocol.NO_IMAGE)
 
       # 7. Visual features of the observation image, padded to one width.
       slot_c = jnp.clip(slot, 0, key_tok.shape[1] - 1)
@@ -471,13 +471,15 @@ def make_rollout_fn(
 
       d = kf.shape[-1]
       zeros = (jnp.zeros((b, ns, d), kf.dtype), jnp.zeros((kf_ds.shape[0], b, ns, d), kf.dtype))
-      sr, sr_ds = jax.lax.cond(jnp.any(kind == SEARCH_IMAGE), encode_search, lambda _: zeros, None)
+      sr, sr_ds = jax.lax.cond(
+        jnp.any(kind == protocol.SEARCH_IMAGE), encode_search, lambda _: zeros, None
+      )
       pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, width - x.shape[-2]), (0, 0)])
-      is_key = (kind == KEYFRAME_IMAGE)[:, None, None]
+      is_key = (kind == protocol.KEYFRAME_IMAGE)[:, None, None]
       visual = jnp.where(is_key, pad(kf), pad(sr))
       deepstack = jnp.where(is_key[None], pad(kf_ds), pad(sr_ds))
-      gh = jnp.where(kind == KEYFRAME_IMAGE, cfg.keyframe_grid[0], cfg.search_grid[0])
-      gw = jnp.where(kind == KEYFRAME_IMAGE, cfg.keyframe_grid[1], cfg.search_grid[1])
+      gh = jnp.where(kind == protocol.KEYFRAME_IMAGE, cfg.keyframe_grid[0], cfg.search_grid[0])
+      gw = jnp.where(kind == protocol.KEYFRAME_IMAGE, cfg.keyframe_grid[1], cfg.search_grid[1])
       pos, next_pos = observation_positions(obs, obs_len, s["next_pos"], gh, gw, image_id)
 
       # 8. Prefill the observation into the cache and the response (masked out of the loss).
@@ -520,7 +522,7 @@ def make_rollout_fn(
         obs_kind=jnp.where(hit, kind[:, None], s["obs_kind"]),
         obs_slot=jnp.where(hit, slot[:, None], s["obs_slot"]),
         search_patches=jnp.where(
-          (hit & (kind == SEARCH_IMAGE)[:, None])[:, :, None, None],
+          (hit & (kind == protocol.SEARCH_IMAGE)[:, None])[:, :, None, None],
           search[:, None],
           s["search_patches"],
         ),
@@ -652,7 +654,7 @@ def training_inputs(
   width = max(nk, ns)
   pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, width - x.shape[-2]), (0, 0)])
   d = key_tok.shape[-1]
-  is_key = (kind == KEYFRAME_IMAGE)[..., None, None]
+  is_key = (kind == protocol.KEYFRAME_IMAGE)[..., None, None]
   obs_tok = jnp.where(
     is_key, pad(key_tok).reshape(b, turns, width, d), pad(srch_tok).reshape(b, turns, width, d)
   )
@@ -664,7 +666,9 @@ def training_inputs(
   )
 
   # Pack each row's observation images contiguously after its frames.
-  n_tok = jnp.where(kind == KEYFRAME_IMAGE, nk, jnp.where(kind == SEARCH_IMAGE, ns, 0))  # [B, T]
+  n_tok = jnp.where(
+    kind == protocol.KEYFRAME_IMAGE, nk, jnp.where(kind == protocol.SEARCH_IMAGE, ns, 0)
+  )  # [B, T]
   starts = jnp.cumsum(n_tok, axis=1) - n_tok  # [B, T]
   j = jnp.arange(turns * width)[None]  # [1, T*W] position in the packed obs sequence
   t_of_j = jnp.sum(j[:, :, None] >= starts[:, None, :], axis=-1) - 1  # [B, T*W]

@@ -14,7 +14,7 @@ data, in the same episodes' RNG streams, as a run on one.
 
 The iterator is grain's checkpointable `DatasetIterator`: `get_state()` is a small
 JSON-able dict, `set_state()` makes the next batch the one that followed the save.
-`save_state`/`restore_state` write it with Orbax next to the model checkpoint.
+`checkpoint.Checkpointer` saves it with each step, next to the model state.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import grain
 import numpy as np
 from PIL import Image
 
-from segresearch_jax.agent import protocol
-from segresearch_jax.data import okvos
-from segresearch_jax.segmentation import mask_cache
+from segresearch_jax import protocol
+from segresearch_jax.data import mask_tables, okvos
 
 EncodeFn = Callable[[dict], dict]
 
@@ -74,7 +73,7 @@ class Prepare:
   orig_size int32 [2] (w, h), ground_truth (JSON str, in `convention`),
   ground_truth_pixels (JSON str, original pixels), plus whatever `encode_fn` returns.
   With `mask_cache_dir`, also the sample's mask-reward tables (docs/method.md §3.2) read with
-  `mask_cache.load_entry`, in the same frame order and zero-padded like `frames`:
+  `mask_tables.load_entry`, in the same frame order and zero-padded like `frames`:
   mask_point_iou uint8 [F, G, G] and mask_box_iou uint8 [F, P, P].
   """
 
@@ -138,7 +137,7 @@ class Prepare:
       "ground_truth_pixels": json.dumps(example["ground_truth"]),
     }
     if self.mask_cache_dir is not None:
-      entry = mask_cache.load_entry(
+      entry = mask_tables.load_entry(
         self.mask_cache_dir, self.mask_cache_split, example["id"], example["frame_numbers"]
       )
       out["mask_point_iou"] = np.pad(entry["point_iou"], ((0, pad), (0, 0), (0, 0)))
@@ -252,7 +251,7 @@ def make_dataset(
     convention: coordinate convention of `ground_truth` ("norm1000" | "abs_resized").
     template_dir: system prompt templates (see `protocol.system_prompt`).
     encode_fn: optional per-sample hook (e.g. tokenisation) returning extra fields.
-    mask_cache_dir: the mask cache root (`tools/build_mask_cache.build`); when set,
+    mask_cache_dir: the mask cache root (`segmentation/mask_cache.build`); when set,
       samples carry mask_point_iou and mask_box_iou (see `Prepare`).
     mask_cache_split: the split folder in the cache (required with mask_cache_dir).
     shard_index, shard_count: this process's shard; default jax.process_index()
@@ -379,34 +378,3 @@ def resolve_data(data_config, workdir: str | os.PathLike, seed: int = 0) -> tupl
       raise ValueError("config.data.source is 'okvos' but config.data.okvos_dir is empty.")
     return str(data_config.okvos_dir), ""
   raise ValueError(f"Unknown config.data.source {data_config.source!r}; use synthetic | okvos.")
-
-
-# ----------------------------------------------------------------------------
-# Iterator state (checkpointing).
-# ----------------------------------------------------------------------------
-
-
-def save_state(iterator: grain.DatasetIterator, directory: str | os.PathLike) -> None:
-  """Saves the iterator's position with Orbax (JSON), so a resumed run sees the same next batch."""
-  import orbax.checkpoint as ocp
-
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckpt:
-    ckpt.save(os.path.abspath(directory), _jsonable(iterator.get_state()), force=True)
-
-
-def restore_state(iterator: grain.DatasetIterator, directory: str | os.PathLike) -> None:
-  """Restores a position written by `save_state` into a freshly built iterator."""
-  import orbax.checkpoint as ocp
-
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckpt:
-    iterator.set_state(ckpt.restore(os.path.abspath(directory)))
-
-
-def _jsonable(state: Any) -> Any:
-  if isinstance(state, dict):
-    return {str(k): _jsonable(v) for k, v in state.items()}
-  if isinstance(state, (list, tuple)):
-    return [_jsonable(v) for v in state]
-  if isinstance(state, np.generic):
-    return state.item()
-  return state

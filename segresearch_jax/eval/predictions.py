@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segresearch_jax.agent import protocol, records
+from segresearch_jax import protocol
+from segresearch_jax.agent import records
 from segresearch_jax.data import okvos
 from segresearch_jax.eval import metrics, reports
 from segresearch_jax.segmentation import video

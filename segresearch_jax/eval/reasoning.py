@@ -42,9 +42,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segresearch_jax import components as components_lib
+from segresearch_jax.agent import episodes as episodes_lib
 from segresearch_jax.data import okvos, reasoning
 from segresearch_jax.eval import metrics, reports
 from segresearch_jax.eval import predictions as predictions_lib
+from segresearch_jax.rewards import scoring
 
 BENCHMARKS = ("reasonseg", "reasonvos", "revos")
 TITLES = {"reasonseg": "ReasonSeg", "reasonvos": "ReasonVOS", "revos": "ReVOS"}
@@ -390,14 +393,14 @@ def benchmark_dir(config) -> str:
 
 
 def eval_components(config, tokenizer, model_cfg) -> dict[str, Any]:
-  """The greedy runner, scorer and prompt encoder of `train.build_components`, without data."""
-  from segresearch_jax import train
-  from segresearch_jax.agent import episodes as episodes_lib
+  """The greedy runner, scorer and prompt encoder of `components.build_components`, without
+  data."""
 
   shapes = episodes_lib.shapes_from_config(config, model_cfg)
-  # Evaluation's search backend (`eval.search`), as `train.build_components` picks it.
-  backend = train.make_search_backend(train.eval_search_config(config), config.search.kb_dir)
-  bridge = train.make_bridge(config, backend, tokenizer, shapes)
+  # Evaluation's search backend (`eval.search`), as `components.build_components` picks it.
+  eval_config = components_lib.eval_search_config(config)
+  backend = components_lib.make_search_backend(eval_config, config.search.kb_dir)
+  bridge = components_lib.make_bridge(config, backend, tokenizer, shapes)
   rcfg = episodes_lib.rollout_config(
     config, model_cfg, shapes, tokenizer, group_size=1, temperature=0.0
   )
@@ -405,7 +408,7 @@ def eval_components(config, tokenizer, model_cfg) -> dict[str, Any]:
     "model_cfg": model_cfg,
     "encoder": episodes_lib.PromptEncoder(tokenizer, model_cfg, shapes),
     "eval_runner": episodes_lib.Runner(model_cfg, rcfg, shapes, tokenizer, bridge),
-    "eval_scorer": train.Scorer(config, 1, model_cfg.coord_convention),
+    "eval_scorer": scoring.Scorer(config, 1, model_cfg.coord_convention),
   }
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from segresearch_jax.data import okvos
-from segresearch_jax.eval import metrics
+from segresearch_jax.eval import curves, metrics
 
 REPORT_FILE = "report.html"
 FILES_DIR = "report_files"
@@ -425,23 +425,6 @@ def write_html_report(
 # ----------------------------------------------------------------------------
 
 
-def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads a metrics JSONL: one object with an integer-like "step" per line."""
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not JSON ({e}).") from e
-      if not isinstance(row, dict) or "step" not in row:
-        raise ValueError(f'{path}:{n}: each line must be an object with a "step".')
-      rows.append(row)
-  return rows
-
-
 def _numeric(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -471,7 +454,7 @@ def plot_training_curves(
   matplotlib.use("Agg")  # Headless; must precede pyplot.
   import matplotlib.pyplot as plt
 
-  rows = read_metrics_jsonl(metrics_jsonl_path)
+  rows = curves.read_metrics(metrics_jsonl_path)
   available = {k for r in rows for k, v in r.items() if k != "step" and _numeric(v)}
   if keys is None:
     keys = [k for k in PREFERRED_CURVES if k in available]
@@ -519,6 +502,27 @@ def plot_training_curves(
   return out
 
 
+def _read_json_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """The objects of a predictions.jsonl, as dicts: the report reads only their id and response.
+
+  Read here rather than with `predictions.read_predictions` because `predictions` writes
+  its report with this module (a module never imports the one above it).
+  """
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not JSON ({e}).") from e
+      if not isinstance(row, dict) or "id" not in row:
+        raise ValueError(f'{path}:{n}: each line must be an object with an "id".')
+      rows.append(row)
+  return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   """Rebuilds a report from results.json, or plots a metrics JSONL."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -536,11 +540,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.results:
     results_path = pathlib.Path(args.results)
     results = json.loads(results_path.read_text(encoding="utf-8"))
-    preds = None
-    if args.predictions:
-      from segresearch_jax.eval import predictions as predictions_lib
-
-      preds = predictions_lib.read_predictions(args.predictions)
+    preds = _read_json_lines(args.predictions) if args.predictions else None
     path = write_html_report(
       results,
       results_path.parent,

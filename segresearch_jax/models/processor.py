@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from segresearch_jax.agent import protocol
+from segresearch_jax import protocol
 
 
 @dataclasses.dataclass(frozen=True)

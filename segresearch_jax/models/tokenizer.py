@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from segresearch_jax.agent import protocol
+from segresearch_jax import protocol
 
 EMBEDDED_VOCAB_SIZE = 4096
 # Protocol tags become single tokens in the embedded vocabulary (ordinary tokens, so

@@ -2,9 +2,9 @@
 
 `mask_score` looks up, for each response, the IoU that the segmenter's mask for the
 predicted prompt has with the GT mask of the chosen keyframe, from the tables that
-`segmentation/mask_cache.py` built (nearest grid entry). The trainer adds
-`mask_weight * mask_score` to the official score (`add_mask_term`); with weight 0
-the total is exactly docs/method.md §3.1.
+`segmentation/mask_cache.py` built (nearest grid entry; `data/mask_tables.py` has the
+layout). The trainer adds `mask_weight * mask_score` to the official score
+(`add_mask_term`); with weight 0 the total is exactly docs/method.md §3.1.
 
 Which table feeds the score (`prompt`): SAM2 is prompted with the box AND the point
 at evaluation, but the cache holds point-only and box-only prompts. The default "box"
@@ -27,10 +27,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from segresearch_jax.agent import protocol
+from segresearch_jax import protocol
+from segresearch_jax.data import mask_tables
 from segresearch_jax.data import okvos as okvos_data
 from segresearch_jax.rewards import okvos
-from segresearch_jax.segmentation import mask_cache
 
 PROMPTS = ("box", "point", "mean")
 
@@ -44,7 +44,7 @@ def nearest_pair(lo: jnp.ndarray, hi: jnp.ndarray, k: int) -> tuple[jnp.ndarray,
   """The nearest bin pair (i < j) to the interval [lo, hi] on one axis, and whether it is valid.
 
   Returns:
-    pair index int32 (see `mask_cache.pair_index`) and ok bool (False when lo > hi).
+    pair index int32 (see `mask_tables.pair_index`) and ok bool (False when lo > hi).
   """
   centre = lambda i: (i.astype(jnp.float32) + 0.5) / k
   i, j = nearest_bin(lo, k), nearest_bin(hi, k)
@@ -57,7 +57,7 @@ def nearest_pair(lo: jnp.ndarray, hi: jnp.ndarray, k: int) -> tuple[jnp.ndarray,
   j = jnp.where(same & ~go_down, j + 1, j)
   ok = lo <= hi
   i, j = jnp.where(ok, i, 0), jnp.where(ok, j, 1)  # Keep the index in range when invalid.
-  return mask_cache.pair_index(i, j, k).astype(jnp.int32), ok
+  return mask_tables.pair_index(i, j, k).astype(jnp.int32), ok
 
 
 def mask_score(
@@ -73,7 +73,7 @@ def mask_score(
   """The mask term in [0, 1] of a batch (jittable; `prompt` is static).
 
   Args:
-    point_iou: uint8 [B, F, G, G] (`mask_cache` layout, rows = y).
+    point_iou: uint8 [B, F, G, G] (`mask_tables` layout, rows = y).
     box_iou: uint8 [B, F, P, P], P = K (K - 1) / 2 (x pair, y pair).
     keyframe_slot: int [B], index of the keyframe among the F shown frames; -1 = none.
     pred_box: float [B, 4] (x1, y1, x2, y2) normalised to [0, 1] of the frame.
@@ -95,7 +95,7 @@ def mask_score(
       f"got {box_iou.shape}."
     )
   b, f, g = point_iou.shape[0], point_iou.shape[1], point_iou.shape[-1]
-  k = mask_cache.bins_from_pairs(box_iou.shape[-1])
+  k = mask_tables.bins_from_pairs(box_iou.shape[-1])
   slot = jnp.asarray(keyframe_slot, jnp.int32)  # [B]
   ok = jnp.asarray(valid, bool) & (slot >= 0) & (slot < f)
   slot = jnp.clip(slot, 0, f - 1)

@@ -31,7 +31,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from segresearch_jax.agent import protocol
+from segresearch_jax import protocol
 
 # The official regexes: the definition of what the reward reads. Only `_KEYFRAME` runs
 # as is (it is linear: `\s*` and `\d+` cannot overlap, so a failed start backtracks
@@ -59,6 +59,8 @@ _TEXT_QUERY_KEY = re.compile(r'"query":\s*"')
 _TEXT_QUERY_END = '"}'
 
 TERMS = ("iou_score", "box_l1_score", "point_l1_score", "keyframe_score", "process_score")
+# The accuracy terms of TERMS (the rest is the process term); their sum is "outcome".
+OUTCOME_TERMS = TERMS[:4]
 
 
 @dataclasses.dataclass(frozen=True)

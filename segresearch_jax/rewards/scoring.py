@@ -4,6 +4,7 @@
     scores = score_fn(parsed, lengths, stop_reasons)     # jit: docs/method.md §3.1 terms,
                                                          # mask term, DAPO shaping,
                                                          # group advantages
+    scores = Scorer(config, group_size, convention)(batch, episodes)    # both, per batch
 
 Everything numeric runs in `jnp` under `jax.jit` (`reward_terms` of the official
 reward, the mask-cache gather, the overlong penalty, the group normalisation), so
@@ -20,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segresearch_jax.agent import rollout
+from segresearch_jax import protocol
 from segresearch_jax.rewards import mask as mask_lib
 from segresearch_jax.rewards import okvos
 from segresearch_jax.rl import advantages as adv_lib
+from segresearch_jax.rl import rows as rows_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,14 +118,50 @@ def make_score_fn(cfg: ScoreConfig):
       )
       reward = reward + penalty
       terms["overlong_penalty"] = penalty
-    grouped = reward.reshape(-1, cfg.group_size)
-    zero_var = jnp.all(grouped == grouped[:, :1], axis=1)
+    zero_var = adv_lib.zero_variance_groups(reward, cfg.group_size)  # [B / group_size]
     return dict(
       terms,
       reward=reward,
       advantages=adv_lib.group_advantages(reward, cfg.group_size),
       zero_variance=jnp.repeat(zero_var, cfg.group_size),
-      truncated=(stop_reason == rollout.MAX_LENGTH).astype(jnp.float32),
+      truncated=(stop_reason == protocol.MAX_LENGTH).astype(jnp.float32),
     )
 
   return jax.jit(score_fn)
+
+
+class Scorer:
+  """Host parse + the jitted numeric half (`make_score_fn`) for one group size.
+
+  With `mask=True` (training with `reward.mask_weight > 0`) the batch must carry the
+  mask-cache tables (`mask_point_iou`, `mask_box_iou`) and the mask term is added.
+  """
+
+  def __init__(self, config, group_size: int, convention: str, *, mask: bool = False):
+    cfg = dataclasses.replace(score_config(config), group_size=group_size)
+    self.group_size = group_size
+    self.convention = convention
+    self.resized = (config.data.frame_size, config.data.frame_size)  # as the GT conversion
+    self.mask = mask and cfg.mask_weight > 0
+    self.parse = Parser(cfg.reward)
+    self.score_fn = make_score_fn(cfg)
+
+  def __call__(self, batch: Mapping[str, Any], eps: Any) -> dict[str, np.ndarray]:
+    """Reward terms and advantages per row of `eps` (an `agent.episodes.Episodes` of
+    `batch`'s prompts, `group_size` consecutive rows each)."""
+    n = self.group_size
+    gts = rows_lib.per_row(batch, "ground_truth", n)
+    parsed = self.parse(eps.responses, gts, rows_lib.per_row(batch, "steps", n))
+    mask_inputs = None
+    if self.mask:
+      mask_inputs = mask_lib.parse_mask_prompts(
+        eps.responses,
+        gts,
+        np.repeat(np.asarray(batch["frame_numbers"]), n, axis=0),
+        self.convention,
+        self.resized,
+      )
+      mask_inputs["point_iou"] = np.repeat(np.asarray(batch["mask_point_iou"]), n, axis=0)
+      mask_inputs["box_iou"] = np.repeat(np.asarray(batch["mask_box_iou"]), n, axis=0)
+    scores = self.score_fn(parsed, eps.out["response_length"], eps.out["stop_reason"], mask_inputs)
+    return {k: np.asarray(v) for k, v in jax.device_get(scores).items()}

@@ -33,10 +33,19 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-6):
   return ((r - mean) / (std + eps)).reshape(-1)
 
 
-def zero_variance_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:
-  """bool [P]: groups whose rewards are all equal (no learning signal; DAPO drops them)."""
-  r = np.asarray(rewards).reshape(-1, group_size)
-  return np.all(r == r[:, :1], axis=1)
+def zero_variance_groups(rewards, group_size: int):
+  """bool [P]: groups whose rewards are all equal (no learning signal; DAPO drops them).
+
+  Args:
+    rewards: [N] with N a multiple of group_size (numpy or jnp, also inside jit).
+    group_size: rollouts per prompt.
+
+  Returns:
+    [P] bool, same array type as `rewards`.
+  """
+  xp = jnp if not isinstance(rewards, np.ndarray) else np
+  r = rewards.reshape(-1, group_size)  # [P, n]
+  return xp.all(r == r[:, :1], axis=1)
 
 
 def overlong_penalty(lengths, max_length: int, buffer: int, factor: float = 1.0):

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from segresearch_jax.agent import protocol
+from segresearch_jax import protocol
 from segresearch_jax.search import results as results_lib
 
 METHODS = ("bm25", "dense", "hybrid")

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from segresearch_jax.eval import reports
+from segresearch_jax.eval import curves
 
 DEFAULT_TERMS = ("reward", "keyframe_score", "format_score", "igr", "process_score")
 
@@ -40,15 +40,8 @@ def train_metrics(run: str | pathlib.Path) -> dict[int, dict[str, float]]:
   path = pathlib.Path(run) / "metrics.jsonl"
   if not path.is_file():
     raise FileNotFoundError(f"No metrics.jsonl in {run}: is it a training run folder?")
-  rows = reports.read_metrics_jsonl(path)
+  rows = curves.read_metrics(path)
   return {int(r["step"]): r for r in rows if r.get("phase") == "train"}
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-  """(mean, standard error of the mean); the error is NaN for a single value."""
-  v = np.asarray(values, float)
-  se = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-  return float(np.mean(v)), se
 
 
 def step_sample_ids(run: str | pathlib.Path, step: int) -> list[str] | None:
@@ -120,7 +113,7 @@ def compare(
         y = np.array([_value(control[s], term) for s in span])
       except KeyError:
         raise ValueError(f"Term {term!r} is not in the metrics of both runs.") from None
-      diff, se = mean_se(x - y)
+      diff, se = curves.mean_se(x - y)
       out.append(
         dict(steps=label, term=term, run=float(x.mean()), control=float(y.mean()), diff=diff, se=se)
       )

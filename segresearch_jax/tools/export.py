@@ -48,8 +48,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from segresearch_jax import checkpoint
-from segresearch_jax.agent import protocol
+from segresearch_jax import checkpoint, protocol
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import policy, processor, weights
 from segresearch_jax.models import tokenizer as tokenizer_lib

@@ -73,6 +73,18 @@ def expand_images(text: str, tokens_per_image: Sequence[int]) -> str:
 
 
 # ----------------------------------------------------------------------------
+# Episode outcomes (docs/method.md §1): the rollout writes these ids, records, rewards
+# and reports read them.
+# ----------------------------------------------------------------------------
+
+# Why an episode stopped; `STOP_REASONS[i]` names stop-reason id i.
+STOP_REASONS = ("finished", "max_turns", "max_length", "empty")
+FINISHED, MAX_TURNS, MAX_LENGTH, EMPTY = range(4)
+# The image an observation inserts (the host bridge's `image_kind`, the rollout's `obs_kind`).
+NO_IMAGE, KEYFRAME_IMAGE, SEARCH_IMAGE = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------
 # System prompts.
 # ----------------------------------------------------------------------------
 
