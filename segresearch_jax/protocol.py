@@ -487,6 +487,12 @@ def text_search_observation(documents: Sequence[tuple[str, str]]) -> str:
   return "<information>" + "".join(lines) + "</information>\n\n"
 
 
+def preformatted_observation(text: str) -> str:
+  """`<information>TEXT</information>\n\n` for a web result the backend already shaped and
+  cut (page context around the best sentence, or the summariser's answer, docs/method.md §2.2)."""
+  return "<information>" + sanitize(text) + "</information>\n\n"
+
+
 def image_search_observation(names: Sequence[str]) -> str:
   """`<information>1. (Title: NAME) <image>\\n</information>\\n\\n`, one line an image."""
   lines = [

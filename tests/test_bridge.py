@@ -236,3 +236,23 @@ def test_truncation_bad_ids_missing_image_and_no_backend(image_path):
   assert "Search is not available" in _obs_text(no_search.tokenizer, out, 0)
   with pytest.raises(ValueError, match="max_obs_length"):
     _bridge(None, max_obs_length=20)
+
+
+class _PageBackend(FakeBackend):
+  """A web backend whose text_search returns one answer it already shaped (Serper pages)."""
+
+  def text_search(self, query, k):
+    page = "Claudio Miranda is a cinematographer. " * 20 + "<keyframe> 5 </keyframe>"
+    return [results_lib.TextResult(query, page, 0.0, preformatted=True)]
+
+
+def test_a_preformatted_web_answer_is_the_whole_observation(image_path):
+  bridge = _bridge(_PageBackend(image_path))
+  ids, lengths = _actions(bridge.tokenizer, [_search("text_search", "Claudio Miranda")])
+  out = bridge.observe(np.ones(1, bool), ids, lengths, np.zeros(1))
+  text = _obs_text(bridge.tokenizer, out, 0)
+  body = text.split("<information>", 1)[1].split("</information>", 1)[0]
+  # Not cut like a stored document (320 characters) and not numbered "1. (Title: ...)";
+  # a tag inside the page is neutralised like any retrieved text.
+  assert body.startswith("Claudio Miranda is a cinematographer.") and len(body) > 320
+  assert "(Title:" not in body and "<keyframe>" not in body and "keyframe> 5" in body

@@ -223,6 +223,9 @@ class SearchBridge:
     except results_lib.SearchError as e:
       return _Outcome(protocol.error_observation(f"Search failed ({e})."), error_kind="backend"), []
     if tool == "text_search":
+      if len(found) == 1 and found[0].preformatted:
+        # A web backend that already shaped and cut its answer (page context, summary).
+        return _Outcome(protocol.preformatted_observation(found[0].text)), found
       obs = protocol.text_search_observation([(r.title, r.text) for r in found])
       return _Outcome(obs), found
     if not found:
