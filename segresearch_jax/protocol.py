@@ -488,7 +488,7 @@ def text_search_observation(documents: Sequence[tuple[str, str]]) -> str:
 
 
 def preformatted_observation(text: str) -> str:
-  """`<information>TEXT</information>\n\n` for a web result the backend already shaped and
+  """`<information>TEXT</information>\\n\\n` for a web result the backend already shaped and
   cut (page context around the best sentence, or the summariser's answer, docs/method.md §2.2)."""
   return "<information>" + sanitize(text) + "</information>\n\n"
 
