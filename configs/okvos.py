@@ -16,7 +16,8 @@ The paper recipe (Qwen3-VL-4B, 16 prompts x 8 rollouts, lr 1e-6, 100 steps):
 
 It evaluates with SAM2.1 hiera-large and Serper web search (SERPER_API_KEY). Variants
 combine left to right: `:paper,8b` (Qwen3-VL-8B, 160 steps, tensor parallel 2),
-`:paper,dapo` (clip-higher, dynamic sampling, overlong shaping).
+`:paper,dapo` (clip-higher, dynamic sampling, overlong shaping); `:runlocal` (last,
+e.g. `:paper,runlocal`) shrinks any of them to a tiny run that a CPU test finishes.
 
 Any field can be overridden with `--config.x.y=value`; a misspelled key fails at once
 (`lock_config=True`). Lengths: we cap the *response* at `rollout.max_response_length`
@@ -41,6 +42,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.hf_dir = ""  # A local HF checkpoint; overrides the preset's shapes and weights.
   c.model.tokenizer_dir = ""  # Local HF tokenizer/processor dir; empty = the embedded tokenizer.
   c.model.dtype = "float32"  # Compute dtype (params stay fp32): float32 | bfloat16.
+  # Memory and speed on accelerators (docs: `python -m segresearch_jax.tools.aot`):
+  # per-layer rematerialisation none | full | dots, the decoder layers under one
+  # lax.scan (stacked parameters), attention kernel auto | xla_blocked | splash | cudnn
+  # (auto: splash on TPU, cuDNN on GPU, the blocked XLA loop on CPU).
+  c.model.remat = "none"
+  c.model.scan_layers = False
+  c.model.attention = "auto"
   # True: refuse to start without `hf_dir` (a recipe that fine-tunes a pretrained
   # model must not silently train a randomly initialised one).
   c.model.require_hf_dir = False
@@ -81,19 +89,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The e5 `query: ` / `passage: ` prefixes (the official e5-base-v2 retriever was
   # trained with them); needs search.dense_model.
   c.search.dense_prefixes = False
+  # Hybrid retrieval: alpha x dense + (1 - alpha) x BM25 (each score min-max normalised).
+  c.search.hybrid_alpha = 0.5
+  # Corpus embeddings are cached on disk; empty = ~/.cache/segresearch_jax/embeddings.
+  c.search.embedding_cache_dir = ""
   c.search.service_url = ""  # backend=service: a `segresearch_jax.search.service` root.
   # Web backends (serper | ddgs): results per text search (official 3, whatever
   # text_top_k says); serper fetches each result page and answers with the context
   # around its best-matching sentence, 960 characters in all (official page processing).
   c.search.web_top_k = 3
   c.search.fetch_pages = True
+  c.search.serper_base_url = "https://google.serper.dev"  # The Serper API root.
+  c.search.image_dir = ""  # Where serper downloads image results; empty = keep the URLs.
   # Official "web browsing": an OpenAI-compatible chat endpoint condenses the fetched
   # pages (temperature 0.6, top_p 0.95, up to 8192 tokens). Empty = off.
   c.search.summarizer_url = ""
   c.search.summarizer_model = ""
+  c.search.summarizer_retries = 10
+  c.search.summarizer_timeout_s = 120.0
   c.search.text_top_k = 1  # Official 2; the synthetic KB answers every query at rank 1.
   c.search.image_top_k = 1
-  c.search.timeout_s = 30.0
+  c.search.timeout_s = 30.0  # Per request (web and service backends), as a whole.
+  # Web and service backends: retries of a failed request, the wait doubling from backoff_s.
+  c.search.max_retries = 2
+  c.search.backoff_s = 1.0
   c.search.cache_mode = "read_write"  # off | read_write | replay
   c.search.cache_path = ""  # Empty = workdir/search_cache.sqlite.
 
@@ -107,6 +126,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.top_k = 0
+  # Rows prefilled together when observations arrive (rounded down to a divisor of the
+  # batch); 0 = a sixteenth of the batch (`rollout.RolloutConfig.observe_rows`).
+  c.rollout.observe_rows = 0
 
   c.reward = ml_collections.ConfigDict()
   c.reward.tpr_p = 0.7
@@ -222,6 +244,8 @@ def _paper(c: ml_collections.ConfigDict) -> None:
   c.total_steps = 100
   c.model.preset = "qwen3_vl_4b"
   c.model.dtype = "bfloat16"
+  c.model.remat = "full"
+  c.model.scan_layers = True
   c.data.source = "okvos"
   c.data.frame_size = 448
   c.data.keyframe_size = 864
@@ -266,14 +290,44 @@ def _8b(c: ml_collections.ConfigDict) -> None:
 
 
 def _dapo(c: ml_collections.ConfigDict) -> None:
-  """DAPO as the official DAPO script sets it: clip-higher 0.28, dynamic sampling
-  (refill with groups whose rewards differ), soft overlong penalty over the last
-  4096 response tokens. The official trainer never reads the last two
-  (docs/differences.md); here they act."""
-  c.loss.clip_high = 0.28
+  """DAPO as the official DAPO scripts set it: clip-higher 0.3, dynamic sampling (refill
+  with groups whose rewards differ) and truncated responses masked out of the loss. The
+  official trainer never reads the last two (docs/differences.md); here they act. DAPO's
+  soft overlong penalty (`dapo.overlong_buffer`) is not in the scripts and stays off."""
+  c.loss.clip_high = 0.3
   c.dapo.filter_groups = True
-  c.dapo.overlong_buffer = 4096
-  c.dapo.overlong_penalty = 1.0
+  c.dapo.overlong_mask = True
+
+
+def _runlocal(c: ml_collections.ConfigDict) -> None:
+  """Shrinks the run to what a CPU test runs in seconds: the tiny policy, 2 prompts x 2
+  rollouts of 2 turns, small frames, a 16 / 4 sample synthetic set, 2 warm-start and 2
+  GRPO steps, 2 evaluation samples. Give it last (`:paper,runlocal`): it also shrinks a
+  recipe's lengths and image sizes, and evaluates with the weight-free segmenter and the
+  training search backend, so it runs without checkpoints or network."""
+  c.total_steps = 2
+  c.model.preset = "tiny"
+  c.model.require_hf_dir = False
+  c.data.frame_size = 64
+  c.data.keyframe_size = 64
+  c.data.search_image_size = 64
+  c.data.min_pixels = 0
+  c.data.synthetic_train = 16
+  c.data.synthetic_test = 4
+  c.batch_size = 2
+  c.rollout.group_size = 2
+  c.rollout.max_turns = 2
+  c.rollout.max_prompt_length = 272
+  c.rollout.max_response_length = 192
+  c.rollout.max_action_length = 48
+  c.rollout.max_obs_length = 160
+  c.loss.mini_batches = 2
+  c.sft.steps = 2
+  c.sft.batch_size = 2
+  c.checkpoint.every_steps = 1
+  c.eval.num_samples = 2
+  c.eval.segmenter = "weight_free"
+  c.eval.search = ""
 
 
 def _reasonseg(c: ml_collections.ConfigDict) -> None:
@@ -295,11 +349,13 @@ def _revos(c: ml_collections.ConfigDict) -> None:
   c.data.eval_split = "valid"
 
 
-# Variants applied in the order given: `configs/okvos.py:paper,dapo`, `:paper,8b`.
+# Variants applied in the order given: `configs/okvos.py:paper,dapo`, `:paper,8b`,
+# `:runlocal`, `:paper,runlocal`.
 VARIANTS = {
   "paper": _paper,
   "8b": _8b,
   "dapo": _dapo,
+  "runlocal": _runlocal,
   "reasonseg": _reasonseg,
   "reasonvos": _reasonvos,
   "revos": _revos,

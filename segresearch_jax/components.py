@@ -56,14 +56,15 @@ def build_policy(config, tokenizer, mesh=None) -> tuple[config_lib.ModelConfig, 
 
   Small presets take their vocabulary and special-token ids from the run's
   tokenizer; a HF checkpoint brings its own config and weights. With a mesh the
-  parameters are created (or placed) sharded by the config's partition rules.
+  parameters are created (or placed) sharded by the config's partition rules. The
+  model computes as `config.model` asks (dtype, remat, scan_layers, attention).
   """
   if config.model.hf_dir:
-    model_cfg, params = weights.load_hf_checkpoint(config.model.hf_dir, jnp.float32)
+    model_cfg, params = weights.load_hf_checkpoint(config.model.hf_dir, jnp.float32, config.model)
     if mesh is not None:
       params = jax.device_put(params, param_sharding(config, mesh, params))
     return model_cfg, params
-  model_cfg = config_lib.get_preset(config.model.preset)
+  model_cfg = config_lib.with_compute(config_lib.get_preset(config.model.preset), config.model)
   if model_cfg.text.vocab_size < tokenizer.vocab_size or config.model.preset in (
     "tiny",
     "embedded",
@@ -109,31 +110,22 @@ def make_search_backend(config, kb_dir: str):
   if s.backend == "none":
     return None
   kb = s.kb_dir or kb_dir
-  fields = {"backend": s.backend, "timeout_s": s.timeout_s, "cache_mode": s.cache_mode}
+  paths = {}
   if s.backend == "local":
     if not kb:
       raise ValueError("search.backend=local needs search.kb_dir (or the synthetic data set).")
     image_corpus = os.path.join(kb, "image_corpus.jsonl")
     # Image files are found next to the corpus (`images/`, or each row's image_path).
-    fields.update(
+    paths.update(
       text_corpus=os.path.join(kb, "text_corpus.jsonl"),
       image_corpus=image_corpus if os.path.isfile(image_corpus) else None,
-      method=s.method,
-      dense_model=s.dense_model or None,
-      dense_prefixes=s.dense_prefixes,
     )
-  elif s.backend == "service":
-    fields["service_url"] = s.service_url
-  elif s.backend in ("serper", "ddgs"):
-    fields.update(web_top_k=s.web_top_k, fetch_pages=s.fetch_pages)
-    if s.summarizer_url or s.summarizer_model:
-      fields.update(summarizer_url=s.summarizer_url, summarizer_model=s.summarizer_model)
   if s.cache_mode != "off":
     suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
-    fields["cache_path"] = s.cache_path or os.path.join(
+    paths["cache_path"] = s.cache_path or os.path.join(
       config.workdir, f"search_cache{suffix}.sqlite"
     )
-  backend = search_factory.make_backend(fields)
+  backend = search_factory.make_backend(search_factory.SearchConfig.from_config(s), **paths)
   try:  # A backend that is down fails here, not in the middle of a rollout.
     backend.text_search("health check", 1)
   except Exception as e:  # pylint: disable=broad-except
@@ -217,7 +209,7 @@ class Components:
 
   Attributes:
     model_cfg: the policy's shapes.
-    shapes: image and episode shapes (`episodes.shapes_from_config`).
+    shapes: image and episode shapes (`episodes.EpisodeShapes.from_config`).
     encoder: turns a prepared sample into prompt tokens and patches.
     okvos_dir: the OK-VOS folder (raw layout) the run reads.
     kb_dir: the knowledge base that came with the data ("" when none).
@@ -250,7 +242,7 @@ class Components:
 
 def build_components(config, tokenizer, model_cfg: config_lib.ModelConfig) -> Components:
   """Data, search, bridge, rollout runners and scorers of a run (shared with evaluate)."""
-  shapes = episodes_lib.shapes_from_config(config, model_cfg)
+  shapes = episodes_lib.EpisodeShapes.from_config(config, model_cfg)
   encoder = episodes_lib.PromptEncoder(tokenizer, model_cfg, shapes)
   okvos_dir, kb_dir = pipeline.resolve_data(config.data, config.workdir, config.seed)
   backend = make_search_backend(config, kb_dir)
@@ -264,9 +256,9 @@ def build_components(config, tokenizer, model_cfg: config_lib.ModelConfig) -> Co
     from segresearch_jax.segmentation import mask_cache
 
     mask_cache_dir = mask_cache.build(config, config.data.train_split)
-  rcfg = episodes_lib.rollout_config(config, model_cfg, shapes, tokenizer)
-  eval_rcfg = episodes_lib.rollout_config(
-    config, model_cfg, shapes, tokenizer, group_size=1, temperature=0.0
+  rcfg = rollout.RolloutConfig.from_config(config, shapes, tokenizer)
+  eval_rcfg = rollout.RolloutConfig.from_config(
+    config, shapes, tokenizer, group_size=1, temperature=0.0
   )
   return Components(
     model_cfg=model_cfg,
@@ -385,11 +377,9 @@ def run_plan(
     optimizer,
     micro_batches=config.loss.micro_batches,
     compute_dtype=config.model.dtype,
-    remat=config.model.get("remat", "none"),
+    remat=config.model.remat,
     image_patches=_plan_image_patches(config, model_cfg),
-    max_replicated_elements=config.mesh.get(
-      "max_replicated_elements", sharding.DEFAULT_MAX_REPLICATED_ELEMENTS
-    ),
+    max_replicated_elements=config.mesh.max_replicated_elements,
   )
   source = config.model.hf_dir or f"preset {config.model.preset}"
   header = f"model: {model_cfg.family} ({source}), compute dtype {config.model.dtype}"

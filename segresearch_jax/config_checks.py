@@ -17,7 +17,7 @@ import jax
 
 from segresearch_jax import sharding
 from segresearch_jax.data import okvos as okvos_lib
-from segresearch_jax.eval import reasoning as reasoning_eval
+from segresearch_jax.data import reasoning as reasoning_data
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.rewards import mask as mask_lib
 from segresearch_jax.rl import losses
@@ -32,7 +32,7 @@ CONFIG_CHOICES: dict[str, tuple[str, ...]] = {
   "model.dtype": ("float32", "bfloat16"),
   "data.source": ("synthetic", "okvos"),
   "data.on_error": okvos_lib.ON_ERROR,
-  "data.benchmark": ("", *reasoning_eval.BENCHMARKS),
+  "data.benchmark": ("", *reasoning_data.BENCHMARKS),
   "search.backend": (*search_factory.BACKENDS, "none"),
   "search.method": local_kb.METHODS,
   "search.cache_mode": search_cache.MODES,
@@ -61,6 +61,11 @@ CONFIG_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
   ("search.image_top_k", lambda v: v >= 1, ">= 1"),
   ("search.web_top_k", lambda v: v >= 1, ">= 1"),
   ("search.timeout_s", lambda v: v > 0, "> 0"),
+  ("search.hybrid_alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
+  ("search.max_retries", lambda v: v >= 0, ">= 0"),
+  ("search.backoff_s", lambda v: v >= 0, ">= 0"),
+  ("search.summarizer_retries", lambda v: v >= 0, ">= 0"),
+  ("search.summarizer_timeout_s", lambda v: v > 0, "> 0"),
   ("rollout.group_size", lambda v: v >= 1, ">= 1"),
   ("rollout.max_turns", lambda v: v >= 1, ">= 1"),
   ("rollout.max_prompt_length", lambda v: v >= 1, ">= 1"),
@@ -72,6 +77,7 @@ CONFIG_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
   ("rollout.temperature", lambda v: v > 0, "> 0 (evaluation decodes greedily by itself)"),
   ("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
   ("rollout.top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
+  ("rollout.observe_rows", lambda v: v >= 0, ">= 0 (0 = a sixteenth of the batch)"),
   ("reward.tpr_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
   ("reward.tpr_budget", lambda v: v >= 0, ">= 0"),
   ("reward.igr_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),

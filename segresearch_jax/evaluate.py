@@ -24,7 +24,7 @@ import functools
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -35,12 +35,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from segresearch_jax import checkpoint as checkpoint_lib
 from segresearch_jax import components as components_lib
 from segresearch_jax import config_checks, protocol, runtime, sharding
+from segresearch_jax.agent import episodes as episodes_lib
+from segresearch_jax.agent import rollout
 from segresearch_jax.data import okvos as okvos_lib
+from segresearch_jax.data import pipeline
+from segresearch_jax.data import reasoning as reasoning_data
 from segresearch_jax.eval import predictions as predictions_lib
 from segresearch_jax.eval import reasoning
 from segresearch_jax.models import policy
 from segresearch_jax.models import tokenizer as tokenizer_lib
 from segresearch_jax.rewards import okvos as okvos_reward
+from segresearch_jax.rewards import scoring
 
 # ----------------------------------------------------------------------------
 # Greedy episodes.
@@ -88,20 +93,20 @@ def greedy_episodes(
   preds: list[predictions_lib.Prediction] = []
   for batch in dataset:
     batch, real = pad_batch(batch, config.batch_size)
-    eps = runner(params, batch, jax.random.PRNGKey(0), search=search)
-    scores = scorer(batch, eps)
+    episodes = runner(params, batch, jax.random.PRNGKey(0), search=search)
+    scores = scorer(batch, episodes)
     for r in range(real):
       reward = {k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"}
       reward["validation"] = okvos_reward.validation_reward(
-        eps.responses[r], str(batch["ground_truth"][r])
+        episodes.responses[r], str(batch["ground_truth"][r])
       )
       preds.append(
         predictions_lib.parse_response(
           str(batch["id"][r]),
           str(batch["ability"][r]),
-          eps.responses[r],
-          stop_reason=protocol.STOP_REASONS[int(eps.out["stop_reason"][r])],
-          tool_calls=[dataclasses.asdict(c) for c in eps.tool_calls[r]],
+          episodes.responses[r],
+          stop_reason=protocol.STOP_REASONS[int(episodes.out["stop_reason"][r])],
+          tool_calls=[dataclasses.asdict(c) for c in episodes.tool_calls[r]],
           reward=reward,
         )
       )
@@ -247,6 +252,133 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------
+# ReasonSeg, ReasonVOS, ReVOS: their own samples and tables (`eval.reasoning`).
+# ----------------------------------------------------------------------------
+
+
+def benchmark_dir(config) -> str:
+  """The raw folder of `config.data.benchmark` (`config.data.<benchmark>_dir`)."""
+  name = config.data.benchmark
+  if name not in reasoning_data.BENCHMARKS:
+    raise ValueError(f"config.data.benchmark={name!r} is not one of {reasoning_data.BENCHMARKS}.")
+  root = config.data.get(f"{name}_dir", "")
+  if not root or not os.path.isdir(root):
+    raise FileNotFoundError(
+      f"config.data.{name}_dir={root!r} is not a directory; point it at the raw "
+      f"{reasoning_data.TITLES[name]}."
+    )
+  return root
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalComponents:
+  """What a benchmark evaluation is built from: `components.build_components`'s greedy
+  runner, scorer and prompt encoder, without the OK-VOS data."""
+
+  model_cfg: Any  # models.config.ModelConfig
+  encoder: episodes_lib.PromptEncoder
+  eval_runner: episodes_lib.Runner  # group size 1, temperature 0, evaluation's search
+  eval_scorer: scoring.Scorer  # group size 1
+
+
+def eval_components(config, tokenizer, model_cfg) -> EvalComponents:
+  """The greedy runner, scorer and prompt encoder of `components.build_components`, without
+  data."""
+  shapes = episodes_lib.EpisodeShapes.from_config(config, model_cfg)
+  # Evaluation's search backend (`eval.search`), as `components.build_components` picks it.
+  eval_config = components_lib.eval_search_config(config)
+  backend = components_lib.make_search_backend(eval_config, config.search.kb_dir)
+  bridge = components_lib.make_bridge(config, backend, tokenizer, shapes)
+  rcfg = rollout.RolloutConfig.from_config(config, shapes, tokenizer, group_size=1, temperature=0.0)
+  return EvalComponents(
+    model_cfg=model_cfg,
+    encoder=episodes_lib.PromptEncoder(tokenizer, model_cfg, shapes),
+    eval_runner=episodes_lib.Runner(model_cfg, rcfg, shapes, tokenizer, bridge),
+    eval_scorer=scoring.Scorer(config, 1, model_cfg.coord_convention),
+  )
+
+
+def evaluate_benchmark(
+  config,
+  params,
+  components: EvalComponents,
+  out_dir: str | os.PathLike,
+  *,
+  search: bool = True,
+  segmenter_fn: Callable | None = None,
+) -> dict[str, Any]:
+  """Greedy episodes on `config.data.benchmark`, then masks and its table.
+
+  Args:
+    config: the run config (`data.benchmark` one of `data.reasoning.BENCHMARKS`,
+      `data.<benchmark>_dir`, `data.eval_split`).
+    params: the policy's parameters.
+    components: `eval_components(...)`.
+    out_dir: predictions.jsonl, results.json, masks/, report.html and benchmark/ go here.
+    search: False evaluates with search detached.
+    segmenter_fn: the video segmenter; default `config.eval`'s.
+
+  Returns:
+    The results dict (see `eval.reasoning.score_predictions`) with "episodes": the mean
+    reward terms.
+  """
+  from segresearch_jax.segmentation import video
+
+  root = benchmark_dir(config)
+  benchmark, split = config.data.benchmark, config.data.eval_split
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  samples = reasoning.prepare_samples(benchmark, root, split, out / reasoning.BENCHMARK_DIR)
+  model_cfg = components.model_cfg
+  dataset = pipeline.make_dataset(
+    reasoning.PromptSource(samples, config.data.num_frames),
+    batch_size=config.batch_size,
+    shuffle=False,
+    num_epochs=1,
+    drop_remainder=False,
+    frame_size=config.data.frame_size,
+    num_frames=config.data.num_frames,
+    convention=model_cfg.coord_convention,
+    template_dir=config.data.templates or None,
+    encode_fn=components.encoder,
+    shard_index=0,
+    shard_count=1,
+  )
+  m, preds = greedy_episodes(
+    config, params, dataset, components.eval_runner, components.eval_scorer, search=search
+  )
+  predictions_lib.write_predictions(out / predictions_lib.PREDICTIONS_FILE, preds)
+  if segmenter_fn is None:
+    segmenter_fn = functools.partial(video.segment_video, segmenter=video.from_config(config.eval))
+  size = config.data.frame_size
+  results = reasoning.score_predictions(
+    benchmark,
+    preds,
+    samples,
+    segmenter_fn,
+    model_cfg.coord_convention,
+    out,
+    split=split,
+    resized=(size, size),
+    report_samples=config.eval.report_samples,
+  )
+  results["episodes"] = m
+  (out / "eval_metrics.json").write_text(
+    json.dumps({"episodes": m, "table": results["benchmark"]["table"]}, indent=1)
+  )
+  return results
+
+
+def run_benchmark(
+  config, params, model_cfg, tokenizer, out_dir, *, search: bool = True
+) -> dict[str, Any]:
+  """`main`'s path for a benchmark config: components, episodes, table, report."""
+  benchmark_dir(config)  # A wrong name or folder fails before anything is built.
+  components = eval_components(config, tokenizer, model_cfg)
+  return evaluate_benchmark(config, params, components, out_dir, search=search)
+
+
+# ----------------------------------------------------------------------------
 # Command line: evaluate a checkpoint.
 # ----------------------------------------------------------------------------
 
@@ -293,7 +425,7 @@ def main(argv: list[str]) -> None:
   print(f"evaluating step {step} of {f.checkpoint}", flush=True)
   if config.data.get("benchmark"):  # ReasonSeg / ReasonVOS / ReVOS: their own driver.
     out = f.out or os.path.join(config.workdir, f"eval_{config.data.benchmark}_{step}")
-    reasoning.run(config, params, model_cfg, tokenizer, out, search=f.search)
+    run_benchmark(config, params, model_cfg, tokenizer, out, search=f.search)
     print(f"results in {out}")
     return
   c = components_lib.build_components(config, tokenizer, model_cfg)

@@ -12,7 +12,7 @@ Each returns a plain value (a string, a PIL image), so everything here works wit
 IPython; `show` displays a value when a notebook kernel is running.
 
     from segresearch_jax import notebook
-    config = notebook.load_config(None, **notebook.SHRUNK, total_steps=2, workdir="/tmp/run")
+    config = notebook.load_config("runlocal", workdir="/tmp/run")
     summary = train.train(config)
     notebook.show(notebook.trajectory_markdown("/tmp/run"), markdown=True)
 """
@@ -38,28 +38,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from segresearch_jax import protocol
 from segresearch_jax.eval import curves
-
-# The embedded default shrunk to a CPU-sized run: tests/test_train.py's settings plus a
-# smaller synthetic set (the mask cache then builds in seconds, not minutes). The step
-# count is left out: the notebooks take it from their STEPS parameter.
-SHRUNK: dict[str, Any] = {
-  "model.preset": "tiny",
-  "data.frame_size": 64,
-  "data.keyframe_size": 64,
-  "data.synthetic_train": 16,
-  "data.synthetic_test": 4,
-  "batch_size": 2,
-  "rollout.group_size": 2,
-  "rollout.max_turns": 2,
-  "rollout.max_response_length": 192,
-  "rollout.max_action_length": 48,
-  "rollout.max_obs_length": 160,
-  "loss.mini_batches": 2,
-  "sft.steps": 2,
-  "sft.batch_size": 2,
-  "checkpoint.every_steps": 1,
-  "eval.num_samples": 2,
-}
 
 # Reward terms in reading order: the total, the outcome terms, then the process terms.
 _REWARD_ORDER = (
@@ -197,7 +175,8 @@ def load_config(arg: str | None = None, /, **overrides: Any) -> ml_collections.C
   """The run config of `configs/okvos.py` with overrides, locked like `--config`.
 
   Args:
-    arg: the preset: None (the embedded default) or "paper".
+    arg: the variants of `configs/okvos.py`: None (the embedded default), "paper",
+      "runlocal" (the CPU-sized run of the tests), "paper,dapo", ...
     **overrides: fields to set, dotted for nested ones (`**{"rollout.group_size": 2}`)
       or top-level as keywords (`total_steps=2`); a nested dict sets its fields.
 

@@ -85,6 +85,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )
 
 DEFAULT_MAX_REPLICATED_ELEMENTS = 2**20
+# The stacked decoder layers of a scanned model (see `_resolve`).
+_STACKED_LAYERS = r"(^|/)layers/"
 
 
 # ----------------------------------------------------------------------------
@@ -266,7 +268,14 @@ class _Resolved:
 def _resolve(
   path: str, shape: tuple[int, ...], rules: Sequence[tuple[str, tuple[SpecEntry, ...]]], sizes
 ) -> _Resolved:
-  """The spec of one array: first matching rule, unsplittable dimensions set to None."""
+  """The spec of one array: first matching rule, unsplittable dimensions set to None.
+
+  Stacked decoder layers (`ModelConfig.scan_layers`: `layers/...` with a leading layer
+  axis) follow the rule of one layer; the layer axis is never split (the scan slices it).
+  """
+  if re.search(_STACKED_LAYERS, path) and len(shape) > 1:
+    one = _resolve(re.sub(_STACKED_LAYERS, r"\1layers_0/", path), shape[1:], rules, sizes)
+    return _Resolved(PartitionSpec(None, *one.spec), one.rule, one.dropped)
   for pattern, entries in rules:
     if not re.search(pattern, path):
       continue

@@ -7,18 +7,17 @@ in the jitted rollout (searches served by the host bridge) -> score them (docs/m
 plus the mask-cache term) -> group advantages -> `mini_batches` PPO-clip updates
 -> log, trajectory records, checkpoint, periodic validation (greedy, held-out split).
 
-The file reads top to bottom: the update step, the warm start (supervised, on expert
-trajectories, for policies that start from random weights), the GRPO step, evaluation,
-and the loop. Library code lives in the package: what a run is built from (policy,
-data, search, runners, scorers) in `components.py`, config checks in `config_checks.py`,
-process plumbing in `runtime.py`, rollout in `agent/`, rewards and the `Scorer` in
-`rewards/`, losses, the update and the training-row layout in `rl/`, the reward
-curve in `eval/curves.py`.
+The file reads top to bottom: logging a rollout batch, the GRPO step, evaluation, and
+the loop. Library code lives in the package: what a run is built from (policy, data,
+search, runners, scorers) in `components.py`, the jitted update in `steps.py`, the
+warm start (supervised, on expert trajectories, for policies that start from random
+weights) in `warm_start.py`, config checks in `config_checks.py`, process plumbing in
+`runtime.py`, rollout in `agent/`, rewards and the `Scorer` in `rewards/`, losses and
+the training-row layout in `rl/`, the reward curve in `eval/curves.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import pathlib
@@ -30,217 +29,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from jax.sharding import NamedSharding, PartitionSpec
 
 from segresearch_jax import checkpoint as checkpoint_lib
 from segresearch_jax import components as components_lib
-from segresearch_jax import config_checks, evaluate, protocol, runtime, sharding
+from segresearch_jax import config_checks, evaluate, protocol, runtime, sharding, steps
 from segresearch_jax import metrics as metrics_lib
+from segresearch_jax import warm_start as warm_start_lib
 from segresearch_jax.agent import episodes as episodes_lib
 from segresearch_jax.agent import records as records_lib
 from segresearch_jax.agent import rollout
 from segresearch_jax.data import pipeline
 from segresearch_jax.eval import curves
-from segresearch_jax.models import decoding
 from segresearch_jax.rewards import okvos as okvos_reward
-from segresearch_jax.rl import losses
 from segresearch_jax.rl import rows as rows_lib
-from segresearch_jax.rl import update as update_lib
-
-# ----------------------------------------------------------------------------
-# The update: log-probs, optimizer, sharded train state.
-# ----------------------------------------------------------------------------
-
-
-def sharded_state(params, optimizer, mesh, config) -> tuple[Any, Any]:
-  """(train state born sharded, its sharding tree): optimizer moments follow the params."""
-  init = lambda p: update_lib.init_state(p, optimizer)
-  abstract = jax.eval_shape(init, params)
-  shardings = sharding.state_shardings(
-    abstract, components_lib.param_sharding(config, mesh, params)
-  )
-  return sharding.create_sharded(init, params, shardings=shardings), shardings
-
-
-def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
-  """`logprob_fn(params, rows) -> (logp [B, R], entropy [B, R])` over response tokens.
-
-  Visual tokens are rebuilt from pixels inside, so the gradient reaches the vision
-  tower; temperature and banned ids match the sampler's (their log-probs agree).
-  With `rows["token_index"]` (see `rows.with_token_index`) the LM head runs only at those
-  response positions and every other position gets 0.
-  """
-  temperature = rcfg.temperature if rcfg.temperature > 0 else 1.0
-  cfg = dataclasses.replace(rcfg, group_size=1)
-
-  def logprob_fn(params, rows):
-    prompts = {k: rows[k] for k in rows_lib.PROMPT_INPUTS}
-    prompts["prompt_positions"] = jnp.moveaxis(rows["prompt_positions"], 1, 0)
-    out = {k: rows[k] for k in rows_lib.ROW_FIELDS}
-    out["response_positions"] = jnp.moveaxis(rows["response_positions"], 1, 0)
-    inputs = rollout.training_inputs(params, model_cfg, cfg, prompts, out)
-    prompt_length = rows["prompt_ids"].shape[1]
-    index = rows.get("token_index")
-    logp, entropy = decoding.token_logprobs(
-      params,
-      model_cfg,
-      *inputs,
-      start=prompt_length,  # the response only
-      index=None if index is None else prompt_length + index,
-      temperature=temperature,
-      banned_ids=rcfg.banned_ids,
-      return_entropy=True,
-    )
-    if index is None:
-      return logp, entropy
-    # Back to [B, R]; padding entries (index R) are dropped.
-    b, r = rows["response_ids"].shape
-    scatter = lambda x: (
-      jnp.zeros((b, r), x.dtype).at[jnp.arange(b)[:, None], index].set(x, mode="drop")
-    )
-    return scatter(logp), scatter(entropy)
-
-  return logprob_fn
-
-
-def schedule_settings(config, *, sft: bool = False) -> tuple[float, int, int]:
-  """(lr, warmup steps, optimizer updates per step) of GRPO or the warm start.
-
-  The warm-up counts training steps, as the official schedule (stepped once per
-  step) does; a GRPO step applies `loss.mini_batches` updates, a warm-start step one.
-  """
-  if sft:
-    return config.sft.lr, config.sft.warmup_steps, 1
-  return config.optim.lr, config.optim.warmup_steps, config.loss.mini_batches
-
-
-def make_update(config, model_cfg, rcfg, *, sft: bool = False):
-  """(optimizer, update_fn) for GRPO or the supervised warm start; see `jit_update`."""
-  o = config.optim
-  lr, warmup, per_step = schedule_settings(config, sft=sft)
-  schedule = update_lib.learning_rate_schedule(lr, warmup, updates_per_step=per_step)
-  optimizer = update_lib.make_optimizer(
-    lr, warmup, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip, updates_per_step=per_step
-  )
-  loss_cfg = losses.LossConfig(
-    clip_low=config.loss.clip_low,
-    clip_high=config.loss.clip_high,
-    dual_clip=config.loss.dual_clip,
-    log_ratio_clamp=config.loss.log_ratio_clamp,
-    kl_coef=0.0 if sft else config.loss.kl_coef,
-    kl_estimator=config.loss.kl_estimator,
-    entropy_coef=0.0 if sft else config.loss.entropy_coef,
-    aggregation=config.loss.aggregation,
-  )
-  base_loss = losses.sft_loss if sft else losses.grpo_loss
-  update_fn = update_lib.make_update_fn(
-    make_logprob_fn(model_cfg, rcfg),
-    optimizer,
-    loss_cfg,
-    micro_batches=config.loss.micro_batches,
-    schedule=schedule,
-    loss_fn=base_loss,
-  )
-  return optimizer, update_fn
-
-
-def jit_update(update_fn, mesh, state_sharding):
-  """The update under jit: state donated and laid out by `state_sharding`, batch rows
-  split over ("data", "fsdp"), RNG and metrics replicated."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(
-    update_fn,
-    in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
-    out_shardings=(state_sharding, replicated),
-    donate_argnums=0,
-  )
-
-
-# ----------------------------------------------------------------------------
-# Warm start: supervised on expert trajectories.
-# ----------------------------------------------------------------------------
-
-
-def expert_rows(config, dataset, runner: episodes_lib.Runner, model_cfg, shapes) -> dict:
-  """Expert episodes of every training sample, as training rows with group size 1.
-
-  Each sample's reference trajectory (`episodes.expert_turns`) goes through the
-  real bridge, so observations are exactly what the rollout would show.
-  """
-  host_fn = rollout.bridge_host_fn(runner.bridge, shapes.image_cfg, shapes.search_size)
-  cfg = dataclasses.replace(runner.cfg, group_size=1)
-  rows, skipped = [], 0
-  for batch in dataset:
-    for i in range(len(batch["id"])):
-      sample = {k: batch[k][i] for k in batch}
-      runner.bridge.set_shown_frames([episodes_lib.shown_frames(batch, 1)[i]])
-      ep = episodes_lib.expert_episode(
-        episodes_lib.expert_turns(sample),
-        host_fn,
-        runner.tokenizer,
-        model_cfg,
-        cfg,
-        shapes.search_patch_shape,
-        int(sample["next_pos"]),
-      )
-      if ep is None:
-        skipped += 1
-        continue
-      prompt = {k: np.asarray(batch[k][i : i + 1]) for k in episodes_lib.PROMPT_FIELDS}
-      prompt["prompt_positions"] = np.moveaxis(prompt["prompt_positions"], 1, 0)
-      rows.append(rows_lib.training_rows(prompt, ep, 1))
-  runner.bridge.pop_records()
-  if not rows:
-    raise RuntimeError("No expert episode fits the rollout limits; raise rollout.max_* lengths.")
-  if skipped:
-    print(f"warm start: {skipped} expert episodes did not fit the length limits and were skipped")
-  return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-
-
-def warm_start(config, params, data: dict, model_cfg, rcfg, mesh, writer) -> Any:
-  """`config.sft.steps` supervised updates on random mini-batches of expert rows."""
-  optimizer, update_fn = make_update(config, model_cfg, rcfg, sft=True)
-  state, state_sharding = sharded_state(params, optimizer, mesh, config)
-  update_fn = jit_update(update_fn, mesh, state_sharding)
-  rng = np.random.default_rng(config.seed)
-  n = len(data["prompt_ids"])  # this process's expert rows
-  size = config.sft.batch_size // jax.process_count()
-  if jax.process_count() > 1 and n < size:  # Every process must bring the same row count.
-    raise ValueError(
-      f"Process {jax.process_index()} has {n} expert episodes, fewer than its share "
-      f"({size}) of sft.batch_size={config.sft.batch_size}."
-    )
-  size = min(size, n)
-  data = dict(data, advantages=np.ones(data["loss_mask"].shape[:1], np.float32))
-  data = rows_lib.with_token_index(data)  # one width for every batch: one compilation
-  writer.start(0)
-  for step in range(1, config.sft.steps + 1):
-    idx = rng.choice(n, size, replace=False)
-    batch = sharding.shard_batch({k: v[idx] for k, v in data.items()}, mesh)
-    state, m = update_fn(state, batch, jax.random.PRNGKey(step))
-    if step % config.log_every == 0 or step == config.sft.steps:
-      m = jax.device_get(m)
-      writer.write(
-        step,
-        m,
-        phase="sft",
-        console=f"sft {step}/{config.sft.steps} | loss {float(m['loss']):.3f} | "
-        f"lr {float(m['lr']):.2e} | grad norm {float(m['grad_norm']):.2f}",
-      )
-  return state.params
-
 
 # ----------------------------------------------------------------------------
 # Logging a rollout batch.
 # ----------------------------------------------------------------------------
 
 
-def episode_metrics(eps: episodes_lib.Episodes, scores: Mapping[str, np.ndarray]) -> dict:
+def episode_metrics(episodes: episodes_lib.Episodes, scores: Mapping[str, np.ndarray]) -> dict:
   """Means of the reward terms, searches, lengths and stop reasons of a batch."""
-  out = eps.out
+  out = episodes.out
   m = {f"reward/{k}": float(np.mean(v)) for k, v in scores.items() if v.dtype.kind == "f"}
   m["search/per_trajectory"] = float(np.mean(scores["num_search"]))
-  calls = [c for row in eps.tool_calls for c in row]
+  calls = [c for row in episodes.tool_calls for c in row]
   m["search/errors"] = float(np.mean([c.error is not None for c in calls])) if calls else 0.0
   m["response_length"] = float(np.mean(out["response_length"]))
   m["generated_tokens"] = float(np.mean(np.sum(out["loss_mask"], axis=1)))
@@ -250,7 +63,7 @@ def episode_metrics(eps: episodes_lib.Episodes, scores: Mapping[str, np.ndarray]
   return m
 
 
-def write_records(directory, step, tokenizer, batch, eps, scores, group_size) -> None:
+def write_records(directory, step, tokenizer, batch, episodes, scores, group_size) -> None:
   """Trajectory records of one step (`agent.records`), rewards included."""
   samples = [
     {"id": i, "ability": a, "question": q}
@@ -263,7 +76,7 @@ def write_records(directory, step, tokenizer, batch, eps, scores, group_size) ->
   rewards = [
     {k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"} for r in range(len(samples))
   ]
-  recs = records_lib.episode_records(tokenizer, eps.out, samples, eps.tool_calls, rewards)
+  recs = records_lib.episode_records(tokenizer, episodes.out, samples, episodes.tool_calls, rewards)
   process = jax.process_index() if jax.process_count() > 1 else None
   records_lib.write_step(directory, step, recs, process=process)
 
@@ -277,10 +90,10 @@ def rollout_and_score(config, batch, runner, scorer, params, rng, attempt: int =
   """(episodes, scores) of one prompt batch; `attempt` picks the sampling streams, so
   two calls with the same batch, rng and attempt draw alike (the frozen control)."""
   p = rows_lib.prompts_per_process(config)
-  eps = runner(
+  episodes = runner(
     params, batch, jax.random.fold_in(rng, attempt), prompt_index=pipeline.global_positions(p)
   )
-  return eps, scorer(batch, eps)
+  return episodes, scorer(batch, episodes)
 
 
 def collect_rollouts(config, first_batch, data_iter, runner, scorer, params, rng):
@@ -450,7 +263,7 @@ def train(config) -> dict:
     f"search: {config.search.backend} over {config.search.kb_dir or c.kb_dir or '-'}"
   )
   data_iter = iter(train_ds)
-  optimizer, update_fn = make_update(config, model_cfg, rcfg)
+  optimizer, update_fn = steps.make_update(config, model_cfg, rcfg)
   writer = metrics_lib.MetricsWriter(workdir, config.total_steps)
   ckpt = checkpoint_lib.Checkpointer(
     workdir / "checkpoints", keep=config.checkpoint.keep, save_every=config.checkpoint.every_steps
@@ -466,17 +279,17 @@ def train(config) -> dict:
       expert_ds, _ = components_lib.make_dataset(
         config, c.okvos_dir, config.data.train_split, c.encoder, train=False, batch_size=1
       )
-      data = expert_rows(config, expert_ds, runner, model_cfg, c.shapes)
+      data = warm_start_lib.expert_rows(config, expert_ds, runner, model_cfg, c.shapes)
       log(
         f"warm start: {len(data['prompt_ids'])} expert episodes "
         f"({time.time() - t0:.1f}s), {config.sft.steps} supervised steps"
       )
-      params = warm_start(config, params, data, model_cfg, rcfg, mesh, writer)
-    state, state_sharding = sharded_state(params, optimizer, mesh, config)
+      params = warm_start_lib.warm_start(config, params, data, model_cfg, rcfg, mesh, writer)
+    state, state_sharding = steps.sharded_state(params, optimizer, mesh, config)
     ckpt.save(0, state, rng, data_iter, metadata, force=True)
     start = 0
   else:
-    state, state_sharding = sharded_state(params, optimizer, mesh, config)
+    state, state_sharding = steps.sharded_state(params, optimizer, mesh, config)
     abstract = jax.tree.map(
       lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, state_sharding
     )
@@ -485,7 +298,7 @@ def train(config) -> dict:
     writer.truncate_after(start)
     log(f"resumed from step {start} in {ckpt.directory}")
   params = None  # The train state owns the parameters from here on.
-  update_fn = jit_update(update_fn, mesh, state_sharding)
+  update_fn = steps.jit_update(update_fn, mesh, state_sharding)
   # The warm start (step 0): the KL reference and the frozen control policy.
   initial = None
   if config.loss.kl_coef > 0 or config.eval.frozen_control:
@@ -497,7 +310,9 @@ def train(config) -> dict:
   ref = None
   if config.loss.kl_coef > 0:
     # Rows out as they came in: `sharding.local_rows` reads this process's share back.
-    ref_fn = jax.jit(make_logprob_fn(model_cfg, rcfg), out_shardings=sharding.batch_sharding(mesh))
+    ref_fn = jax.jit(
+      steps.make_logprob_fn(model_cfg, rcfg), out_shardings=sharding.batch_sharding(mesh)
+    )
     ref = (initial, lambda p, mb: ref_fn(p, mb)[0])
   control_params = sharding.local_copy(initial) if config.eval.frozen_control else None
 
@@ -518,19 +333,19 @@ def train(config) -> dict:
     )
     t_rollout = time.time() - t0
     rows, trains = rows_lib.assemble_rows(
-      config, [(episodes_lib.rollout_batch(b), eps.out, s) for b, eps, s in drawn]
+      config, [(rollout.PromptBatch.from_batch(b), episodes.out, s) for b, episodes, s in drawn]
     )
     rows = rows_lib.with_token_index(rows, min_width=head_width)
     head_width = rows["token_index"].shape[1]
     state, m = grpo_step(config, state, rows, update_fn, step_rng, mesh, ref)
-    batch, eps, scores = drawn[0]
-    local = episode_metrics(eps, scores)
+    batch, episodes, scores = drawn[0]
+    local = episode_metrics(episodes, scores)
     local.update({"dapo/rollout_batches": len(drawn), "dapo/groups_trained": np.mean(trains)})
     if control_params is not None:
       local.update(frozen_control(config, batch, runner, c.scorer, control_params, step_rng))
     m.update(sharding.process_mean(local))
     m.update({"time/step_s": time.time() - t0, "time/rollout_s": t_rollout})
-    write_records(workdir / "trajectories", step, tokenizer, batch, eps, scores, n)
+    write_records(workdir / "trajectories", step, tokenizer, batch, episodes, scores, n)
     if step % config.log_every == 0 or step == config.total_steps:
       writer.write(
         step,

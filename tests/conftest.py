@@ -5,6 +5,7 @@ Each was copied between test files before; one copy keeps them from drifting apa
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import zlib
 from collections.abc import Sequence
@@ -12,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from configs import okvos as okvos_config
 from segresearch_jax.data import okvos, synthetic
+from segresearch_jax.search import factory
 
 
 def words_embedder(texts: Sequence[str]) -> np.ndarray:
@@ -90,3 +93,9 @@ def shrink_rollout(config) -> None:
   config.rollout.max_response_length = 512
   config.rollout.max_obs_length = 192
   config.rollout.max_turns = 3
+
+
+def search_settings(**overrides: Any) -> Any:
+  """`factory.SearchConfig` of the default run config's `search` block, with overrides."""
+  base = factory.SearchConfig.from_config(okvos_config.get_config().search)
+  return dataclasses.replace(base, **overrides)

@@ -28,7 +28,7 @@ def world(tmp_path_factory):
   shrink_rollout(config)
   tok = tokenizer_lib.embedded_tokenizer()
   model_cfg, params = components.build_policy(config, tok)
-  shapes = episodes.shapes_from_config(config, model_cfg)
+  shapes = episodes.EpisodeShapes.from_config(config, model_cfg)
   encoder = episodes.PromptEncoder(tok, model_cfg, shapes)
   backend = components.make_search_backend(config, paths.kb_dir)
   bridge = components.make_bridge(config, backend, tok, shapes)
@@ -51,7 +51,7 @@ def test_shapes_follow_the_processor():
   config = okvos_config.get_config("paper")
   from segresearch_jax.models import config as config_lib
 
-  shapes = episodes.shapes_from_config(config, config_lib.get_preset("qwen3_vl_4b"))
+  shapes = episodes.EpisodeShapes.from_config(config, config_lib.get_preset("qwen3_vl_4b"))
   # docs/method.md §1.2: 448 px -> 196 tokens, 864 px -> 729, 256 px -> 64 with Qwen3-VL.
   assert shapes.tokens(448) == 196
   assert shapes.tokens(864) == 729
@@ -107,7 +107,7 @@ def test_expert_episode_equals_a_forced_rollout(world):
   sample = next(s for s in world["samples"] if s["ability"] == "multi-hop")
   turns = episodes.expert_turns(sample)
   bridge = world["bridge"]
-  rcfg = episodes.rollout_config(config, model_cfg, shapes, tok, group_size=1)
+  rcfg = rollout.RolloutConfig.from_config(config, shapes, tok, group_size=1)
   host_fn = rollout.bridge_host_fn(bridge, shapes.image_cfg, shapes.search_size)
   shown = [int(f) for f, ok in zip(sample["frame_numbers"], sample["frame_valid"]) if ok]
   bridge.set_shown_frames([shown])
@@ -117,12 +117,10 @@ def test_expert_episode_equals_a_forced_rollout(world):
   assert expert is not None
 
   script = [t for turn in turns for t in tok.encode(turn)]
-  batch = {k: np.asarray(sample[k])[None] for k in sample if k in episodes.PROMPT_FIELDS}
-  batch["frame_numbers"] = np.asarray(sample["frame_numbers"])[None]
-  batch["frame_valid"] = np.asarray(sample["frame_valid"])[None]
+  batch = {k: np.asarray(v)[None] for k, v in sample.items()}
   runner = episodes.Runner(model_cfg, rcfg, shapes, tok, bridge)
-  inputs = episodes.rollout_batch(batch)
-  inputs["forced_tokens"] = jnp.asarray([script], jnp.int32)
+  inputs = rollout.PromptBatch.from_batch(batch)
+  inputs = inputs.replace(forced_tokens=jnp.asarray([script], jnp.int32))
   bridge.set_shown_frames([shown])
   out = jax.device_get(runner.fn(world["params"], inputs, jax.random.PRNGKey(0)))
   n = int(out["response_length"][0])
@@ -130,7 +128,7 @@ def test_expert_episode_equals_a_forced_rollout(world):
   for key in ("response_ids", "loss_mask", "response_valid"):
     np.testing.assert_array_equal(np.asarray(out[key])[0, :n], expert[key][0, :n], err_msg=key)
   np.testing.assert_array_equal(
-    np.asarray(out["response_positions"])[:, 0, :n], expert["response_positions"][:, 0, :n]
+    np.asarray(out["response_positions"])[0, :, :n], expert["response_positions"][0, :, :n]
   )
   np.testing.assert_array_equal(np.asarray(out["obs_kind"]), expert["obs_kind"])
   np.testing.assert_array_equal(np.asarray(out["obs_slot"]), expert["obs_slot"])
@@ -141,7 +139,7 @@ def test_expert_episode_equals_a_forced_rollout(world):
 
 def test_expert_episode_too_long_is_reported_as_none(world):
   tok, model_cfg, shapes = world["tok"], world["model_cfg"], world["shapes"]
-  rcfg = episodes.rollout_config(world["config"], model_cfg, shapes, tok, group_size=1)
+  rcfg = rollout.RolloutConfig.from_config(world["config"], shapes, tok, group_size=1)
   rcfg = rollout.RolloutConfig(**{**rcfg.__dict__, "max_response_length": 16})
   host_fn = rollout.bridge_host_fn(world["bridge"], shapes.image_cfg, shapes.search_size)
   turns = episodes.expert_turns(world["samples"][0])

@@ -78,7 +78,7 @@ def _setup(scripts, max_turns=3, group_size=1, temperature=1.0, observe_rows=0):
   pos, next_pos = policy.rope_index(
     ids, mask, [[FRAME_GRID] * frames] * prompts, CFG.image_token_id
   )
-  batch = dict(
+  batch = rollout.PromptBatch(
     prompt_ids=jnp.asarray(ids, jnp.int32),
     prompt_valid=jnp.asarray(mask, bool),
     prompt_positions=jnp.asarray(pos),
@@ -90,7 +90,7 @@ def _setup(scripts, max_turns=3, group_size=1, temperature=1.0, observe_rows=0):
   forced = np.full((b, width), -1, np.int32)
   for i, s in enumerate(scripts):
     forced[i, : len(s)] = s
-  batch["forced_tokens"] = jnp.asarray(forced)
+  batch = batch.replace(forced_tokens=jnp.asarray(forced))
   params = policy.init_params(CFG, jax.random.PRNGKey(0))
   return params, rcfg, batch, fn
 
@@ -172,7 +172,7 @@ def test_sampler_logprobs_equal_trainer_logprobs(temperature):
     chunk_size=32,
     banned_ids=BANNED,
   )
-  lp = batch["prompt_ids"].shape[1]
+  lp = batch.prompt_ids.shape[1]
   mask = np.asarray(out["loss_mask"])
   assert mask.sum() > 10
   generated = np.asarray(out["response_ids"])[mask]
@@ -218,5 +218,5 @@ def test_observation_positions_continue_after_an_image():
   expected, expected_next = policy.mrope_positions(
     np.array([1, 2] + [9] * 6 + [3]), [(2, 3)], 9, 10
   )
-  np.testing.assert_array_equal(np.asarray(pos)[:, 0, :9], expected)
+  np.testing.assert_array_equal(np.asarray(pos)[0, :, :9], expected)
   assert int(nxt[0]) == expected_next

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import search_settings
 
 from segresearch_jax import protocol
 from segresearch_jax.agent import bridge as bridge_lib
@@ -21,13 +22,10 @@ def world(tmp_path_factory):
   paths = synthetic.build(root, seed=0, num_train=4, num_test=4)
   tok = tokenizer_lib.embedded_tokenizer()
   backend = factory.make_backend(
-    {
-      "backend": "local",
-      "text_corpus": str(paths.text_corpus),
-      "image_corpus": str(paths.image_corpus),
-      "images_dir": str(paths.kb_dir) + "/images",
-      "method": "bm25",
-    }
+    search_settings(method="bm25"),
+    text_corpus=str(paths.text_corpus),
+    image_corpus=str(paths.image_corpus),
+    images_dir=str(paths.kb_dir) + "/images",
   )
   return paths, tok, backend
 
@@ -85,7 +83,7 @@ def test_search_and_keyframe_through_the_real_bridge(world):
     '<thinking> who </thinking> <search> {"name": "text_search", "query": "Cup winner"} </search>'
     "<thinking> ok </thinking> <keyframe> 5 </keyframe>"
   )
-  batch = dict(
+  batch = rollout.PromptBatch(
     prompt_ids=jnp.asarray(ids),
     prompt_valid=jnp.ones(ids.shape, bool),
     prompt_positions=jnp.asarray(pos),

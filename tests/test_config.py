@@ -1,8 +1,10 @@
 """configs/okvos.py and its validation: every enum and range checked before anything
-is built, the paper recipe's requirements, the 8B and DAPO variants, the learning-rate
-warm-up in training steps."""
+is built, the paper recipe's requirements, the 8B, DAPO and runlocal variants, the
+learning-rate warm-up in training steps, the settings classes read from the config."""
 
+import dataclasses
 import numbers
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,12 @@ import optax
 import pytest
 
 from configs import okvos as okvos_config
-from segresearch_jax import components, config_checks, train
-from segresearch_jax.rl import update
+from segresearch_jax import components, config_checks, steps
+from segresearch_jax.agent import episodes, rollout
+from segresearch_jax.models import config as model_config
+from segresearch_jax.rewards import scoring
+from segresearch_jax.rl import losses, update
+from segresearch_jax.search import factory as search_factory
 
 # Numeric fields with no bound to check (any value is a valid choice).
 UNBOUNDED = {"seed", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.max_replicated_elements"}
@@ -102,7 +108,8 @@ def test_reported_late_failures_fail_at_config_check(field, value):
 
 
 def test_overlong_buffer_must_leave_room_below_the_response_cap():
-  config = okvos_config.get_config("dapo")  # 4096 tokens on the embedded 384
+  config = okvos_config.get_config()
+  config.dapo.overlong_buffer = 4096  # on the embedded 384-token responses
   with pytest.raises(ValueError, match=r"config\.dapo\.overlong_buffer=4096 must be below"):
     config_checks.check_config(config)
   config.dapo.overlong_buffer = 128
@@ -139,11 +146,11 @@ def test_8b_and_dapo_variants():
   assert (c.rollout.max_response_length, c.rollout.max_obs_length) == (6144, 2048)
   assert c.optim.lr == 1e-6 and c.batch_size == 16  # the rest of the paper recipe
   d = okvos_config.get_config("paper,dapo")
-  assert d.loss.clip_high == 0.28 and d.loss.clip_low == 0.2
-  assert d.dapo.filter_groups and d.dapo.overlong_buffer > 0 and d.dapo.overlong_penalty == 1.0
+  assert d.loss.clip_high == 0.3 and d.loss.clip_low == 0.2
+  assert d.dapo.filter_groups and d.dapo.overlong_mask and d.dapo.overlong_buffer == 0
   assert d.model.preset == "qwen3_vl_4b"
   both = okvos_config.get_config("paper,8b,dapo")
-  assert both.model.preset == "qwen3_vl_8b" and both.loss.clip_high == 0.28
+  assert both.model.preset == "qwen3_vl_8b" and both.loss.clip_high == 0.3
 
 
 def test_evaluation_search_backend_is_its_own_setting(tmp_path):
@@ -162,7 +169,7 @@ def test_warmup_counts_training_steps(mini_batches):
   config = okvos_config.get_config()
   config.optim.lr, config.optim.warmup_steps = 1e-6, 10
   config.loss.mini_batches = mini_batches
-  lr, warmup, per_step = train.schedule_settings(config)
+  lr, warmup, per_step = steps.schedule_settings(config)
   schedule = update.learning_rate_schedule(lr, warmup, updates_per_step=per_step)
   for step in range(1, 14):
     for i in range(mini_batches):  # every update of a step runs at that step's lr
@@ -170,7 +177,7 @@ def test_warmup_counts_training_steps(mini_batches):
       assert float(schedule(count)) == pytest.approx(1e-6 * min(1.0, step / 10)), (step, i)
   assert float(schedule(0)) > 0  # the first update is not at lr 0
   assert float(schedule(9 * mini_batches)) == pytest.approx(1e-6)  # full lr from step 10 on
-  assert train.schedule_settings(config, sft=True)[2] == 1  # a warm-start step is one update
+  assert steps.schedule_settings(config, sft=True)[2] == 1  # a warm-start step is one update
 
 
 def test_optimizer_applies_the_step_schedule():
@@ -185,3 +192,81 @@ def test_optimizer_applies_the_step_schedule():
     moves.append(-float(updates["w"]))
   expected = [1e-2 * min(1.0, (c // 2 + 1) / 4) for c in range(10)]
   np.testing.assert_allclose(moves, expected, rtol=1e-4)
+
+
+def test_runlocal_shrinks_any_recipe_to_a_cpu_run(tmp_path):
+  small = okvos_config.get_config("runlocal")
+  config_checks.validate_config(small)
+  assert (small.model.preset, small.total_steps, small.batch_size) == ("tiny", 2, 2)
+  assert (small.data.synthetic_train, small.data.synthetic_test) == (16, 4)
+  paper = okvos_config.get_config("paper,runlocal")
+  config_checks.validate_config(paper)  # no checkpoint, no SAM2 weights, no web search
+  shrunk = [
+    "model.preset",
+    "data.frame_size",
+    "data.keyframe_size",
+    "data.search_image_size",
+    "rollout.max_prompt_length",
+    "rollout.max_response_length",
+    "rollout.max_obs_length",
+    "rollout.group_size",
+    "batch_size",
+    "total_steps",
+  ]
+  small_fields, paper_fields = dict(_leaves(small)), dict(_leaves(paper))
+  for field in shrunk:
+    assert paper_fields[field] == small_fields[field], field
+  # What is not a size stays the recipe's.
+  assert paper.optim.lr == 1e-6 and paper.search.method == "dense" and paper.data.source == "okvos"
+  assert paper.eval.segmenter == "weight_free" and paper.eval.search == ""
+
+
+def test_settings_classes_read_every_field_from_the_config():
+  config = okvos_config.get_config()
+  config.search.hybrid_alpha = 0.25
+  config.search.max_retries = 5
+  config.loss.clip_high = 0.28
+  config.rollout.observe_rows = 3
+  config.reward.tpr_budget = 7
+  search = search_factory.SearchConfig.from_config(config.search)
+  for field in dataclasses.fields(search):
+    assert getattr(search, field.name) == config.search[field.name], field.name
+  assert search.hybrid_alpha == 0.25 and search.max_retries == 5
+  loss = losses.LossConfig.from_config(config.loss)
+  for field in dataclasses.fields(loss):
+    assert getattr(loss, field.name) == config.loss[field.name], field.name
+  model_cfg = model_config.get_preset("tiny")
+  shapes = episodes.EpisodeShapes.from_config(config, model_cfg)
+  assert (shapes.frame_size, shapes.search_size) == (96, 64)
+  tokenizer = types.SimpleNamespace(im_end_id=1, image_pad_id=2, vision_start_id=3, vision_end_id=4)
+  rcfg = rollout.RolloutConfig.from_config(config, shapes, tokenizer, group_size=1)
+  assert (rcfg.observe_rows, rcfg.group_size, rcfg.max_turns) == (3, 1, 4)
+  assert rcfg.banned_ids == (2, 3, 4)
+  score = scoring.ScoreConfig.from_config(config)
+  assert score.reward.tpr_budget == 7 and score.mask_weight == 1.0
+
+
+def test_the_run_search_backend_is_built_from_config_search(monkeypatch, tmp_path):
+  seen = {}
+
+  def make_backend(settings, **paths):
+    seen.update(settings=settings, **paths)
+    return types.SimpleNamespace(text_search=lambda query, k: [])
+
+  monkeypatch.setattr(search_factory, "make_backend", make_backend)
+  config = okvos_config.get_config()
+  config.workdir = str(tmp_path)
+  config.search.hybrid_alpha = 0.25
+  components.make_search_backend(config, str(tmp_path / "kb"))
+  assert seen["settings"].hybrid_alpha == 0.25 and seen["settings"].method == "bm25"
+  assert seen["text_corpus"] == str(tmp_path / "kb" / "text_corpus.jsonl")
+  assert seen["cache_path"] == str(tmp_path / "search_cache.sqlite")
+
+
+def test_model_compute_settings_reach_the_policy():
+  config = okvos_config.get_config("runlocal")
+  config.model.dtype = "bfloat16"
+  config.model.remat = "full"
+  tokenizer = components.load_run_tokenizer(config)
+  model_cfg, _ = components.build_policy(config, tokenizer)
+  assert (model_cfg.dtype, model_cfg.remat) == ("bfloat16", "full")

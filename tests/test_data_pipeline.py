@@ -148,7 +148,13 @@ def test_resolve_data_builds_synthetic_and_checks_okvos(tmp_path):
   import ml_collections
 
   cfg = ml_collections.ConfigDict(
-    {"source": "synthetic", "okvos_dir": "", "synthetic_dir": str(tmp_path / "syn")}
+    {
+      "source": "synthetic",
+      "okvos_dir": "",
+      "synthetic_dir": str(tmp_path / "syn"),
+      "synthetic_train": 64,
+      "synthetic_test": 32,
+    }
   )
   okvos_dir, kb_dir = pipeline.resolve_data(cfg, tmp_path)
   assert (tmp_path / "syn" / "okvos" / "train.parquet").is_file()

@@ -424,11 +424,11 @@ def _answering_runner(params, batch, rng, search=True):
     )
   n = len(responses)
   out = {"stop_reason": np.zeros(n, np.int32)}
-  return type("Eps", (), {"responses": responses, "out": out, "tool_calls": [[]] * n})()
+  return type("Episodes", (), {"responses": responses, "out": out, "tool_calls": [[]] * n})()
 
 
-def _scorer(batch, eps):
-  n = len(eps.responses)
+def _scorer(batch, episodes):
+  n = len(episodes.responses)
   terms = (*okvos_reward.OUTCOME_TERMS, "process_score", "score", "num_search")
   return {k: np.ones(n, np.float32) for k in terms}
 

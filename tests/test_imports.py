@@ -13,8 +13,8 @@ to top; a module may import its own layer and the layers below, never one above:
   4. rewards: the official reward, the mask reward, scoring a rollout batch.
   5. eval: metrics, predictions, reports, training curves.
   6. metrics: the run's metrics.jsonl writer (reads it back with `eval/curves.py`).
-  7. components, runtime, config_checks: what a run is built from, process setup,
-     config validation.
+  7. components, runtime, config_checks, steps, warm_start: what a run is built from,
+     process setup, config validation, the jitted update, the supervised warm start.
   8. evaluate: the evaluation entry point.
   9. train, notebook: the trainer and the notebooks' helpers.
   10. tools: command lines over the package; nothing in the package imports them.
@@ -40,7 +40,7 @@ LAYERS = (
   ("rewards",),
   ("eval",),
   ("metrics",),
-  ("components", "runtime", "config_checks"),
+  ("components", "runtime", "config_checks", "steps", "warm_start"),
   ("evaluate",),
   ("train", "notebook"),
   ("tools",),

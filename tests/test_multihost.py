@@ -15,15 +15,15 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from test_train import SHRUNK, _command, _train_rows  # tests/ is on sys.path under pytest
+from test_train import _command, _train_rows  # tests/ is on sys.path under pytest
 
 from segresearch_jax import evaluate
 from segresearch_jax.data import pipeline, synthetic
 
-# One mini-batch: with several, each process splits its own rows, so the rows that
+# On top of `configs/okvos.py:runlocal` (`test_train._command`): no warm start, and
+# one mini-batch: with several, each process splits its own rows, so the rows that
 # share an update differ from the one-process split (the step is still exact GRPO).
 FLAGS = [
-  *[f for f in SHRUNK if not f.startswith(("--config.sft.steps", "--config.loss.mini_batches"))],
   "--config.sft.steps=0",
   "--config.loss.mini_batches=1",
   "--config.eval.masks=False",

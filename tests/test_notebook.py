@@ -63,18 +63,6 @@ def test_load_config_rejects_bad_overrides_with_a_clear_message(overrides, messa
     notebook.load_config(None, **overrides)
 
 
-def test_shrunk_has_the_trainer_tests_settings():
-  from test_train import SHRUNK as TRAIN_SHRUNK  # tests/ is on sys.path under pytest
-
-  for flag in TRAIN_SHRUNK:
-    key, value = flag.removeprefix("--config.").split("=", 1)
-    if key == "total_steps":
-      continue  # the notebooks' STEPS parameter
-    assert str(notebook.SHRUNK[key]) == value, key
-  config = notebook.load_config(None, **notebook.SHRUNK)
-  assert config.model.preset == "tiny" and config.data.synthetic_train == 16
-
-
 def test_runtime_summary_names_platform_devices_and_versions():
   text = notebook.runtime_summary()
   assert f"platform: {jax.devices()[0].platform}" in text
@@ -470,7 +458,7 @@ _RUN_SCRIPT = """
 import json, sys
 from segresearch_jax import notebook, runtime, train
 
-config = notebook.load_config(None, **json.loads(sys.argv[1]))
+config = notebook.load_config("runlocal", **json.loads(sys.argv[1]))
 runtime.quiet_logging()
 runtime.enable_compilation_cache(config)
 train.train(config)
@@ -489,7 +477,7 @@ def shrunk_run(tmp_path_factory):
     "data.synthetic_dir": str(root / "synthetic"),
     "compilation_cache_dir": str(root / "xla_cache"),
   }
-  overrides = {**notebook.SHRUNK, **shared, "total_steps": 2, "workdir": str(root / "run")}
+  overrides = {**shared, "workdir": str(root / "run")}
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(
     [sys.executable, "-c", _RUN_SCRIPT, json.dumps(overrides), str(root / "eval_step1.json")],

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segresearch_jax import evaluate
 from segresearch_jax.data import okvos, reasoning
 from segresearch_jax.eval import predictions as predictions_lib
 from segresearch_jax.eval import reasoning as reasoning_eval
@@ -688,12 +689,12 @@ def tiny_policy():
   tokenizer = components.load_run_tokenizer(config)
   model_cfg, params = components.build_policy(config, tokenizer)
   # One runner for every benchmark: the batch shapes agree, so it compiles once.
-  components = reasoning_eval.eval_components(config, tokenizer, model_cfg)
+  components = evaluate.eval_components(config, tokenizer, model_cfg)
   return config, params, components
 
 
 @pytest.mark.slow  # One tiny-policy compile shared by the three.
-@pytest.mark.parametrize("name", reasoning_eval.BENCHMARKS)
+@pytest.mark.parametrize("name", reasoning.BENCHMARKS)
 def test_each_fixture_builds_and_evaluates_end_to_end(name, tiny_policy, tmp_path, capsys):
   pytest.importorskip("tensorflow_datasets")
   from segresearch_jax.data import builders
@@ -708,7 +709,7 @@ def test_each_fixture_builds_and_evaluates_end_to_end(name, tiny_policy, tmp_pat
   config.data[f"{name}_dir"] = str(root)
   config.data.eval_split = split
   out = tmp_path / "eval"
-  results = reasoning_eval.evaluate_benchmark(config, params, components, out, search=False)
+  results = evaluate.evaluate_benchmark(config, params, components, out, search=False)
   printed = capsys.readouterr().out
   table = results["benchmark"]["table"]
   assert len(results["per_sample"]) == count
@@ -736,7 +737,7 @@ def test_evaluate_command_runs_a_benchmark_config(tiny_policy, tmp_path):
   config, params, components = tiny_policy
   ckpt_dir = tmp_path / "checkpoints"
   metadata = checkpoint.make_metadata(
-    components["model_cfg"], config, components_lib.load_run_tokenizer(config)
+    components.model_cfg, config, components_lib.load_run_tokenizer(config)
   )
   with checkpoint.Checkpointer(str(ckpt_dir), keep=1, save_every=1) as ckpt:
     ckpt.save(1, {"params": params}, jax.random.key(0), None, metadata)

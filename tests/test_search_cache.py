@@ -1,6 +1,7 @@
 """The persistent search cache: keys, modes, persistence across processes."""
 
 import pytest
+from conftest import search_settings
 
 from segresearch_jax.search import cache as cache_lib
 from segresearch_jax.search import results as results_lib
@@ -84,21 +85,15 @@ def test_switching_kb_in_one_workdir_never_serves_the_old_kb(tmp_path):
   db = str(tmp_path / "run" / "search_cache.sqlite")  # one workdir, one cache file
   old = _kb(tmp_path / "old", ["Horse\nan old brown horse", "Car\nan old red car"])
   new = _kb(tmp_path / "new", ["Horse\na new white horse", "Boat\na new blue boat"])
-  spec = {"backend": "local", "method": "bm25", "cache_path": db}
-  first = factory.make_backend({**spec, "text_corpus": str(old)})
+  settings = search_settings(method="bm25")
+  first = factory.make_backend(settings, text_corpus=str(old), cache_path=db)
   assert first.text_search("horse", 1)[0].text == "an old brown horse"
-  second = factory.make_backend({**spec, "text_corpus": str(new)})
+  second = factory.make_backend(settings, text_corpus=str(new), cache_path=db)
   assert second.text_search("horse", 1)[0].text == "a new white horse"
   assert (second.hits, second.misses) == (0, 1)
   # The same KB again (even from a copy elsewhere) is served from the cache.
-  again = factory.make_backend(
-    {
-      **spec,
-      "text_corpus": str(
-        _kb(tmp_path / "copy", ["Horse\nan old brown horse", "Car\nan old red car"])
-      ),
-    }
-  )
+  copy = _kb(tmp_path / "copy", ["Horse\nan old brown horse", "Car\nan old red car"])
+  again = factory.make_backend(settings, text_corpus=str(copy), cache_path=db)
   assert again.text_search("horse", 1)[0].text == "an old brown horse"
   assert again.hits == 1
 

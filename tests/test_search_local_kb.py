@@ -5,6 +5,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from conftest import search_settings
 
 from segresearch_jax.search import factory, local_kb
 
@@ -104,12 +105,10 @@ def test_dense_prefixes_without_model_path_is_a_clear_error(tmp_path):
   corpus.write_text(json.dumps({"id": 0, "contents": "Horse\nbrown horse"}) + "\n")
   with pytest.raises(ValueError, match=r"dense_model=/ckpt/e5-base-v2"):
     factory.make_backend(
-      {"backend": "local", "text_corpus": str(corpus), "method": "hybrid", "dense_prefixes": True}
+      search_settings(method="hybrid", dense_prefixes=True), text_corpus=str(corpus)
     )
   # BM25 embeds nothing: the setting does not matter there.
-  factory.make_backend(
-    {"backend": "local", "text_corpus": str(corpus), "method": "bm25", "dense_prefixes": True}
-  )
+  factory.make_backend(search_settings(method="bm25", dense_prefixes=True), text_corpus=corpus)
 
 
 def test_paper_preset_turns_prefixes_on():
@@ -146,20 +145,15 @@ def test_factory_local_bm25_with_cache(tmp_path):
   corpus = tmp_path / "c.jsonl"
   corpus.write_text(json.dumps({"id": 0, "contents": "Horse\na brown horse"}) + "\n")
   backend = factory.make_backend(
-    {
-      "backend": "local",
-      "text_corpus": str(corpus),
-      "method": "bm25",
-      "cache_path": str(tmp_path / "s.db"),
-    }
+    search_settings(method="bm25"), text_corpus=str(corpus), cache_path=str(tmp_path / "s.db")
   )
   assert backend.text_search("horse", 1)[0].title == "Horse"
   assert backend.text_search("  HORSE ", 1)[0].title == "Horse"
   assert (backend.hits, backend.misses) == (1, 1)
-  with pytest.raises(ValueError, match="Unknown search config keys"):
-    factory.make_backend({"backend": "local", "txt_corpus": "x"})
+  with pytest.raises(ValueError, match="needs text_corpus"):
+    factory.make_backend(search_settings(method="bm25"))
   with pytest.raises(ValueError, match="Unknown search backend"):
-    factory.make_backend({"backend": "bing"})
+    factory.make_backend(search_settings(backend="bing"))
 
 
 def test_concurrent_queries_are_batched_and_match(encoder):

@@ -6,6 +6,7 @@ import pathlib
 import urllib.request
 
 import pytest
+from conftest import search_settings
 
 from segresearch_jax.search import factory, local_kb, service
 from segresearch_jax.search import results as results_lib
@@ -87,11 +88,11 @@ def test_bad_requests_and_backend_errors(server):
 
 
 def test_factory_service_client(server):
-  backend = factory.make_backend({"backend": "service", "service_url": server.url})
+  backend = factory.make_backend(search_settings(backend="service", service_url=server.url))
   assert isinstance(backend, service.RetrievalClient)
   assert backend.text_search("Claudio Miranda", 1)[0].title == "Claudio Miranda"
   with pytest.raises(ValueError, match="service_url"):
-    factory.make_backend({"backend": "service"})
+    factory.make_backend(search_settings(backend="service"))
 
 
 # ----------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def test_binds_localhost_by_default(kb):
 
 def test_cached_service_client_is_keyed_by_the_served_kb(server, kb, tmp_path):
   backend = factory.make_backend(
-    {"backend": "service", "service_url": server.url, "cache_path": str(tmp_path / "s.db")}
+    search_settings(backend="service", service_url=server.url), cache_path=str(tmp_path / "s.db")
   )
   backend.text_search("Roger Federer", 1)
   assert backend.identity == f"service:{kb.cache_identity}"

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import search_settings
 from PIL import Image
 
 from segresearch_jax.search import factory, web
@@ -205,7 +206,7 @@ def test_missing_key_and_factory(monkeypatch, server):
     web.SerperBackend()
   monkeypatch.setenv("SERPER_API_KEY", KEY)
   backend = factory.make_backend(
-    {"backend": "serper", "serper_base_url": server.url, "timeout_s": 1.0, "fetch_pages": False}
+    search_settings(backend="serper", serper_base_url=server.url, timeout_s=1.0, fetch_pages=False)
   )
   assert [r.title for r in backend.text_search("q", 2)] == ["Doc 0", "Doc 1", "Doc 2"]  # top-3
 
@@ -320,8 +321,8 @@ def test_summariser_switchable_from_the_run_config(server, monkeypatch, tmp_path
   from segresearch_jax import components
 
   monkeypatch.setenv("SERPER_API_KEY", KEY)
-  monkeypatch.setitem(factory.DEFAULTS, "serper_base_url", server.url)
   config = okvos_config.get_config()
+  config.search.serper_base_url = server.url
   config.workdir = str(tmp_path)
   config.search.backend = "serper"
   config.search.timeout_s = 2.0

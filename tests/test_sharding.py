@@ -465,7 +465,7 @@ def _rollout_cfg():
 def test_update_on_trained_positions_only_equals_the_full_update():
   """`rows.with_token_index`: the LM head runs only where `loss_mask` is set; the
   log-probs there, the loss and the updated params are those of the full head."""
-  from segresearch_jax import train
+  from segresearch_jax import steps
   from segresearch_jax.rl import losses, rows
 
   host = _grpo_batch()
@@ -487,7 +487,7 @@ def test_update_on_trained_positions_only_equals_the_full_update():
   np.testing.assert_array_equal(wider[:, : index.shape[1]], index)
   assert (wider[:, index.shape[1] :] == PROOF_RESPONSE).all()
 
-  logprob_fn = jax.jit(train.make_logprob_fn(TINY, _rollout_cfg()))
+  logprob_fn = jax.jit(steps.make_logprob_fn(TINY, _rollout_cfg()))
   params = policy.init_params(TINY, jax.random.PRNGKey(0))
   full, full_entropy = logprob_fn(params, host)
   part, part_entropy = logprob_fn(params, indexed)
@@ -500,7 +500,7 @@ def test_update_on_trained_positions_only_equals_the_full_update():
   optimizer = update.make_optimizer(1e-3, warmup_steps=0)
   step_fn = jax.jit(
     update.make_update_fn(
-      train.make_logprob_fn(TINY, _rollout_cfg()), optimizer, losses.LossConfig()
+      steps.make_logprob_fn(TINY, _rollout_cfg()), optimizer, losses.LossConfig()
     )
   )
   new_full, m_full = step_fn(update.init_state(params, optimizer), host, jax.random.PRNGKey(1))
@@ -515,18 +515,22 @@ def _logprob_fn(params, micro):
   """The trainer's log-prob function on a row-major batch (see `rollout.training_inputs`)."""
   from segresearch_jax.agent import rollout
   from segresearch_jax.models import decoding
+  from segresearch_jax.rl import rows as rows_lib
 
   rollout_cfg = _rollout_cfg()
   banned = rollout_cfg.banned_ids
-  prompt = {
-    k: micro[k] for k in ("prompt_ids", "prompt_valid", "frame_patches", "keyframe_patches")
-  }
-  prompt["prompt_positions"] = micro["prompt_positions"].swapaxes(0, 1)
+  prompt = rollout.PromptBatch(**{k: micro[k] for k in rows_lib.PROMPT_INPUTS}, next_pos=None)
   out = {
     k: micro[k]
-    for k in ("response_ids", "response_valid", "obs_kind", "obs_slot", "search_patches")
+    for k in (
+      "response_ids",
+      "response_positions",
+      "response_valid",
+      "obs_kind",
+      "obs_slot",
+      "search_patches",
+    )
   }
-  out["response_positions"] = micro["response_positions"].swapaxes(0, 1)
   inputs = rollout.training_inputs(params, TINY, rollout_cfg, prompt, out)
   logp, entropy = decoding.token_logprobs(
     params, TINY, *inputs, chunk_size=16, banned_ids=banned, return_entropy=True
@@ -660,3 +664,15 @@ def test_eight_devices_give_the_same_grpo_update_as_one():
 
 if __name__ == "__main__":
   print(json.dumps(_proof()))
+
+
+def test_stacked_decoder_layers_follow_one_layers_rule_and_never_split_the_layer_axis():
+  import dataclasses
+
+  scanned = dataclasses.replace(TINY, scan_layers=True)
+  abstract = jax.eval_shape(functools.partial(policy.init_params, scanned), jax.random.PRNGKey(0))
+  mesh = sharding.abstract_mesh({"data": 1, "fsdp": 2, "tensor": 2})
+  specs = sharding.param_specs(abstract, sharding.DEFAULT_RULES, mesh)
+  assert specs["layers"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")
+  assert specs["layers"]["o_proj"]["kernel"] == P(None, "tensor", "fsdp")
+  assert specs["layers"]["input_layernorm"]["weight"] == P(None)

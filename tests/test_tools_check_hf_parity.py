@@ -30,6 +30,13 @@ def test_passes_on_a_transformers_checkpoint(hf_dir, capsys):
   assert "OK" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_passes_with_scanned_layers(hf_dir, capsys, remat):
+  # Stacked decoder layers (and DeepStack injected inside the scan) give the same logits.
+  assert check_hf_parity.main(["--hf_dir", str(hf_dir), "--scan_layers", "--remat", remat]) == 0
+  assert "OK" in capsys.readouterr().out
+
+
 def test_fails_above_tolerance(hf_dir, capsys):
   assert check_hf_parity.main(["--hf_dir", str(hf_dir), "--tolerance", "0"]) == 1
   assert "FAIL" in capsys.readouterr().out

@@ -9,35 +9,24 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from conftest import small_synthetic
 
 from configs import okvos as okvos_config
-from segresearch_jax import components, config_checks, train
+from segresearch_jax import components, config_checks, steps
+from segresearch_jax.agent import rollout
 from segresearch_jax.data import okvos, synthetic
 from segresearch_jax.eval import curves
 from segresearch_jax.rewards import okvos as okvos_reward
 from segresearch_jax.rl import rows as rows_lib
 
-# The embedded default shrunk to seconds: tiny policy, small frames, short episodes.
-SHRUNK = [
-  "--config.model.preset=tiny",
-  "--config.data.frame_size=64",
-  "--config.data.keyframe_size=64",
-  "--config.batch_size=2",
-  "--config.rollout.group_size=2",
-  "--config.rollout.max_turns=2",
-  "--config.rollout.max_response_length=192",
-  "--config.rollout.max_action_length=48",
-  "--config.rollout.max_obs_length=160",
-  "--config.loss.mini_batches=2",
-  "--config.total_steps=2",
-  "--config.sft.steps=2",
-  "--config.sft.batch_size=2",
-  "--config.checkpoint.every_steps=1",
-  "--config.eval.num_samples=2",
-]
+# The embedded default shrunk to seconds (tiny policy, small frames, short episodes,
+# `configs/okvos.py:runlocal`), on the embedded default's synthetic set rather than
+# runlocal's 16 / 4 samples.
+CONFIG = "--config=configs/okvos.py:runlocal"
+DATA = ["--config.data.synthetic_train=192", "--config.data.synthetic_test=32"]
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +36,15 @@ def synthetic_dir(tmp_path_factory):
   return str(out)
 
 
-def _command(workdir, synthetic_dir, *extra, flags=SHRUNK):
+def _command(workdir, synthetic_dir, *extra, flags=()):
   return [
     sys.executable,
     "-m",
     "segresearch_jax.train",
-    "--config=configs/okvos.py",
+    CONFIG,
     f"--config.workdir={workdir}",
     f"--config.data.synthetic_dir={synthetic_dir}",
+    *DATA,
     *flags,
     *extra,
   ]
@@ -227,10 +217,10 @@ def test_evaluate_command_on_a_checkpoint(tmp_path, synthetic_dir, uninterrupted
     sys.executable,
     "-m",
     "segresearch_jax.evaluate",
-    "--config=configs/okvos.py",
+    CONFIG,
     f"--config.workdir={workdir}",
     f"--config.data.synthetic_dir={synthetic_dir}",
-    *SHRUNK,
+    *DATA,
     f"--checkpoint={workdir / 'checkpoints'}",
     "--step=1",
     f"--out={tmp_path / 'eval'}",
@@ -254,15 +244,16 @@ def _drawn(truncated, rewards_vary, group_size=2, length=5):
   outputs, scores), every array read-only (as `jax.device_get` hands them back)."""
   prompts = len(rewards_vary)
   rows = prompts * group_size
-  batch = {
-    "prompt_ids": np.arange(prompts)[:, None] * np.ones((1, 3), np.int32),
-    "prompt_valid": np.ones((prompts, 3), bool),
-    "prompt_positions": np.zeros((3, prompts, 3), np.int32),
-    "frame_patches": np.zeros((prompts, 1, 2, 2), np.float32),
-    "keyframe_patches": np.zeros((prompts, 1, 2, 2), np.float32),
-  }
+  batch = rollout.PromptBatch(
+    prompt_ids=np.arange(prompts)[:, None] * np.ones((1, 3), np.int32),
+    prompt_valid=np.ones((prompts, 3), bool),
+    prompt_positions=np.zeros((prompts, 3, 3), np.int32),
+    next_pos=np.full((prompts,), 3, np.int32),
+    frame_patches=np.zeros((prompts, 1, 2, 2), np.float32),
+    keyframe_patches=np.zeros((prompts, 1, 2, 2), np.float32),
+  )
   out = {k: np.zeros((rows, length), np.int32) for k in rows_lib.ROW_FIELDS}
-  out["response_positions"] = np.zeros((3, rows, length), np.int32)
+  out["response_positions"] = np.zeros((rows, 3, length), np.int32)
   out["search_patches"] = np.zeros((rows, 1, 2, 2), np.float32)
   out["loss_mask"] = np.ones((rows, length), bool)
   out["logprobs"] = np.zeros((rows, length), np.float32)
@@ -271,9 +262,8 @@ def _drawn(truncated, rewards_vary, group_size=2, length=5):
     "truncated": np.asarray(truncated, np.float32),
     "zero_variance": np.repeat(~np.asarray(rewards_vary), group_size),
   }
-  for part in (batch, out, scores):
-    for x in part.values():
-      x.setflags(write=False)
+  for x in [*jax.tree.leaves(batch), *out.values(), *scores.values()]:
+    x.setflags(write=False)
   return batch, out, scores
 
 
@@ -327,13 +317,13 @@ def test_trainer_logprobs_use_the_rollout_temperature(monkeypatch):
     seen["temperature"] = temperature
     return np.zeros((1, 2)), np.zeros((1, 2))
 
-  monkeypatch.setattr(train.rollout, "training_inputs", lambda *a: ())
-  monkeypatch.setattr(train.decoding, "token_logprobs", token_logprobs)
+  monkeypatch.setattr(steps.rollout, "training_inputs", lambda *a: ())
+  monkeypatch.setattr(steps.decoding, "token_logprobs", token_logprobs)
   rows = {k: np.zeros((1, 2), np.int32) for k in (*rows_lib.PROMPT_INPUTS, *rows_lib.ROW_FIELDS)}
   rows["prompt_positions"] = np.zeros((1, 3, 2), np.int32)
   rows["response_positions"] = np.zeros((1, 3, 2), np.int32)
-  rcfg = train.rollout.RolloutConfig(temperature=0.7)
-  train.make_logprob_fn(None, rcfg)(None, rows)
+  rcfg = steps.rollout.RolloutConfig(temperature=0.7)
+  steps.make_logprob_fn(None, rcfg)(None, rows)
   assert seen["temperature"] == 0.7  # the sampler's distribution, not temperature 1
 
 

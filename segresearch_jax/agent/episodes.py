@@ -89,46 +89,18 @@ class EpisodeShapes:
     h, w = self.merged_grid(size)
     return h * w
 
-
-def shapes_from_config(config: Any, model_cfg: ModelConfig) -> EpisodeShapes:
-  """`EpisodeShapes` of `config.data` / `config.rollout` for this policy."""
-  d = config.data
-  return EpisodeShapes(
-    image_cfg=image_processor_config(model_cfg, d.min_pixels),
-    num_frames=d.num_frames,
-    frame_size=d.frame_size,
-    keyframe_size=d.keyframe_size,
-    search_size=d.search_image_size,
-    max_prompt_length=config.rollout.max_prompt_length,
-  )
-
-
-def rollout_config(
-  config: Any,
-  model_cfg: ModelConfig,
-  shapes: EpisodeShapes,
-  tokenizer: Any,
-  *,
-  group_size: int | None = None,
-  temperature: float | None = None,
-) -> rollout.RolloutConfig:
-  """The rollout settings of `config.rollout` (override group size / temperature for eval)."""
-  r = config.rollout
-  return rollout.RolloutConfig(
-    group_size=r.group_size if group_size is None else group_size,
-    max_turns=r.max_turns,
-    max_response_length=r.max_response_length,
-    max_action_length=r.max_action_length,
-    max_obs_length=r.max_obs_length,
-    temperature=r.temperature if temperature is None else temperature,
-    top_p=r.top_p,
-    top_k=r.top_k,
-    im_end_id=tokenizer.im_end_id,
-    frame_grid=shapes.merged_grid(shapes.frame_size),
-    keyframe_grid=shapes.merged_grid(shapes.keyframe_size),
-    search_grid=shapes.merged_grid(shapes.search_size),
-    banned_ids=(tokenizer.image_pad_id, tokenizer.vision_start_id, tokenizer.vision_end_id),
-  )
+  @classmethod
+  def from_config(cls, config: Any, model_cfg: ModelConfig) -> EpisodeShapes:
+    """The shapes of `config.data` / `config.rollout` for this policy's image processor."""
+    d = config.data
+    return cls(
+      image_cfg=image_processor_config(model_cfg, d.min_pixels),
+      num_frames=d.num_frames,
+      frame_size=d.frame_size,
+      keyframe_size=d.keyframe_size,
+      search_size=d.search_image_size,
+      max_prompt_length=config.rollout.max_prompt_length,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -191,23 +163,6 @@ class PromptEncoder:
       "frame_patches": frame_patches,
       "keyframe_patches": keyframe_patches,
     }
-
-
-PROMPT_FIELDS = (
-  "prompt_ids",
-  "prompt_valid",
-  "prompt_positions",
-  "next_pos",
-  "frame_patches",
-  "keyframe_patches",
-)
-
-
-def rollout_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The rollout's per-prompt inputs of a pipeline batch (positions to [3, P, Lp])."""
-  out = {k: np.asarray(batch[k]) for k in PROMPT_FIELDS}
-  out["prompt_positions"] = np.moveaxis(out["prompt_positions"], 1, 0)
-  return out
 
 
 def shown_frames(batch: Mapping[str, Any], group_size: int) -> list[list[int]]:
@@ -361,7 +316,7 @@ def expert_episode(
   n = len(ids)
   out = {
     "response_ids": np.zeros((1, r), np.int32),
-    "response_positions": np.zeros((3, 1, r), np.int32),
+    "response_positions": np.zeros((1, 3, r), np.int32),
     "response_valid": (np.arange(r) < n)[None],
     "loss_mask": np.zeros((1, r), bool),
     "logprobs": np.zeros((1, r), np.float32),
@@ -373,7 +328,7 @@ def expert_episode(
     "search_patches": search,
   }
   out["response_ids"][0, :n] = ids
-  out["response_positions"][:, 0, :n] = positions
+  out["response_positions"][0, :, :n] = positions
   out["loss_mask"][0, :n] = mask
   return out
 
@@ -445,9 +400,9 @@ class Runner:
     if not search:
       bridge.backend = None
     try:
-      inputs = rollout_batch(batch)
+      inputs = rollout.PromptBatch.from_batch(batch)
       if prompt_index is not None:
-        inputs["prompt_index"] = np.asarray(prompt_index, np.int32)
+        inputs = inputs.replace(prompt_index=np.asarray(prompt_index, np.int32))
       out = jax.device_get(self.fn(params, inputs, rng))
     finally:
       bridge.backend = backend

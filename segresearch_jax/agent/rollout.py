@@ -22,6 +22,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +61,36 @@ class RolloutConfig:
   # (on CPU, the embedded default's 32 rows: 1 or 2 rows per chunk are fastest, 4 are
   # 1.2x slower; at 16 rows, prefilling every row was 3x slower than 1-row chunks).
   observe_rows: int = 0
+
+  @classmethod
+  def from_config(
+    cls,
+    config: Any,
+    shapes: Any,
+    tokenizer: Any,
+    *,
+    group_size: int | None = None,
+    temperature: float | None = None,
+  ) -> RolloutConfig:
+    """The settings of `config.rollout` for a run's image shapes (`episodes.EpisodeShapes`)
+    and tokenizer; evaluation overrides the group size (1) and temperature (0, greedy)."""
+    r = config.rollout
+    return cls(
+      group_size=r.group_size if group_size is None else group_size,
+      max_turns=r.max_turns,
+      max_response_length=r.max_response_length,
+      max_action_length=r.max_action_length,
+      max_obs_length=r.max_obs_length,
+      temperature=r.temperature if temperature is None else temperature,
+      top_p=r.top_p,
+      top_k=r.top_k,
+      im_end_id=tokenizer.im_end_id,
+      frame_grid=shapes.merged_grid(shapes.frame_size),
+      keyframe_grid=shapes.merged_grid(shapes.keyframe_size),
+      search_grid=shapes.merged_grid(shapes.search_size),
+      banned_ids=(tokenizer.image_pad_id, tokenizer.vision_start_id, tokenizer.vision_end_id),
+      observe_rows=r.observe_rows,
+    )
 
   def observe_chunk(self, batch: int) -> int:
     """Rows per observation prefill for a rollout batch of `batch` rows."""
@@ -183,7 +214,7 @@ def _read_rows(buffer: Array, starts: Array, size: int) -> Array:
 def observation_positions(
   obs_tokens: Array, obs_len: Array, start: Array, grid_h: Array, grid_w: Array, image_token_id: int
 ) -> tuple[Array, Array]:
-  """M-RoPE positions [3, B, O] for observation chunks holding at most one image each.
+  """M-RoPE positions [B, 3, O] for observation chunks holding at most one image each.
 
   Text continues the running index; the k-th image token gets
   (cur, cur + k // w, cur + k % w) and the index after the image jumps by max(h, w).
@@ -208,7 +239,42 @@ def observation_positions(
   t_pos = jnp.where(is_img, cur, t_pos)
   n_text = jnp.sum(real & ~is_img, axis=1)
   next_pos = start + n_text + jump[:, 0]
-  return jnp.stack([t_pos, h_pos, w_pos]).astype(jnp.int32), next_pos.astype(jnp.int32)
+  return jnp.stack([t_pos, h_pos, w_pos], axis=1).astype(jnp.int32), next_pos.astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class PromptBatch:
+  """The per-prompt inputs of a rollout, one row per PROMPT (the rollout repeats each
+  for its `group_size` rows); the pipeline's batches hold these fields and more.
+
+  M-RoPE positions are [rows, 3, length] here and everywhere outside the model's
+  rotary tables (`models.layers.mrope_tables`).
+  """
+
+  prompt_ids: Array  # [P, Lp] int32, left padded
+  prompt_valid: Array  # [P, Lp] bool
+  prompt_positions: Array  # [P, 3, Lp] int32 (T, H, W axes; 0 at padding)
+  next_pos: Array | None  # [P] int32, the first response token's position; None in training
+  frame_patches: Array  # [P, F, Pf, pd] float32, the shown frames
+  keyframe_patches: Array  # [P, F, Pk, pd] float32, their high-resolution copies
+  # [P] int32, each prompt's position in the global batch: row g of prompt p samples
+  # from the stream of row `prompt_index[p] * n + g`; None = 0..P-1.
+  prompt_index: Array | None = None
+  # [B, K] int32 tokens to emit instead of sampling (-1 = sample); tests script a
+  # policy with it without changing its log-probs. None = sample every token.
+  forced_tokens: Array | None = None
+
+  @classmethod
+  def from_batch(cls, batch: Any) -> PromptBatch:
+    """The rollout's fields of a pipeline batch (a mapping of numpy arrays)."""
+    return cls(
+      prompt_ids=np.asarray(batch["prompt_ids"]),
+      prompt_valid=np.asarray(batch["prompt_valid"]),
+      prompt_positions=np.asarray(batch["prompt_positions"]),
+      next_pos=np.asarray(batch["next_pos"]),
+      frame_patches=np.asarray(batch["frame_patches"]),
+      keyframe_patches=np.asarray(batch["keyframe_patches"]),
+    )
 
 
 HostFn = Callable[..., tuple[np.ndarray, ...]]
@@ -262,13 +328,8 @@ def make_rollout_fn(
     search_patch_shape: (Ps, patch_dim) of one image_search result.
 
   Returns:
-    `rollout(params, batch, rng)`; `batch` holds, per PROMPT (rows are repeated
-    `group_size` times inside): prompt_ids [P, Lp] (left padded), prompt_valid,
-    prompt_positions [3, P, Lp], next_pos [P], frame_patches [P, F, Pf, pd],
-    keyframe_patches [P, F, Pk, pd], optionally forced_tokens [B, K] (-1 = sample;
-    tests use it to script a policy without changing its log-probs) and
-    prompt_index [P], each prompt's position in the global batch (default 0..P-1):
-    row g of prompt p samples from the stream of row `prompt_index[p] * n + g`.
+    `rollout(params, batch, rng)` with `batch` a `PromptBatch` (rows are repeated
+    `group_size` times inside).
   """
   model = policy.Policy(model_cfg)
   n = cfg.group_size
@@ -298,48 +359,52 @@ def make_rollout_fn(
     return patch_grids[num_patches]
 
   def rollout(params, batch, rng):
-    prompts, f = batch["frame_patches"].shape[:2]
+    prompts, f = batch.frame_patches.shape[:2]
     b = prompts * n
     rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
 
     # 1. Visual features once per prompt: shown frames and their high-res copies.
-    pf = batch["frame_patches"]
+    pf = batch.frame_patches
     frame_tok, frame_ds = encode(params, pf.reshape(prompts * f, *pf.shape[2:]))
     frame_tok = frame_tok.reshape(prompts, -1, frame_tok.shape[-1])
     frame_ds = frame_ds.reshape(frame_ds.shape[0], prompts, -1, frame_ds.shape[-1])
-    pk = batch["keyframe_patches"]
+    pk = batch.keyframe_patches
     key_tok, key_ds = encode(params, pk.reshape(prompts * f, *pk.shape[2:]))
     nk = key_tok.shape[1]
     key_tok = key_tok.reshape(prompts, f, nk, -1)
     key_ds = key_ds.reshape(key_ds.shape[0], prompts, f, nk, -1)
 
     # 2. Prefill the prompts (each row of a group shares its prompt).
-    lp = batch["prompt_ids"].shape[1]
+    lp = batch.prompt_ids.shape[1]
     logits, cache = decoding.prefill_prompt(
       params,
       model_cfg,
       lp + buf_len,
-      rep(batch["prompt_ids"]),
-      rep(batch["prompt_positions"], 1),
-      rep(batch["prompt_valid"]),
+      rep(batch.prompt_ids),
+      rep(batch.prompt_positions),
+      rep(batch.prompt_valid),
       rep(frame_tok),
       rep(frame_ds, 1),
       logits_at=jnp.full((b,), lp - 1, jnp.int32),  # left-padded: the last token is real
     )
-    forced = batch.get("forced_tokens", jnp.full((b, 1), -1, jnp.int32))
-    prompt_index = batch.get("prompt_index", jnp.arange(prompts, dtype=jnp.int32))
+    forced = batch.forced_tokens
+    if forced is None:
+      forced = jnp.full((b, 1), -1, jnp.int32)
+    prompt_index = batch.prompt_index
+    if prompt_index is None:
+      prompt_index = jnp.arange(prompts, dtype=jnp.int32)
     row_ids = (rep(prompt_index) * n + jnp.arange(b) % n).astype(jnp.int32)
 
     state = dict(
       cache=cache,
       logits=logits,
       tokens=jnp.zeros((b, buf_len), jnp.int32),
-      positions=jnp.zeros((3, b, buf_len), jnp.int32),
+      positions=jnp.zeros((b, 3, buf_len), jnp.int32),
       loss_mask=jnp.zeros((b, buf_len), bool),
       logprobs=jnp.zeros((b, buf_len), jnp.float32),
       length=jnp.zeros((b,), jnp.int32),
       generated=jnp.zeros((b,), jnp.int32),
-      next_pos=rep(batch["next_pos"]).astype(jnp.int32),
+      next_pos=rep(batch.next_pos).astype(jnp.int32),
       turn_start=jnp.zeros((b,), jnp.int32),
       turns=jnp.zeros((b,), jnp.int32),
       active=jnp.ones((b,), bool),
@@ -372,17 +437,13 @@ def make_rollout_fn(
       log_norm = top + jnp.log(jnp.sum(jnp.exp(scaled - top[:, None]), axis=-1))
       logp = _take(scaled, token) - log_norm
       length = s["length"]
-      pos3 = jnp.broadcast_to(s["next_pos"][None, :, None], (3, b, 1))
+      pos3 = jnp.broadcast_to(s["next_pos"][:, None, None], (b, 3, 1))
       upd = lambda buf, v: jnp.where(active[:, None], _write_rows(buf, v[:, None], length), buf)
       tokens = upd(s["tokens"], token)
       loss_mask = upd(s["loss_mask"], jnp.ones((b,), bool))
       logprobs = upd(s["logprobs"], logp)
       positions = jnp.where(
-        active[None, :, None],
-        jax.vmap(lambda c, u, st: _write_rows(c, u, st), in_axes=(0, 0, None))(
-          s["positions"], pos3, length
-        ),
-        s["positions"],
+        active[:, None, None], _write_rows(s["positions"], pos3, length, axis=1), s["positions"]
       )
       length = length + active
       gen = gen + active
@@ -500,9 +561,7 @@ def make_rollout_fn(
         keep, _write_rows(s["tokens"], jnp.where(valid, obs, 0), length), s["tokens"]
       )
       positions = jnp.where(
-        keep[None],
-        jax.vmap(lambda c, u: _write_rows(c, u, length))(s["positions"], pos),
-        s["positions"],
+        keep[:, :, None], _write_rows(s["positions"], pos, length, axis=1), s["positions"]
       )
       turn = jnp.clip(s["turns"], 0, turns - 1)
       hit = pending[:, None] & (jnp.arange(turns)[None] == turn[:, None])
@@ -567,7 +626,7 @@ def _prefill_rows(
   Args:
     logits: [B, V] the rows' current next-token logits (kept where not pending).
     chunk: rows per prefill; a divisor of B.
-    inputs: (ids [B, T], positions [3, B, T], valid [B, T], visual [B, Nv, D],
+    inputs: (ids [B, T], positions [B, 3, T], valid [B, T], visual [B, Nv, D],
       deepstack [n_ds, B, Nv, D], logits_at [B]) of `decoding.prefill`.
 
   Returns:
@@ -593,7 +652,7 @@ def _prefill_rows(
       model_cfg,
       part,
       take(ids),
-      take(pos, 1),
+      take(pos),
       take(valid),
       take(visual),
       take(deepstack, 1),
@@ -613,23 +672,24 @@ def training_inputs(
   params: Any,
   model_cfg: ModelConfig,
   cfg: RolloutConfig,
-  batch: dict[str, Array],
+  batch: PromptBatch,
   out: dict[str, Array],
 ) -> tuple[Array, Array, Array, Array, Array]:
-  """Prompt + response as one sequence for `decoding.token_logprobs`.
+  """Prompt + response as one sequence for `decoding.token_logprobs` (`batch.next_pos`
+  is not read).
 
   Visual tokens are rebuilt from pixels (so gradients reach the vision tower): the
   shown frames, then, per observation turn in order, the keyframe's high-res copy or
   the image_search result.
 
   Returns:
-    (input_ids [B, L], positions [3, B, L], token_valid [B, L], visual [B, Nv, D],
+    (input_ids [B, L], positions [B, 3, L], token_valid [B, L], visual [B, Nv, D],
     deepstack [n_ds, B, Nv, D]) with L = Lp + max_response_length.
   """
   model = policy.Policy(model_cfg)
   n = cfg.group_size
   rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
-  prompts, f = batch["frame_patches"].shape[:2]
+  prompts, f = batch.frame_patches.shape[:2]
   b = prompts * n
   merge = model_cfg.vision.spatial_merge_size
   grid = lambda g: (g[0] * merge, g[1] * merge)
@@ -637,7 +697,7 @@ def training_inputs(
     {"params": params}, x, grid(g), method=policy.Policy.encode_images
   )
 
-  pf = batch["frame_patches"]
+  pf = batch.frame_patches
   frame_tok, frame_ds = encode(pf.reshape(prompts * f, *pf.shape[2:]), cfg.frame_grid)
   frame_tok = rep(frame_tok.reshape(prompts, -1, frame_tok.shape[-1]))
   frame_ds = rep(frame_ds.reshape(frame_ds.shape[0], prompts, -1, frame_ds.shape[-1]), 1)
@@ -645,7 +705,7 @@ def training_inputs(
   turns = cfg.max_turns
   kind, slot = out["obs_kind"], jnp.clip(out["obs_slot"], 0, f - 1)
   # Keyframes: the high-res patches of each turn's chosen frame. [B, T, Pk, pd]
-  pk = rep(batch["keyframe_patches"])
+  pk = rep(batch.keyframe_patches)
   key_patches = jnp.take_along_axis(pk, slot[:, :, None, None], axis=1)
   key_tok, key_ds = encode(key_patches.reshape(b * turns, *pk.shape[2:]), cfg.keyframe_grid)
   sp = out["search_patches"]
@@ -682,9 +742,7 @@ def training_inputs(
   visual = jnp.concatenate([frame_tok, packed], axis=1)
   deepstack = jnp.concatenate([frame_ds, packed_ds], axis=2)
 
-  input_ids = jnp.concatenate([rep(batch["prompt_ids"]), out["response_ids"]], axis=1)
-  positions = jnp.concatenate(
-    [rep(batch["prompt_positions"], 1), out["response_positions"]], axis=2
-  )
-  valid = jnp.concatenate([rep(batch["prompt_valid"]), out["response_valid"]], axis=1)
+  input_ids = jnp.concatenate([rep(batch.prompt_ids), out["response_ids"]], axis=1)
+  positions = jnp.concatenate([rep(batch.prompt_positions), out["response_positions"]], axis=2)
+  valid = jnp.concatenate([rep(batch.prompt_valid), out["response_valid"]], axis=1)
   return input_ids, positions, valid, visual, deepstack

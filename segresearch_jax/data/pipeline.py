@@ -354,7 +354,8 @@ def resolve_data(data_config, workdir: str | os.PathLike, seed: int = 0) -> tupl
   """The raw OK-VOS folder and the KB folder a config points at, building the synthetic set.
 
   Args:
-    data_config: `config.data` (fields source, okvos_dir, synthetic_dir).
+    data_config: `config.data` (fields source, okvos_dir, synthetic_dir, synthetic_train,
+      synthetic_test).
     workdir: the run folder; the synthetic set goes to `workdir/synthetic` unless
       `synthetic_dir` is set (built once, then reused from its cache).
     seed: the synthetic set's seed.
@@ -369,8 +370,8 @@ def resolve_data(data_config, workdir: str | os.PathLike, seed: int = 0) -> tupl
     paths = synthetic.build(
       out,
       seed=seed,
-      num_train=data_config.get("synthetic_train", 64),
-      num_test=data_config.get("synthetic_test", 32),
+      num_train=data_config.synthetic_train,
+      num_test=data_config.synthetic_test,
     )
     return paths.okvos_dir, paths.kb_dir
   if data_config.source == "okvos":

@@ -42,6 +42,10 @@ from segresearch_jax.data import okvos
 
 DataError = okvos.DataError
 
+# The benchmarks `configs/okvos.py:reasonseg|reasonvos|revos` evaluate on, and their titles.
+BENCHMARKS = ("reasonseg", "reasonvos", "revos")
+TITLES = {"reasonseg": "ReasonSeg", "reasonvos": "ReasonVOS", "revos": "ReVOS"}
+
 IGNORE_LABEL = 255  # ReasonSeg ignore regions (excluded from gIoU / cIoU).
 TARGET_LABEL = 1
 DROPPED_LABEL = "flag"  # LISA drops these shapes (deprecated annotations).

@@ -31,26 +31,20 @@ scored by `eval.predictions.evaluate_predictions`. What differs per benchmark:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import html
 import json
 import os
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from segresearch_jax import components as components_lib
-from segresearch_jax.agent import episodes as episodes_lib
 from segresearch_jax.data import okvos, reasoning
 from segresearch_jax.eval import metrics, reports
 from segresearch_jax.eval import predictions as predictions_lib
-from segresearch_jax.rewards import scoring
 
-BENCHMARKS = ("reasonseg", "reasonvos", "revos")
-TITLES = {"reasonseg": "ReasonSeg", "reasonvos": "ReasonVOS", "revos": "ReVOS"}
 # The reasoning benchmarks have no OK-VOS ability; they get the search prompt and the
 # policy decides whether to search.
 PROMPT_ABILITY = "one-hop"
@@ -212,7 +206,7 @@ def prepare_samples(
       oid = ",".join(record["obj_ids"])
       samples.append(_video_sample(root, out, record, names, masks, record["category"], oid))
     return samples
-  raise ValueError(f"Unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}.")
+  raise ValueError(f"Unknown benchmark {benchmark!r}; expected one of {reasoning.BENCHMARKS}.")
 
 
 class PromptSource:
@@ -288,12 +282,12 @@ def benchmark_table(
     return {metrics.OVERALL: metrics.jf_summary(per_sample)}
   if benchmark == "revos":
     return metrics.revos_summary(per_sample)
-  raise ValueError(f"Unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}.")
+  raise ValueError(f"Unknown benchmark {benchmark!r}; expected one of {reasoning.BENCHMARKS}.")
 
 
 def format_table(benchmark: str, table: Mapping[str, Mapping[str, float]], split: str) -> str:
   """The official table layout (percent)."""
-  title = f"{TITLES[benchmark]} {split} (percent)"
+  title = f"{reasoning.TITLES[benchmark]} {split} (percent)"
   if benchmark == "reasonseg":
     return metrics.format_giou_table(table, title)
   return metrics.format_summary(table, title)
@@ -365,127 +359,10 @@ def score_predictions(
     out,
     predictions=preds,
     max_samples=report_samples,
-    title=f"Seg-ReSearch on {TITLES[benchmark]} {split}",
+    title=f"Seg-ReSearch on {reasoning.TITLES[benchmark]} {split}",
   )
   # The official table above the report's own J / F table.
   page_text = page.read_text(encoding="utf-8")
   block = f'<h3>Official table</h3><pre class="official">{html.escape(text)}</pre>'
   page.write_text(page_text.replace("</h1>", "</h1>\n" + block, 1), encoding="utf-8")
   return results
-
-
-# ----------------------------------------------------------------------------
-# From a config and a policy.
-# ----------------------------------------------------------------------------
-
-
-def benchmark_dir(config) -> str:
-  """The raw folder of `config.data.benchmark` (`config.data.<benchmark>_dir`)."""
-  name = config.data.get("benchmark", "")
-  if name not in BENCHMARKS:
-    raise ValueError(f"config.data.benchmark={name!r} is not one of {BENCHMARKS}.")
-  root = config.data.get(f"{name}_dir", "")
-  if not root or not os.path.isdir(root):
-    raise FileNotFoundError(
-      f"config.data.{name}_dir={root!r} is not a directory; point it at the raw {TITLES[name]}."
-    )
-  return root
-
-
-def eval_components(config, tokenizer, model_cfg) -> dict[str, Any]:
-  """The greedy runner, scorer and prompt encoder of `components.build_components`, without
-  data."""
-
-  shapes = episodes_lib.shapes_from_config(config, model_cfg)
-  # Evaluation's search backend (`eval.search`), as `components.build_components` picks it.
-  eval_config = components_lib.eval_search_config(config)
-  backend = components_lib.make_search_backend(eval_config, config.search.kb_dir)
-  bridge = components_lib.make_bridge(config, backend, tokenizer, shapes)
-  rcfg = episodes_lib.rollout_config(
-    config, model_cfg, shapes, tokenizer, group_size=1, temperature=0.0
-  )
-  return {
-    "model_cfg": model_cfg,
-    "encoder": episodes_lib.PromptEncoder(tokenizer, model_cfg, shapes),
-    "eval_runner": episodes_lib.Runner(model_cfg, rcfg, shapes, tokenizer, bridge),
-    "eval_scorer": scoring.Scorer(config, 1, model_cfg.coord_convention),
-  }
-
-
-def evaluate_benchmark(
-  config,
-  params,
-  components: Mapping[str, Any],
-  out_dir: str | os.PathLike,
-  *,
-  search: bool = True,
-  segmenter_fn: Callable | None = None,
-) -> dict[str, Any]:
-  """Greedy episodes on `config.data.benchmark`, then masks and its table.
-
-  Args:
-    config: the run config (`data.benchmark` one of BENCHMARKS, `data.<benchmark>_dir`,
-      `data.eval_split`).
-    params: the policy's parameters.
-    components: `eval_components(...)` (model_cfg, encoder, eval_runner, eval_scorer).
-    out_dir: predictions.jsonl, results.json, masks/, report.html and benchmark/ go here.
-    search: False evaluates with search detached.
-    segmenter_fn: the video segmenter; default `config.eval`'s.
-
-  Returns:
-    The results dict (see `score_predictions`) with "episodes": the mean reward terms.
-  """
-  from segresearch_jax import evaluate
-  from segresearch_jax.data import pipeline
-  from segresearch_jax.segmentation import video
-
-  root = benchmark_dir(config)
-  benchmark, split = config.data.benchmark, config.data.eval_split
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  samples = prepare_samples(benchmark, root, split, out / BENCHMARK_DIR)
-  model_cfg = components["model_cfg"]
-  dataset = pipeline.make_dataset(
-    PromptSource(samples, config.data.num_frames),
-    batch_size=config.batch_size,
-    shuffle=False,
-    num_epochs=1,
-    drop_remainder=False,
-    frame_size=config.data.frame_size,
-    num_frames=config.data.num_frames,
-    convention=model_cfg.coord_convention,
-    template_dir=config.data.templates or None,
-    encode_fn=components["encoder"],
-    shard_index=0,
-    shard_count=1,
-  )
-  m, preds = evaluate.greedy_episodes(
-    config, params, dataset, components["eval_runner"], components["eval_scorer"], search=search
-  )
-  predictions_lib.write_predictions(out / predictions_lib.PREDICTIONS_FILE, preds)
-  if segmenter_fn is None:
-    segmenter_fn = functools.partial(video.segment_video, segmenter=video.from_config(config.eval))
-  size = config.data.frame_size
-  results = score_predictions(
-    benchmark,
-    preds,
-    samples,
-    segmenter_fn,
-    model_cfg.coord_convention,
-    out,
-    split=split,
-    resized=(size, size),
-    report_samples=config.eval.report_samples,
-  )
-  results["episodes"] = m
-  (out / "eval_metrics.json").write_text(
-    json.dumps({"episodes": m, "table": results["benchmark"]["table"]}, indent=1)
-  )
-  return results
-
-
-def run(config, params, model_cfg, tokenizer, out_dir, *, search: bool = True) -> dict[str, Any]:
-  """`evaluate.py`'s entry for a benchmark config: components, episodes, table, report."""
-  benchmark_dir(config)  # A wrong name or folder fails before anything is built.
-  components = eval_components(config, tokenizer, model_cfg)
-  return evaluate_benchmark(config, params, components, out_dir, search=search)

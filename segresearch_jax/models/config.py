@@ -11,6 +11,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla_blocked", "splash", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -72,6 +78,25 @@ class ModelConfig:
   image_token_id: int = 151655
   vision_start_token_id: int = 151652
   vision_end_token_id: int = 151653
+  # How the model computes, not what it is (HF conversion ignores these; see
+  # `with_compute`). Parameters stay fp32 whatever `dtype` is (master weights).
+  dtype: str = "float32"  # compute dtype of both towers: float32 | bfloat16
+  remat: str = "none"  # per decoder layer / vision block: none | full | dots (keep matmuls)
+  scan_layers: bool = False  # stacked decoder layers (leading axis) under one lax.scan
+  attention: str = "auto"  # auto (per platform) | xla_blocked | splash | cudnn
+
+  def __post_init__(self):
+    for name, value, allowed in (
+      ("dtype", self.dtype, DTYPES),
+      ("remat", self.remat, REMAT_POLICIES),
+      ("attention", self.attention, ATTENTION_IMPLEMENTATIONS),
+    ):
+      if value not in allowed:
+        raise ValueError(f"model {name} must be one of {allowed}, got {value!r}.")
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
 
   @property
   def coord_convention(self) -> str:
@@ -304,6 +329,23 @@ def get_preset(name: str, **token_ids: int) -> ModelConfig:
 
 def with_vocab(config: ModelConfig, vocab_size: int) -> ModelConfig:
   return dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=vocab_size))
+
+
+def with_compute(config: ModelConfig, run_model: Any) -> ModelConfig:
+  """`config` computing as the run config's `model` section asks: `dtype`, `remat`,
+  `scan_layers` and `attention` (fields a run config lacks keep their defaults).
+
+  Apply it before parameters are created or loaded: `scan_layers` changes their
+  layout (`weights.params_from_hf` and `policy.init_params` follow the config).
+  """
+  get = run_model.get if hasattr(run_model, "get") else lambda k, d: getattr(run_model, k, d)
+  return dataclasses.replace(
+    config,
+    dtype=str(get("dtype", config.dtype)),
+    remat=str(get("remat", config.remat)),
+    scan_layers=bool(get("scan_layers", config.scan_layers)),
+    attention=str(get("attention", config.attention)),
+  )
 
 
 # ----------------------------------------------------------------------------

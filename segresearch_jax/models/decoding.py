@@ -99,7 +99,7 @@ def decode_step(
   Returns:
     (logits [B, V], new cache).
   """
-  positions = jnp.broadcast_to(next_pos[None, :, None], (3, tokens.shape[0], 1))
+  positions = jnp.broadcast_to(next_pos[:, None, None], (tokens.shape[0], 3, 1))
   valid = jnp.ones((tokens.shape[0], 1), bool)
   logits, cache = prefill(params, config, cache, tokens[:, None], positions, valid)
   return logits[:, 0], cache
@@ -256,7 +256,8 @@ def _head_matrix(params: Any, config: ModelConfig) -> Array:
 
 def _head_forward(h, head, temperature, banned_ids):
   """(logits / temperature - row max, log normaliser) of one chunk, h [B, c, D]."""
-  logits = jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32)
+  # A bf16 model multiplies in bf16 (fp32 master weights cast) and accumulates in fp32.
+  logits = jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
   if banned_ids:
     logits = logits.at[..., list(banned_ids)].set(-1e30)
   shifted = logits / temperature

@@ -78,11 +78,11 @@ def mrope_axis_of_frequency(
 def mrope_tables(
   positions: Array, head_dim: int, theta: float, section: tuple[int, int, int], interleaved: bool
 ) -> tuple[Array, Array]:
-  """cos/sin tables `[B, T, head_dim]` for M-RoPE positions `[3, B, T]`."""
+  """cos/sin tables `[B, T, head_dim]` for M-RoPE positions `[B, 3, T]`."""
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
   axis = mrope_axis_of_frequency(head_dim, section, interleaved)
-  pos = positions.astype(jnp.float32)[axis]  # [half, B, T]: each frequency's own axis.
-  freqs = jnp.moveaxis(pos, 0, -1) * inv_freq  # [B, T, half]
+  pos = positions.astype(jnp.float32)[:, axis]  # [B, half, T]: each frequency's own axis.
+  freqs = jnp.moveaxis(pos, 1, -1) * inv_freq  # [B, T, half]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -364,6 +364,173 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float) ->
     heads_first(q, hkv), keys_last(k), v.transpose(0, 2, 1, 3), scale, mask=mask
   )
   return heads_last(out).astype(q.dtype)
+
+
+def rematerialized(
+  module_cls: type[nn.Module],
+  policy: str,
+  *,
+  scanned: bool = False,
+  static_argnums: tuple[int, ...] = (),
+):
+  """`module_cls` whose activations are recomputed in the backward pass: `none` keeps
+  them all (the class itself), `full` keeps only the inputs, `dots` also the results
+  of the matmuls without batch dimensions (the projections, not attention logits).
+  Under `lax.scan` the CSE guard is not needed (`prevent_cse=False`, as flax advises).
+  `static_argnums` index `__call__`'s arguments with `self` as 0 (hashable values)."""
+  if policy == "none":
+    return module_cls
+  if policy not in ("full", "dots"):
+    raise ValueError(f"Unknown remat policy {policy!r}; expected none, full or dots.")
+  saveable = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(
+    module_cls, policy=saveable, prevent_cse=not scanned, static_argnums=static_argnums
+  )
+
+
+# ----------------------------------------------------------------------------
+# Self-attention per platform: one semantics, three kernels.
+# ----------------------------------------------------------------------------
+
+# Mesh axes that split the rows and the heads (`sharding.AXES`): a Pallas kernel is
+# not partitioned by XLA, so it runs under `shard_map` over these.
+_BATCH_AXES = ("data", "fsdp")
+_HEAD_AXIS = "tensor"
+# Splash attention tiles: sequences are padded to a multiple of the smallest, and
+# the largest of these that divides the padded length is used.
+_SPLASH_BLOCKS = (512, 256, 128)
+
+
+def resolve_attention(implementation: str) -> str:
+  """`auto` -> the kernel of the platform being traced for: splash on TPU, cuDNN on
+  GPU, the blocked XLA implementation (the reference) elsewhere."""
+  if implementation != "auto":
+    return implementation
+  return {"tpu": "splash", "gpu": "cudnn"}.get(jax.default_backend(), "xla_blocked")
+
+
+def self_attention(
+  q: Array,
+  k: Array,
+  v: Array,
+  scale: float,
+  *,
+  causal: bool,
+  key_valid: Array | None,
+  implementation: str = "xla_blocked",
+) -> Array:
+  """Grouped-query self-attention (S == T) with an fp32 softmax, on any platform.
+
+  A query attends to key s when `key_valid[b, s]` and, with `causal`, s <= t. Rows
+  of padding queries are garbage in every implementation (callers ignore them).
+
+  Args:
+    q: [B, T, Hq, D] queries.
+    k: [B, T, Hkv, D] keys; Hq must be a multiple of Hkv.
+    v: [B, T, Hkv, D] values.
+    scale: logit scale, usually D**-0.5.
+    causal: query t sees keys up to t (the language model); else every key (the
+      vision tower's per-image or per-window attention).
+    key_valid: bool [B, T] or None (all valid).
+    implementation: `xla_blocked` (`grouped_attention`, tuned for CPU and the
+      reference in tests), `splash` (Pallas TPU kernel), `cudnn`
+      (`jax.nn.dot_product_attention`) or `auto` (`resolve_attention`).
+
+  Returns:
+    [B, T, Hq, D] in q's dtype.
+  """
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  if hq % hkv:
+    raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads.")
+  implementation = resolve_attention(implementation)
+  if implementation == "xla_blocked":
+    out = grouped_attention(
+      heads_first(q, hkv),
+      keys_last(k),
+      v.transpose(0, 2, 1, 3),
+      scale,
+      key_valid=key_valid,
+      causal=causal,
+    )
+    return heads_last(out).astype(q.dtype)
+  if implementation == "cudnn":
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
+    ).astype(q.dtype)
+  if implementation == "splash":
+    return _splash_self_attention(q, k, v, scale, causal, key_valid)
+  raise ValueError(f"Unknown attention implementation {implementation!r}.")
+
+
+def _splash_self_attention(q, k, v, scale, causal, key_valid):
+  """`self_attention` through the Pallas splash kernel (TPU), one kernel per kv head
+  in MQA form; padding keys are a separate segment (id 0) that valid queries never see."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  valid = jnp.ones((b, t), bool) if key_valid is None else key_valid
+  pad = -t % _SPLASH_BLOCKS[-1]
+  if pad:  # padded slots are invalid keys; their queries are dropped below
+    widen = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    q, k, v, valid = widen(q), widen(k), widen(v), widen(valid)
+  length = t + pad
+  block = next(n for n in _SPLASH_BLOCKS if length % n == 0)
+  one = masks.CausalMask((length, length)) if causal else masks.FullMask((length, length))
+  kernel = kernels.make_splash_mqa(
+    mask=masks.MultiHeadMask([one] * (hq // hkv)),
+    block_sizes=kernels.BlockSizes(
+      block_q=block,
+      block_kv=block,
+      block_kv_compute=block,
+      block_q_dkv=block,
+      block_kv_dkv=block,
+      block_kv_dkv_compute=block,
+      block_q_dq=block,
+      block_kv_dq=block,
+    ),
+    head_shards=1,
+    q_seq_shards=1,
+  )
+
+  def attend(q, k, v, valid):
+    """q [b, Hkv, G, L, D], k/v [b, Hkv, L, D], valid [b, L] -> [b, Hkv, G, L, D]."""
+    segments = valid.astype(jnp.int32)
+    one_head = lambda q, k, v, s: kernel(q, k, v, kernels.SegmentIds(q=s, kv=s))
+    per_row = jax.vmap(one_head, in_axes=(0, 0, 0, None))  # over kv heads
+    return jax.vmap(per_row)(q, k, v, segments)
+
+  qh = heads_first((q.astype(jnp.float32) * scale).astype(q.dtype), hkv)  # [B, Hkv, G, L, D]
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, L, D]
+  attend = _shard_over_mesh(attend, b, hkv)
+  out = heads_last(attend(qh, kh, vh, valid))  # [B, L, Hq, D]
+  return out[:, :t].astype(q.dtype)
+
+
+def _shard_over_mesh(fn, rows: int, kv_heads: int):
+  """`fn(q, k, v, valid)` (head-major, rows first) under `shard_map` over the mesh in
+  context: rows split over the batch axes and kv heads over the tensor axis where they
+  divide. Without a multi-device mesh `fn` runs as is."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+  batch = tuple(a for a in _BATCH_AXES if sizes.get(a, 1) > 1)
+  if not batch or rows % int(np.prod([sizes[a] for a in batch])):
+    batch = None
+  heads = _HEAD_AXIS if sizes.get(_HEAD_AXIS, 1) > 1 and not kv_heads % sizes[_HEAD_AXIS] else None
+  P = jax.sharding.PartitionSpec
+  spec_q = P(batch, heads)
+  return jax.shard_map(
+    fn,
+    mesh=mesh,
+    in_specs=(spec_q, spec_q, spec_q, P(batch)),
+    out_specs=spec_q,
+    check_vma=False,
+  )
 
 
 class _DenseParams(nn.Module):

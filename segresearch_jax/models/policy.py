@@ -37,6 +37,7 @@ Cache = dict[str, Array]
 class DecoderLayer(nn.Module):
   config: TextConfig
   dtype: Any
+  attention: str = "xla_blocked"  # `layers.self_attention` for a stand-alone chunk
 
   @nn.compact
   def __call__(
@@ -71,11 +72,26 @@ class DecoderLayer(nn.Module):
       q = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
       k = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
     q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    fused = kv is None and layers.resolve_attention(self.attention) != "xla_blocked"
+    if fused:  # [B, T, Hq, D] from a fused kernel (splash, cuDNN)
+      attn = layers.self_attention(
+        q,
+        k,
+        v,
+        cfg.head_dim**-0.5,
+        causal=True,
+        key_valid=attend["key_valid"],
+        implementation=self.attention,
+      )
     q = layers.heads_first(q, cfg.num_kv_heads)  # [B, Hkv, G, T, D]
     k, v = layers.keys_last(k), v.transpose(0, 2, 1, 3)  # [B, Hkv, D, T], [B, Hkv, T, D]
-    if kv is None:
+    if fused:
+      kv = (k, v)
+      attn = attn.reshape(b, t, -1).astype(x.dtype)
+    elif kv is None:
       kv = (k, v)
       attn = layers.grouped_attention(q, k, v, cfg.head_dim**-0.5, causal=True, **attend)
+      attn = layers.heads_last(attn).reshape(b, t, -1).astype(x.dtype)
     else:
       # Append this chunk at each row's own offset in the cache. The cache is in the
       # layout attention reads, so no step copies or transposes it.
@@ -85,7 +101,7 @@ class DecoderLayer(nn.Module):
       kv = (write(kv[0], k, 2), write(kv[1], v, 1))
       k, v = kv[0].astype(self.dtype), kv[1].astype(self.dtype)
       attn = layers.grouped_attention(q, k, v, cfg.head_dim**-0.5, **attend)
-    attn = layers.heads_last(attn).reshape(b, t, -1).astype(x.dtype)
+      attn = layers.heads_last(attn).reshape(b, t, -1).astype(x.dtype)
     x = x + layers.dense(cfg.hidden_size, "o_proj", bias=False, dtype=self.dtype)(attn)
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
     return x + layers.SwiGLU(cfg.intermediate_size, dtype=self.dtype, name="mlp")(h), kv
@@ -109,31 +125,58 @@ def scatter_visual(input_ids: Array, image_token_id: int, visual: Array) -> tupl
   return jnp.where(is_image[..., None], gathered, 0).astype(visual.dtype), is_image
 
 
+def _scan_layer(layer: DecoderLayer, carry, kv, cos, sin, attend, write_slots, deepstack):
+  """One step of the scanned decoder: carry (hidden, layer index), kv this layer's
+  cache (or None); DeepStack feature i is added after layer i as in the loop."""
+  x, i = carry
+  x, kv = layer(x, cos, sin, attend, kv, write_slots)
+  if deepstack is not None:
+    n = deepstack.shape[0]
+    add = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(i, n - 1), keepdims=False)
+    x = x + jnp.where(i < n, add.astype(x.dtype), jnp.zeros((), x.dtype))
+  return (x, i + 1), kv
+
+
 class Policy(nn.Module):
-  """The policy. Methods: `encode_images`, `__call__` (a chunk), `logits`."""
+  """The policy. Methods: `encode_images`, `__call__` (a chunk), `logits`.
+
+  Computes in `dtype` when given, else in the config's `dtype`; parameters are fp32.
+  With `config.scan_layers` the decoder layers are one module `layers` whose
+  parameters carry a leading layer axis (`weights.stack_layers` converts).
+  """
 
   config: ModelConfig
-  dtype: Any = jnp.float32
+  dtype: Any = None
+
+  @property
+  def compute_dtype(self) -> Any:
+    return self.config.compute_dtype if self.dtype is None else jnp.dtype(self.dtype)
 
   def setup(self):
     cfg = self.config
+    dtype = self.compute_dtype
     towers = {"qwen3_vl": qwen3_vl.VisionTower, "qwen2_5_vl": qwen2_5_vl.VisionTower}
     if cfg.family not in towers:
       raise ValueError(f"Unknown model family {cfg.family!r}; expected one of {sorted(towers)}.")
-    self.visual = towers[cfg.family](cfg.vision, self.dtype)
+    self.visual = towers[cfg.family](cfg.vision, dtype, cfg.remat, cfg.attention)
     self.embed_tokens = nn.Embed(
       cfg.text.vocab_size,
       cfg.text.hidden_size,
-      dtype=self.dtype,
+      dtype=dtype,
       param_dtype=jnp.float32,
       embedding_init=nn.initializers.normal(0.02),
     )
-    self.decoder_layers = [
-      DecoderLayer(cfg.text, self.dtype, name=f"layers_{i}") for i in range(cfg.text.num_layers)
-    ]
-    self.norm = layers.RMSNorm(cfg.text.rms_norm_eps, self.dtype)
+    layer = layers.rematerialized(DecoderLayer, cfg.remat, scanned=cfg.scan_layers)
+    if cfg.scan_layers:
+      self.decoder_layers = layer(cfg.text, dtype, cfg.attention, name="layers")
+    else:
+      self.decoder_layers = [
+        layer(cfg.text, dtype, cfg.attention, name=f"layers_{i}")
+        for i in range(cfg.text.num_layers)
+      ]
+    self.norm = layers.RMSNorm(cfg.text.rms_norm_eps, dtype)
     if not cfg.text.tie_word_embeddings:
-      self.lm_head = layers.dense(cfg.text.vocab_size, "lm_head", bias=False, dtype=self.dtype)
+      self.lm_head = layers.dense(cfg.text.vocab_size, "lm_head", bias=False, dtype=dtype)
 
   def encode_images(self, patches: Array, grid_hw: tuple[int, int]) -> tuple[Array, Array]:
     """[N, P, patch_dim] -> ([N, P/4, D] tokens, [n_deepstack, N, P/4, D]; n may be 0)."""
@@ -159,7 +202,7 @@ class Policy(nn.Module):
 
     Args:
       input_ids: [B, T].
-      positions: [3, B, T] M-RoPE positions (T, H, W axes).
+      positions: [B, 3, T] M-RoPE positions (T, H, W axes).
       token_valid: bool [B, T]; padding is False (left or right padding both work).
       visual: [B, Nv, D] this chunk's visual tokens in order, or None.
       deepstack: [n_deepstack, B, Nv, D] matching DeepStack features, or None.
@@ -208,14 +251,37 @@ class Policy(nn.Module):
       }
       new_cache = {"valid": valid, "end": end}
 
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.decoder_layers):
-      kv = None if cache is None else (cache["k"][i], cache["v"][i])
-      x, kv = layer(x, cos, sin, attend, kv, write_slots)
-      new_k.append(kv[0])
-      new_v.append(kv[1])
-      if ds_features is not None and i < ds_features.shape[0]:
-        x = x + ds_features[i].astype(x.dtype)
+    if self.config.scan_layers:
+      # The cache is one array per layer (see `init_cache`); the scan reads and
+      # writes it stacked.
+      kv = None if cache is None else (jnp.stack(cache["k"]), jnp.stack(cache["v"]))
+      scan = nn.scan(
+        _scan_layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0,) + (nn.broadcast,) * 5,
+        length=cfg.num_layers,
+      )
+      (x, _), (stacked_k, stacked_v) = scan(
+        self.decoder_layers,
+        (x, jnp.zeros((), jnp.int32)),
+        kv,
+        cos,
+        sin,
+        attend,
+        write_slots,
+        ds_features,
+      )
+      new_k, new_v = list(stacked_k), list(stacked_v)
+    else:
+      new_k, new_v = [], []
+      for i, layer in enumerate(self.decoder_layers):
+        kv = None if cache is None else (cache["k"][i], cache["v"][i])
+        x, kv = layer(x, cos, sin, attend, kv, write_slots)
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+        if ds_features is not None and i < ds_features.shape[0]:
+          x = x + ds_features[i].astype(x.dtype)
     x = self.norm(x)
     out = x if return_hidden else self.logits(x)
     if cache is None:
@@ -255,14 +321,15 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.fl
 
 
 def init_params(config: ModelConfig, rng: Array, grid_hw: tuple[int, int] = (4, 4)) -> Any:
-  """Initial parameters; pass through `jax.eval_shape` for shapes without memory."""
+  """Initial parameters (fp32 whatever the compute dtype; stacked decoder layers with
+  `config.scan_layers`); pass through `jax.eval_shape` for shapes without memory."""
   model = Policy(config)
   patches = jnp.zeros((1, grid_hw[0] * grid_hw[1], config.vision.patch_dim), jnp.float32)
 
   def init_all(module: Policy):
     visual, deepstack = module.encode_images(patches, grid_hw)
     ids = jnp.full((1, visual.shape[1]), config.image_token_id, jnp.int32)
-    pos = jnp.zeros((3, 1, ids.shape[1]), jnp.int32)
+    pos = jnp.zeros((1, 3, ids.shape[1]), jnp.int32)
     return module(ids, pos, jnp.ones(ids.shape, bool), visual, deepstack)
 
   return nn.init(init_all, model)(rng)["params"]
@@ -323,13 +390,13 @@ def rope_index(
   """Batched `mrope_positions` for a (left- or right-) padded batch.
 
   Returns:
-    positions [3, B, L] (0 at padding) and the next free position per row [B].
+    positions [B, 3, L] (0 at padding) and the next free position per row [B].
   """
   b, length = input_ids.shape
-  positions = np.zeros((3, b, length), np.int32)
+  positions = np.zeros((b, 3, length), np.int32)
   next_pos = np.zeros((b,), np.int32)
   for r in range(b):
     keep = np.asarray(attention_mask[r], bool)
     pos, next_pos[r] = mrope_positions(input_ids[r][keep], image_grids[r], image_token_id)
-    positions[:, r, keep] = pos
+    positions[r][:, keep] = pos
   return positions, next_pos

@@ -60,12 +60,17 @@ def vision_grid_constants(vision: VisionConfig, grid_h: int, grid_w: int) -> dic
 class VisionBlock(nn.Module):
   config: VisionConfig
   dtype: Any
+  attention: str = "xla_blocked"  # see `layers.self_attention`
 
   @nn.compact
-  def __call__(
-    self, x: Array, cos: Array, sin: Array, windows: tuple[np.ndarray, np.ndarray] | None
-  ) -> Array:
+  def __call__(self, x: Array, cos: Array, sin: Array, grid_hw: tuple[int, int] | None) -> Array:
+    """`grid_hw` is the patch grid for window attention, None for full attention
+    (static: the window layout is host-side constants)."""
     cfg = self.config
+    windows = None
+    if grid_hw is not None:
+      const = vision_grid_constants(cfg, *grid_hw)
+      windows = (const["window_index"], const["window_inverse"])
     n, p, d = x.shape  # [images, patches, width]
     h = layers.RMSNorm(1e-6, self.dtype, name="norm1")(x)
     qkv = layers.dense(3 * d, "qkv", bias=True, dtype=self.dtype)(h)
@@ -73,8 +78,28 @@ class VisionBlock(nn.Module):
     q = layers.apply_rotary(qkv[:, :, 0], cos, sin)
     k = layers.apply_rotary(qkv[:, :, 1], cos, sin)
     v = qkv[:, :, 2]
-    if windows is None:
+    fused = layers.resolve_attention(self.attention) != "xla_blocked"
+    if windows is None and not fused:
       attn = layers.attention(q, k, v, None, cfg.head_dim**-0.5)
+    elif windows is None:
+      attn = layers.self_attention(
+        q, k, v, cfg.head_dim**-0.5, causal=False, key_valid=None, implementation=self.attention
+      )
+    elif fused:
+      index, inverse = windows
+      w, slots = index.shape
+      group = lambda t: t[:, np.maximum(index, 0)].reshape(n * w, slots, *t.shape[2:])
+      key_valid = jnp.asarray(np.broadcast_to(index >= 0, (n, w, slots)).reshape(n * w, slots))
+      attn = layers.self_attention(
+        group(q),
+        group(k),
+        group(v),
+        cfg.head_dim**-0.5,
+        causal=False,
+        key_valid=key_valid,
+        implementation=self.attention,
+      )
+      attn = attn.reshape(n, w * slots, *attn.shape[2:])[:, inverse]
     else:
       index, inverse = windows  # [W, S] patch per slot (-1 pad), [P] slot per patch
       w, slots = index.shape
@@ -97,10 +122,15 @@ class VisionBlock(nn.Module):
 
 
 class VisionTower(nn.Module):
-  """Patches `[N, P, C*T*p*p]` of N same-size images -> merged tokens (no DeepStack)."""
+  """Patches `[N, P, C*T*p*p]` of N same-size images -> merged tokens (no DeepStack).
+
+  `remat` and `attention` as in `ModelConfig` (per block; the parameters are the same).
+  """
 
   config: VisionConfig
   dtype: Any
+  remat: str = "none"
+  attention: str = "xla_blocked"
 
   @nn.compact
   def __call__(self, patches: Array, grid_hw: tuple[int, int]) -> tuple[Array, Array]:
@@ -111,10 +141,12 @@ class VisionTower(nn.Module):
       patches.astype(self.dtype)
     )
     cos, sin = jnp.asarray(const["cos"]), jnp.asarray(const["sin"])
-    windows = (const["window_index"], const["window_inverse"])
+    block = layers.rematerialized(VisionBlock, self.remat, static_argnums=(4,))
     for i in range(cfg.depth):
       full = i in cfg.fullatt_block_indexes
-      x = VisionBlock(cfg, self.dtype, name=f"blocks_{i}")(x, cos, sin, None if full else windows)
+      x = block(cfg, self.dtype, self.attention, name=f"blocks_{i}")(
+        x, cos, sin, None if full else tuple(grid_hw)
+      )
     merged = PatchMerger(cfg, self.dtype, name="merger")(x)
     return merged, jnp.zeros((0,) + merged.shape, merged.dtype)
 

@@ -53,6 +53,7 @@ def vision_grid_constants(vision: VisionConfig, grid_h: int, grid_w: int) -> dic
 class VisionBlock(nn.Module):
   config: VisionConfig
   dtype: Any
+  attention: str = "xla_blocked"  # see `layers.self_attention`
 
   @nn.compact
   def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
@@ -64,7 +65,19 @@ class VisionBlock(nn.Module):
     q = layers.apply_rotary(qkv[:, :, 0], cos, sin)
     k = layers.apply_rotary(qkv[:, :, 1], cos, sin)
     # Each image is its own attention segment: images are the batch axis.
-    attn = layers.attention(q, k, qkv[:, :, 2], None, cfg.head_dim**-0.5).reshape(n, p, d)
+    if layers.resolve_attention(self.attention) == "xla_blocked":
+      attn = layers.attention(q, k, qkv[:, :, 2], None, cfg.head_dim**-0.5)
+    else:
+      attn = layers.self_attention(
+        q,
+        k,
+        qkv[:, :, 2],
+        cfg.head_dim**-0.5,
+        causal=False,
+        key_valid=None,
+        implementation=self.attention,
+      )
+    attn = attn.reshape(n, p, d)
     x = x + layers.dense(d, "proj", bias=True, dtype=self.dtype)(attn)
     h = layers.layer_norm("norm2", eps=cfg.layer_norm_eps, dtype=self.dtype)(x)
     h = layers.dense(cfg.intermediate_size, "linear_fc1", bias=True, dtype=self.dtype)(h)
@@ -94,10 +107,15 @@ class PatchMerger(nn.Module):
 
 
 class VisionTower(nn.Module):
-  """Patches `[N, P, C*T*p*p]` of N same-size images -> merged tokens + DeepStack features."""
+  """Patches `[N, P, C*T*p*p]` of N same-size images -> merged tokens + DeepStack features.
+
+  `remat` and `attention` as in `ModelConfig` (per block; the parameters are the same).
+  """
 
   config: VisionConfig
   dtype: Any
+  remat: str = "none"
+  attention: str = "xla_blocked"
 
   @nn.compact
   def __call__(self, patches: Array, grid_hw: tuple[int, int]) -> tuple[Array, Array]:
@@ -116,8 +134,9 @@ class VisionTower(nn.Module):
     x = x + pos.astype(x.dtype)
     cos, sin = jnp.asarray(const["cos"]), jnp.asarray(const["sin"])
     deepstack = []
+    block = layers.rematerialized(VisionBlock, self.remat)
     for i in range(cfg.depth):
-      x = VisionBlock(cfg, self.dtype, name=f"blocks_{i}")(x, cos, sin)
+      x = block(cfg, self.dtype, self.attention, name=f"blocks_{i}")(x, cos, sin)
       if i in cfg.deepstack_visual_indexes:
         j = cfg.deepstack_visual_indexes.index(i)
         deepstack.append(PatchMerger(cfg, True, self.dtype, name=f"deepstack_merger_{j}")(x))

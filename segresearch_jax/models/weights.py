@@ -8,6 +8,7 @@ Dense kernel `w.reshape(D, -1).T` (docs/method.md §5).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -36,6 +37,27 @@ _LEAF = {
   "bias": "bias",
   "embedding": "weight",
 }
+
+
+def stack_layers(params: Any, num_layers: int) -> Any:
+  """Per-layer decoder parameters `layers_0 .. layers_{n-1}` -> one `layers` subtree
+  with a leading layer axis (the layout of `ModelConfig.scan_layers`)."""
+  params = dict(params)
+  per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
+  params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  return params
+
+
+def unstack_layers(params: Any) -> Any:
+  """Inverse of `stack_layers`; parameters without a `layers` subtree pass through."""
+  if "layers" not in params:
+    return params
+  params = dict(params)
+  stacked = params.pop("layers")
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(n):
+    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
 
 
 class CheckpointMismatchError(ValueError):
@@ -120,7 +142,12 @@ def read_safetensors(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
 def params_from_hf(
   tensors: Mapping[str, np.ndarray], cfg: config_lib.ModelConfig, dtype: Any = jnp.float32
 ) -> Any:
-  """Builds the Flax parameter tree from HF tensors; raises one error listing all problems."""
+  """Builds the Flax parameter tree from HF tensors; raises one error listing all problems.
+
+  With `cfg.scan_layers` the decoder layers come stacked (`stack_layers`)."""
+  if cfg.scan_layers:
+    per_layer = params_from_hf(tensors, dataclasses.replace(cfg, scan_layers=False), dtype)
+    return stack_layers(per_layer, cfg.text.num_layers)
   shapes = jax.eval_shape(lambda: policy.init_params(cfg, jax.random.PRNGKey(0)))
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
   out, used, missing, bad_shape = {}, set(), [], []
@@ -155,8 +182,10 @@ def params_from_hf(
   return flax.traverse_util.unflatten_dict(out)
 
 
-def load_hf_checkpoint(hf_dir: str | os.PathLike, dtype: Any = jnp.float32):
-  """Reads `config.json` and the safetensors of a HF Qwen-VL directory.
+def load_hf_checkpoint(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, run_model: Any = None):
+  """Reads `config.json` and the safetensors of a HF Qwen-VL directory; with the run
+  config's `model` section as `run_model`, the config computes as it asks
+  (`config.with_compute`) and the parameters have its layout.
 
   Returns:
     (ModelConfig, params).
@@ -168,11 +197,14 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, dtype: Any = jnp.float32):
   if not config_path.is_file():
     raise FileNotFoundError(f"{hf_dir} has no config.json; is it a HF checkpoint directory?")
   cfg = config_lib.from_hf_config(json.loads(config_path.read_text()))
+  if run_model is not None:
+    cfg = config_lib.with_compute(cfg, run_model)
   return cfg, params_from_hf(read_safetensors(hf_dir), cfg, dtype)
 
 
 def params_to_hf(params: Any, cfg: config_lib.ModelConfig) -> dict[str, np.ndarray]:
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  """HF tensors of per-layer or stacked (`scan_layers`) parameters."""
+  flat = flax.traverse_util.flatten_dict(unstack_layers(flax.core.unfreeze(params)))
   out = {}
   for path, value in flat.items():
     name, layout = hf_name(path)

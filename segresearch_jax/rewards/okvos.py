@@ -75,6 +75,14 @@ class RewardConfig:
   point_distance_threshold: float = 100.0
   weights: tuple[float, float, float, float, float] = (1.0, 1.0, 1.0, 1.0, 1.0)  # TERMS order
 
+  @classmethod
+  def from_config(cls, reward: Any) -> RewardConfig:
+    """The process-term settings of `config.reward` (tpr_p, tpr_budget, igr_threshold); the
+    accuracy thresholds and weights stay the official constants."""
+    return cls(
+      tpr_p=reward.tpr_p, tpr_budget=int(reward.tpr_budget), igr_threshold=reward.igr_threshold
+    )
+
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]  # texts -> L2-normalised [N, D]
 

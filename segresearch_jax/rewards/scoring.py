@@ -52,21 +52,19 @@ class ScoreConfig:
   mask_weight: float = 0.0
   mask_prompt: str = "box"
 
-
-def score_config(config: Any) -> ScoreConfig:
-  """The `ScoreConfig` of a run config (`reward`, `rollout`, `dapo` blocks)."""
-  r = config.reward
-  return ScoreConfig(
-    reward=okvos.RewardConfig(
-      tpr_p=r.tpr_p, tpr_budget=int(r.tpr_budget), igr_threshold=r.igr_threshold
-    ),
-    group_size=config.rollout.group_size,
-    overlong_buffer=config.dapo.overlong_buffer,
-    overlong_penalty=config.dapo.overlong_penalty,
-    max_response_length=config.rollout.max_response_length,
-    mask_weight=r.mask_weight,
-    mask_prompt=r.mask_prompt,
-  )
+  @classmethod
+  def from_config(cls, config: Any) -> ScoreConfig:
+    """The scoring settings of a run config (`reward`, `rollout`, `dapo` blocks)."""
+    r = config.reward
+    return cls(
+      reward=okvos.RewardConfig.from_config(r),
+      group_size=config.rollout.group_size,
+      overlong_buffer=config.dapo.overlong_buffer,
+      overlong_penalty=config.dapo.overlong_penalty,
+      max_response_length=config.rollout.max_response_length,
+      mask_weight=r.mask_weight,
+      mask_prompt=r.mask_prompt,
+    )
 
 
 class Parser:
@@ -138,7 +136,7 @@ class Scorer:
   """
 
   def __init__(self, config, group_size: int, convention: str, *, mask: bool = False):
-    cfg = dataclasses.replace(score_config(config), group_size=group_size)
+    cfg = dataclasses.replace(ScoreConfig.from_config(config), group_size=group_size)
     self.group_size = group_size
     self.convention = convention
     self.resized = (config.data.frame_size, config.data.frame_size)  # as the GT conversion
@@ -146,16 +144,16 @@ class Scorer:
     self.parse = Parser(cfg.reward)
     self.score_fn = make_score_fn(cfg)
 
-  def __call__(self, batch: Mapping[str, Any], eps: Any) -> dict[str, np.ndarray]:
-    """Reward terms and advantages per row of `eps` (an `agent.episodes.Episodes` of
+  def __call__(self, batch: Mapping[str, Any], episodes: Any) -> dict[str, np.ndarray]:
+    """Reward terms and advantages per row of `episodes` (an `agent.episodes.Episodes` of
     `batch`'s prompts, `group_size` consecutive rows each)."""
     n = self.group_size
     gts = rows_lib.per_row(batch, "ground_truth", n)
-    parsed = self.parse(eps.responses, gts, rows_lib.per_row(batch, "steps", n))
+    parsed = self.parse(episodes.responses, gts, rows_lib.per_row(batch, "steps", n))
     mask_inputs = None
     if self.mask:
       mask_inputs = mask_lib.parse_mask_prompts(
-        eps.responses,
+        episodes.responses,
         gts,
         np.repeat(np.asarray(batch["frame_numbers"]), n, axis=0),
         self.convention,
@@ -163,5 +161,7 @@ class Scorer:
       )
       mask_inputs["point_iou"] = np.repeat(np.asarray(batch["mask_point_iou"]), n, axis=0)
       mask_inputs["box_iou"] = np.repeat(np.asarray(batch["mask_box_iou"]), n, axis=0)
-    scores = self.score_fn(parsed, eps.out["response_length"], eps.out["stop_reason"], mask_inputs)
+    scores = self.score_fn(
+      parsed, episodes.out["response_length"], episodes.out["stop_reason"], mask_inputs
+    )
     return {k: np.asarray(v) for k, v in jax.device_get(scores).items()}

@@ -9,6 +9,7 @@ mini-batch) whatever the aggregation. Shapes: N trajectories, L tokens; `mask`
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,11 @@ class LossConfig:
   kl_estimator: str = "low_var_kl"
   entropy_coef: float = 0.0
   aggregation: str = "token-mean"
+
+  @classmethod
+  def from_config(cls, loss: Any) -> LossConfig:
+    """Every field from `config.loss` (a ConfigDict)."""
+    return cls(**{f.name: loss[f.name] for f in dataclasses.fields(cls)})
 
   def __post_init__(self):
     if self.aggregation not in AGGREGATIONS:

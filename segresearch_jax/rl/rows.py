@@ -2,12 +2,12 @@
 
 Every field of an update batch is row-major ([B, ...], B = prompts x group size): a
 prompt's inputs are repeated for each of its `group_size` rows (consecutive), the
-rollout's outputs are per row, and M-RoPE positions are [B, 3, L] so one batch
-sharding splits every field over ("data", "fsdp").
+rollout's outputs are per row, and M-RoPE positions are [B, 3, L] (the layout of the
+whole package) so one batch sharding splits every field over ("data", "fsdp").
 
-Like the rest of `rl/`, this module takes the rollout's arrays as plain mappings and
-imports nothing above it (the prompt batch comes in already in the rollout's layout,
-`agent.episodes.rollout_batch`).
+Like the rest of `rl/`, this module imports nothing above it: the prompt batch comes
+in as the rollout took it (an `agent.rollout.PromptBatch`), the outputs as the mapping
+it returned.
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ import numpy as np
 
 from segresearch_jax import sharding
 
-# The per-prompt inputs an update batch repeats for each row (positions aside).
-PROMPT_INPUTS = ("prompt_ids", "prompt_valid", "frame_patches", "keyframe_patches")
+# The `agent.rollout.PromptBatch` fields an update batch repeats for each row (all but
+# next_pos: an update does not generate).
+PROMPT_INPUTS = (
+  "prompt_ids",
+  "prompt_valid",
+  "prompt_positions",
+  "frame_patches",
+  "keyframe_patches",
+)
 
 # The rollout outputs an update batch carries per row.
 ROW_FIELDS = (
@@ -46,17 +53,13 @@ def per_row(batch: Mapping[str, Any], key: str, group_size: int) -> list[Any]:
 
 
 def training_rows(
-  prompts: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray], group_size: int
+  prompts: Any, out: Mapping[str, np.ndarray], group_size: int
 ) -> dict[str, np.ndarray]:
-  """An update batch: per-prompt inputs repeated per row, rollout outputs, M-RoPE
-  positions as [B, 3, L]."""
-  rows = {k: np.repeat(np.asarray(prompts[k]), group_size, axis=0) for k in PROMPT_INPUTS}
-  rows["prompt_positions"] = np.repeat(
-    np.moveaxis(np.asarray(prompts["prompt_positions"]), 0, 1), group_size, axis=0
-  )
+  """An update batch: per-prompt inputs (`prompts`, an `agent.rollout.PromptBatch`)
+  repeated per row, then the rollout outputs."""
+  rows = {k: np.repeat(np.asarray(getattr(prompts, k)), group_size, axis=0) for k in PROMPT_INPUTS}
   for k in ROW_FIELDS:
     rows[k] = np.asarray(out[k])
-  rows["response_positions"] = np.moveaxis(rows["response_positions"], 0, 1)  # [B, 3, R]
   rows["old_logprobs"] = np.asarray(out["logprobs"], np.float32)
   return rows
 

@@ -5,7 +5,8 @@
 Loads the directory with transformers (PyTorch, fp32 by default) and with
 `weights.load_hf_checkpoint`, runs one random image between two runs of random text
 through both, prints the max |delta logits| and exits non-zero above the tolerance.
-Run it on every checkpoint you convert or export.
+Run it on every checkpoint you convert or export; `--scan_layers` and `--remat`
+check the stacked (scanned) layout and rematerialised layers the same way.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ def compare(
   text_tokens: int = 16,
   seed: int = 0,
   dtype: str = "float32",
+  scan_layers: bool = False,
+  remat: str = "none",
 ) -> float:
   """Max |logits_hf - logits_flax| on one random image + text input."""
   import torch
   import transformers
 
-  cfg, params = weights.load_hf_checkpoint(hf_dir, jnp.dtype(dtype))
+  compute = {"scan_layers": scan_layers, "remat": remat}
+  cfg, params = weights.load_hf_checkpoint(hf_dir, jnp.dtype(dtype), run_model=compute)
   torch_dtype = getattr(torch, dtype)
   hf = transformers.AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch_dtype).eval()
 
@@ -90,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |delta logits|")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--scan_layers", action="store_true", help="stacked decoder layers")
+  parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
   args = parser.parse_args(argv)
-  diff = compare(args.hf_dir, seed=args.seed, dtype=args.dtype)
+  diff = compare(
+    args.hf_dir, seed=args.seed, dtype=args.dtype, scan_layers=args.scan_layers, remat=args.remat
+  )
   ok = diff <= args.tolerance
   print(
     f"max |delta logits| = {diff:.3e}  (tolerance {args.tolerance:.1e})  {'OK' if ok else 'FAIL'}"

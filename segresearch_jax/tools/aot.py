@@ -1,0 +1,321 @@
+r"""Compiles the real GRPO update ahead of time for a TPU topology, on a CPU machine.
+
+    python -m segresearch_jax.tools.aot --config=configs/okvos.py:paper --target=v5p-64
+
+XLA's TPU compiler (libtpu: `pip install -e ".[tpu]"`) compiles the trainer's own
+update function (`steps.make_update`, jitted as `steps.jit_update` does) for the
+devices of a TPU slice that need not exist (`jax.experimental.topologies`, as
+maxtext's `train_compile.py`), from abstract arrays laid out by the run's mesh and
+partition rules. It prints XLA's per-chip memory analysis, the FLOPs of the cost
+analysis and the memory plan's estimate (`sharding.plan`) of the same program, and
+exits 1 when a program does not fit in 90% of a chip's HBM. The last lines, one per
+program, are what scripts read:
+
+    update: 61.2 GiB of 95.7 GiB per chip (64%) fits
+
+Any `--config.*` override works, e.g. `--config.model.remat=full` or
+`--config.loss.micro_batches=2`. `model.attention=auto` compiles the TPU kernel
+(splash attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from segresearch_jax import sharding
+from segresearch_jax.models import config as config_lib
+from segresearch_jax.models import policy
+
+GIB = 1024**3
+# A program fits when XLA's peak per chip is at most this share of the chip's HBM:
+# the rest is for the runtime, fragmentation and the rollout's buffers in between.
+FIT_FRACTION = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A TPU slice: its topology name for libtpu and the HBM of one chip (what one JAX
+  device sees: v4 runs its two cores as one megacore device)."""
+
+  topology: str
+  hbm_gib: float
+  chip_config: str = "default"
+
+
+TARGETS = {
+  "v5p-64": Target("v5p:2x4x4", 95.74),  # 32 chips
+  "v5p-8": Target("v5p:2x2x1", 95.74),  # 4 chips
+  "v4-32": Target("v4:2x2x4", 30.75, "megacore"),  # 16 chips
+  "v4-8": Target("v4:2x2x1", 30.75, "megacore"),  # 4 chips
+}
+
+_FLAGS = {}
+
+
+def target_devices(target: Target) -> list[Any]:
+  """The devices of a TPU topology that need not exist (needs libtpu)."""
+  from jax.experimental import topologies
+
+  # libtpu takes a machine-wide lock file on load; other JAX processes on this machine
+  # (tests, a trainer on CPU) hold it and no TPU is used here.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+  kwargs = {} if target.chip_config == "default" else {"chip_config_name": target.chip_config}
+  return list(topologies.get_topology_desc(target.topology, "tpu", **kwargs).devices)
+
+
+def model_config(config: Any) -> config_lib.ModelConfig:
+  """The run's model as the trainer builds it (preset or HF config.json shapes),
+  computing as `config.model` asks, with `auto` attention resolved for TPU."""
+  from segresearch_jax import components
+
+  model_cfg = config_lib.with_compute(components.plan_model_config(config), config.model)
+  if model_cfg.attention == "auto":
+    model_cfg = dataclasses.replace(model_cfg, attention="splash")
+  return model_cfg
+
+
+def rollout_config(config: Any, model_cfg: config_lib.ModelConfig):
+  """The trainer's `RolloutConfig` without a tokenizer: the model's own special ids."""
+  from segresearch_jax.agent import episodes, rollout
+
+  tokens = types.SimpleNamespace(
+    im_end_id=151645,
+    image_pad_id=model_cfg.image_token_id,
+    vision_start_id=model_cfg.vision_start_token_id,
+    vision_end_id=model_cfg.vision_end_token_id,
+  )
+  shapes = episodes.EpisodeShapes.from_config(config, model_cfg)
+  return rollout.RolloutConfig.from_config(config, shapes, tokens), shapes
+
+
+def batch_shapes(config: Any, shapes: Any, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The update batch of `rows` trajectories (`rl.rows.training_rows` + advantages and
+  the widest `token_index`), as abstract arrays."""
+  r = config.rollout
+  lp, lr, turns = r.max_prompt_length, r.max_response_length, r.max_turns
+  frames, pd = config.data.num_frames, shapes.patch_dim
+  pf, pk = shapes.num_patches(shapes.frame_size), shapes.num_patches(shapes.keyframe_size)
+  ps = shapes.num_patches(shapes.search_size)
+  i32, f32 = jnp.int32, jnp.float32
+  spec = {
+    "prompt_ids": ((rows, lp), i32),
+    "prompt_valid": ((rows, lp), bool),
+    "prompt_positions": ((rows, 3, lp), i32),
+    "frame_patches": ((rows, frames, pf, pd), f32),
+    "keyframe_patches": ((rows, frames, pk, pd), f32),
+    "response_ids": ((rows, lr), i32),
+    "response_positions": ((rows, 3, lr), i32),
+    "response_valid": ((rows, lr), bool),
+    "obs_kind": ((rows, turns), i32),
+    "obs_slot": ((rows, turns), i32),
+    "search_patches": ((rows, turns, ps, pd), f32),
+    "loss_mask": ((rows, lr), bool),
+    "old_logprobs": ((rows, lr), f32),
+    "advantages": ((rows,), f32),
+    "token_index": ((rows, lr), i32),
+  }
+  return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """One compiled program's per-chip memory (bytes) and work."""
+
+  name: str
+  arguments: int
+  outputs: int
+  aliased: int
+  temporaries: int
+  code: int
+  flops: float
+  hbm_bytes: int
+  plan_bytes: int | None
+
+  @property
+  def total(self) -> int:
+    """Peak bytes per chip: arguments + outputs not aliased to (donated) arguments +
+    temporaries + code."""
+    return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+  @property
+  def fits(self) -> bool:
+    return self.total <= FIT_FRACTION * self.hbm_bytes
+
+  def table(self) -> str:
+    g = lambda n: f"{n / GIB:8.2f} GiB"
+    lines = [
+      f"{self.name} per chip (XLA memory analysis):",
+      f"  arguments    {g(self.arguments)}",
+      f"  outputs      {g(self.outputs)}  ({g(self.aliased).strip()} aliased to donated inputs)",
+      f"  temporaries  {g(self.temporaries)}",
+      f"  code         {g(self.code)}",
+      f"  total        {g(self.total)}  of {g(self.hbm_bytes).strip()} HBM",
+      f"  FLOPs        {self.flops:.3e} per chip",
+    ]
+    if self.plan_bytes is not None:
+      ratio = self.plan_bytes / max(self.total, 1)
+      lines.append(f"  tools.plan   {g(self.plan_bytes)}  ({ratio:.2f}x the compiler's total)")
+    return "\n".join(lines)
+
+  def verdict(self) -> str:
+    share = 100 * self.total / self.hbm_bytes
+    return (
+      f"{self.name}: {self.total / GIB:.1f} GiB of {self.hbm_bytes / GIB:.1f} GiB per chip "
+      f"({share:.0f}%) {'fits' if self.fits else 'does not fit'}"
+    )
+
+
+def _report(name: str, compiled: Any, hbm_bytes: int, plan_bytes: int | None) -> Report:
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  return Report(
+    name=name,
+    arguments=int(memory.argument_size_in_bytes),
+    outputs=int(memory.output_size_in_bytes),
+    aliased=int(memory.alias_size_in_bytes),
+    temporaries=int(memory.temp_size_in_bytes),
+    code=int(memory.generated_code_size_in_bytes),
+    flops=float((cost or {}).get("flops", float("nan"))),
+    hbm_bytes=hbm_bytes,
+    plan_bytes=plan_bytes,
+  )
+
+
+def compile_update(config: Any, devices: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+  """Lowers and compiles the trainer's update step for `devices` from abstract arrays.
+
+  Returns:
+    (the compiled program, facts about it: mesh sizes, rows, model config).
+  """
+  from segresearch_jax import steps
+  from segresearch_jax.rl import update as update_lib
+
+  model_cfg = model_config(config)
+  rcfg, shapes = rollout_config(config, model_cfg)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rows = config.batch_size * config.rollout.group_size // config.loss.mini_batches
+  sharding.check_batch_divisible(rows, mesh, "update batch", config.loss.micro_batches)
+  optimizer, update_fn = steps.make_update(config, model_cfg, rcfg)
+
+  rules = sharding.rules_from_config(config.mesh)
+  abstract_params = jax.eval_shape(lambda: policy.init_params(model_cfg, jax.random.PRNGKey(0)))
+  param_sharding = sharding.param_shardings(abstract_params, rules, mesh)
+  abstract_state = jax.eval_shape(lambda p: update_lib.init_state(p, optimizer), abstract_params)
+  state_sharding = sharding.state_shardings(abstract_state, param_sharding)
+  with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  state = jax.tree.map(with_sharding, abstract_state, state_sharding)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = {
+    k: with_sharding(x, batch_sharding) for k, x in batch_shapes(config, shapes, rows).items()
+  }
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
+  jitted = steps.jit_update(update_fn, mesh, state_sharding)
+  # The splash kernel runs under shard_map over the mesh in context.
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = jitted.lower(state, batch, rng)
+    lowered_s = time.perf_counter() - start
+    compiled = lowered.compile()
+  facts = {
+    "mesh": dict(mesh.shape),
+    "rows": rows,
+    "model_cfg": model_cfg,
+    "shapes": shapes,
+    "seconds": (lowered_s, time.perf_counter() - start - lowered_s),
+  }
+  return compiled, facts
+
+
+def plan_bytes(config: Any, facts: dict[str, Any]) -> int:
+  """`sharding.plan`'s per-device total for the same program (what `tools/plan` prints)."""
+  from segresearch_jax.rl import update as update_lib
+
+  shapes, turns = facts["shapes"], config.rollout.max_turns
+  o = config.optim
+  optimizer = update_lib.make_optimizer(
+    o.lr, o.warmup_steps, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip
+  )
+  model_cfg = facts["model_cfg"]
+  p = sharding.plan(
+    model_cfg,
+    facts["mesh"],
+    sharding.rules_from_config(config.mesh),
+    facts["rows"],
+    config.rollout.max_prompt_length + config.rollout.max_response_length,
+    optimizer,
+    micro_batches=config.loss.micro_batches,
+    compute_dtype=model_cfg.compute_dtype,
+    remat=model_cfg.remat,
+    image_patches=(shapes.num_patches(shapes.frame_size),) * config.data.num_frames
+    + (shapes.num_patches(shapes.keyframe_size),) * turns
+    + (shapes.num_patches(shapes.search_size),) * turns,
+    max_replicated_elements=config.mesh.get(
+      "max_replicated_elements", sharding.DEFAULT_MAX_REPLICATED_ELEMENTS
+    ),
+  )
+  return p.total_bytes_per_device
+
+
+def run(config: Any, target_name: str) -> list[Report]:
+  """Compiles every program of `config` for `target_name`; prints and returns the reports."""
+  if target_name not in TARGETS:
+    raise ValueError(f"Unknown target {target_name!r}; choose one of {sorted(TARGETS)}.")
+  target = TARGETS[target_name]
+  devices = target_devices(target)
+  compiled, facts = compile_update(config, devices)
+  try:
+    estimate = plan_bytes(config, facts)
+  except (AttributeError, ValueError) as e:  # the plan refuses some layouts; say why
+    print(f"tools.plan estimate unavailable: {e}")
+    estimate = None
+  mesh = ", ".join(f"{k}={v}" for k, v in facts["mesh"].items())
+  m = facts["model_cfg"]
+  print(
+    f"target {target_name}: {len(devices)} x {devices[0].device_kind} "
+    f"({target.topology}, {target.hbm_gib} GiB HBM each); mesh {mesh}"
+  )
+  print(
+    f"update: {facts['rows']} rows x "
+    f"{config.rollout.max_prompt_length + config.rollout.max_response_length} tokens, "
+    f"{config.loss.micro_batches} micro-batches; dtype {m.dtype}, remat {m.remat}, "
+    f"scan_layers {m.scan_layers}, attention {m.attention}"
+  )
+  print("update: traced and lowered in {:.0f} s, compiled in {:.0f} s".format(*facts["seconds"]))
+  reports = [_report("update", compiled, int(target.hbm_gib * GIB), estimate)]
+  for r in reports:
+    print(r.table())
+  for r in reports:
+    print(r.verdict())
+  return reports
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  reports = run(_FLAGS["config"].value, flags.FLAGS.target)
+  sys.exit(0 if all(r.fits for r in reports) else 1)
+
+
+def define_flags() -> None:
+  _FLAGS["config"] = config_flags.DEFINE_config_file(
+    "config", None, "Run config file.", lock_config=True
+  )
+  flags.DEFINE_string("target", "v5p-64", f"TPU slice: {', '.join(sorted(TARGETS))}.")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

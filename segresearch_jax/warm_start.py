@@ -1,0 +1,89 @@
+"""The warm start: supervised updates on the expert trajectories (search -> keyframe ->
+answer), for a policy that starts from random weights.
+
+    data = warm_start.expert_rows(config, dataset, runner, model_cfg, shapes)
+    params = warm_start.warm_start(config, params, data, model_cfg, rcfg, mesh, writer)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import jax
+import numpy as np
+
+from segresearch_jax import sharding, steps
+from segresearch_jax.agent import episodes as episodes_lib
+from segresearch_jax.agent import rollout
+from segresearch_jax.rl import rows as rows_lib
+
+
+def expert_rows(config, dataset, runner: episodes_lib.Runner, model_cfg, shapes) -> dict:
+  """Expert episodes of every training sample, as training rows with group size 1.
+
+  Each sample's reference trajectory (`episodes.expert_turns`) goes through the
+  real bridge, so observations are exactly what the rollout would show.
+  """
+  host_fn = rollout.bridge_host_fn(runner.bridge, shapes.image_cfg, shapes.search_size)
+  cfg = dataclasses.replace(runner.cfg, group_size=1)
+  rows, skipped = [], 0
+  for batch in dataset:
+    for i in range(len(batch["id"])):
+      sample = {k: batch[k][i] for k in batch}
+      runner.bridge.set_shown_frames([episodes_lib.shown_frames(batch, 1)[i]])
+      ep = episodes_lib.expert_episode(
+        episodes_lib.expert_turns(sample),
+        host_fn,
+        runner.tokenizer,
+        model_cfg,
+        cfg,
+        shapes.search_patch_shape,
+        int(sample["next_pos"]),
+      )
+      if ep is None:
+        skipped += 1
+        continue
+      row = operator.itemgetter(slice(i, i + 1))
+      prompt = jax.tree.map(row, rollout.PromptBatch.from_batch(batch))
+      rows.append(rows_lib.training_rows(prompt, ep, 1))
+  runner.bridge.pop_records()
+  if not rows:
+    raise RuntimeError("No expert episode fits the rollout limits; raise rollout.max_* lengths.")
+  if skipped:
+    print(f"warm start: {skipped} expert episodes did not fit the length limits and were skipped")
+  return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def warm_start(config, params, data: dict, model_cfg, rcfg, mesh, writer) -> Any:
+  """`config.sft.steps` supervised updates on random mini-batches of expert rows."""
+  optimizer, update_fn = steps.make_update(config, model_cfg, rcfg, sft=True)
+  state, state_sharding = steps.sharded_state(params, optimizer, mesh, config)
+  update_fn = steps.jit_update(update_fn, mesh, state_sharding)
+  rng = np.random.default_rng(config.seed)
+  n = len(data["prompt_ids"])  # this process's expert rows
+  size = config.sft.batch_size // jax.process_count()
+  if jax.process_count() > 1 and n < size:  # Every process must bring the same row count.
+    raise ValueError(
+      f"Process {jax.process_index()} has {n} expert episodes, fewer than its share "
+      f"({size}) of sft.batch_size={config.sft.batch_size}."
+    )
+  size = min(size, n)
+  data = dict(data, advantages=np.ones(data["loss_mask"].shape[:1], np.float32))
+  data = rows_lib.with_token_index(data)  # one width for every batch: one compilation
+  writer.start(0)
+  for step in range(1, config.sft.steps + 1):
+    idx = rng.choice(n, size, replace=False)
+    batch = sharding.shard_batch({k: v[idx] for k, v in data.items()}, mesh)
+    state, m = update_fn(state, batch, jax.random.PRNGKey(step))
+    if step % config.log_every == 0 or step == config.sft.steps:
+      m = jax.device_get(m)
+      writer.write(
+        step,
+        m,
+        phase="sft",
+        console=f"sft {step}/{config.sft.steps} | loss {float(m['loss']):.3f} | "
+        f"lr {float(m['lr']):.2e} | grad norm {float(m['grad_norm']):.2f}",
+      )
+  return state.params

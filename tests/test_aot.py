@@ -1,0 +1,60 @@
+"""tools/aot: the trainer's update compiled ahead of time for a TPU topology (needs libtpu)."""
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from segresearch_jax.tools import aot
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def _report(total_gib: float) -> aot.Report:
+  gib = aot.GIB
+  return aot.Report(
+    name="update",
+    arguments=int(total_gib * gib) - gib,
+    outputs=gib,
+    aliased=gib // 2,
+    temporaries=gib // 2,
+    code=0,
+    flops=1e12,
+    hbm_bytes=int(95.74 * gib),
+    plan_bytes=None,
+  )
+
+
+def test_verdict_line_is_what_scripts_read():
+  assert _report(61.2).verdict() == "update: 61.2 GiB of 95.7 GiB per chip (64%) fits"
+  # 90% of HBM is the limit.
+  assert _report(86.0).fits and not _report(86.3).fits
+  assert _report(86.3).verdict().endswith("does not fit")
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_tiny_update_compiles_for_a_v5p_slice_with_splash_attention():
+  cmd = [
+    sys.executable,
+    "-m",
+    "segresearch_jax.tools.aot",
+    "--config=configs/okvos.py",
+    "--target=v5p-8",
+    "--config.model.preset=tiny",
+    "--config.model.dtype=bfloat16",
+    "--config.model.remat=full",
+    "--config.model.scan_layers=True",
+    "--config.mesh.data=1",
+    "--config.mesh.fsdp=-1",
+  ]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert "4 x TPU v5" in out.stdout and "attention splash" in out.stdout
+  assert "temporaries" in out.stdout and "FLOPs" in out.stdout and "tools.plan" in out.stdout
+  assert lines[-1].startswith("update: ") and lines[-1].endswith(" fits")
