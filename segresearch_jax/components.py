@@ -149,7 +149,7 @@ def make_bridge(
     keyframe_image_tokens=shapes.tokens(shapes.keyframe_size),
     search_image_tokens=shapes.tokens(shapes.search_size),
     search_image_size=shapes.search_size,
-    call_timeout_s=2 * config.search.timeout_s,
+    call_timeout_s=search_factory.SearchConfig.from_config(config.search).call_budget_s(),
     pad_id=tokenizer.pad_id,
   )
 

@@ -270,3 +270,17 @@ def test_model_compute_settings_reach_the_policy():
   tokenizer = components.load_run_tokenizer(config)
   model_cfg, _ = components.build_policy(config, tokenizer)
   assert (model_cfg.dtype, model_cfg.remat) == ("bfloat16", "full")
+
+
+def test_the_bridge_waits_as_long_as_a_web_call_may_take():
+  config = okvos_config.get_config()
+  local = search_factory.SearchConfig.from_config(config.search)
+  assert local.call_budget_s() == 2 * config.search.timeout_s  # local retrieval: as before
+  config.search.backend = "serper"
+  pages = search_factory.SearchConfig.from_config(config.search)
+  config.search.summarizer_url = "http://127.0.0.1:9/v1"
+  summarised = search_factory.SearchConfig.from_config(config.search)
+  # The search request with its retries + the pages (or 6 image downloads), then the summariser.
+  t, r = config.search.timeout_s, config.search.max_retries
+  assert pages.call_budget_s() >= (r + 1) * t + t
+  assert summarised.call_budget_s() >= pages.call_budget_s() + config.search.summarizer_timeout_s

@@ -66,6 +66,23 @@ class SearchConfig:
     """Every field from `config.search` (a ConfigDict)."""
     return cls(**{f.name: search[f.name] for f in dataclasses.fields(cls)})
 
+  def call_budget_s(self) -> float:
+    """The longest one tool call may legitimately take: the bridge's wall-clock limit.
+
+    A web call can be a search request with its retries, then the result pages (fetched
+    together), then the summariser with its own retries; an image search may try up to
+    6 downloads one after another. Local and service calls keep twice the request timeout.
+    """
+    floor = 2 * self.timeout_s
+    if self.backend not in ("serper", "ddgs"):
+      return floor
+    request = (self.max_retries + 1) * self.timeout_s + self.max_retries * self.backoff_s
+    text = request + (self.timeout_s if self.fetch_pages else 0.0)
+    if self.summarizer_url:
+      text += (self.summarizer_retries + 1) * (self.summarizer_timeout_s + 1.0)
+    image = request + 6 * self.timeout_s
+    return max(floor, text, image)
+
 
 def make_backend(
   settings: SearchConfig,
