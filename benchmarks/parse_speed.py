@@ -85,10 +85,12 @@ def constant_embedder(texts):
 
 
 def our_calls(out_dir: pathlib.Path):
-  from segresearch_jax import protocol
+  from segresearch_jax import notebook, protocol
   from segresearch_jax.agent import records
   from segresearch_jax.eval import predictions, reports
   from segresearch_jax.rewards import okvos
+
+  reward_cfg = okvos.RewardConfig.from_config(notebook.load_config().reward)
 
   def report(text):
     pred = predictions.parse_response("s", "one-hop", text)
@@ -114,7 +116,9 @@ def our_calls(out_dir: pathlib.Path):
   return {
     "parse_action": lambda t: protocol.parse_action(t, SHOWN),
     "eval parse": lambda t: predictions.parse_response("s", "one-hop", t),
-    "reward": lambda t: okvos.score_response(t, GT, STEPS, embed_fn=constant_embedder),
+    "reward": lambda t: okvos.score_response(
+      t, GT, STEPS, embed_fn=constant_embedder, config=reward_cfg
+    ),
     "record write": lambda t: records.write_step(out_dir, 0, [{"id": "s", "response": t}]),
     "prediction write": lambda t: predictions.write_predictions(
       out_dir / "p.jsonl", [predictions.parse_response("s", "one-hop", t)]

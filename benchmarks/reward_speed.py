@@ -95,8 +95,10 @@ def best_of(fn, repeats: int, setup=None) -> float:
 def reward_rows(batch: int, repeats: int) -> None:
   import jax
 
+  from segresearch_jax import notebook
   from segresearch_jax.rewards import mask, okvos
 
+  reward_cfg = okvos.RewardConfig.from_config(notebook.load_config().reward)
   plain = okvos.minilm_embedder(cache_size=0)
   cached = okvos.CachedEmbedder(plain)
   responses, steps = make_batch(batch)
@@ -108,16 +110,21 @@ def reward_rows(batch: int, repeats: int) -> None:
   point_iou = rng.integers(0, 256, (batch, len(FRAME_NUMBERS), g, g), dtype=np.uint8)
   box_iou = rng.integers(0, 256, (batch, len(FRAME_NUMBERS), p, p), dtype=np.uint8)
 
-  ours = okvos.score_batch(responses, gts, steps, embed_fn=cached, step_cache={})
-  ref = [okvos.score_response(r, GT, s, embed_fn=plain) for r, s in zip(responses, steps)]
+  ours = okvos.score_batch(responses, gts, steps, embed_fn=cached, step_cache={}, config=reward_cfg)
+  ref = [
+    okvos.score_response(r, GT, s, embed_fn=plain, config=reward_cfg)
+    for r, s in zip(responses, steps)
+  ]
   np.testing.assert_allclose(ours["score"], [r["score"] for r in ref], atol=1e-5)
 
-  terms_fn = jax.jit(okvos.reward_terms)
+  terms_fn = jax.jit(lambda parsed: okvos.reward_terms(parsed, reward_cfg))
   mask_fn = jax.jit(mask.mask_score)
 
   def batched(embed, step_cache, texts, with_mask=False):
     def run():
-      parsed = okvos.parse_responses(texts, gts, steps, embed_fn=embed, step_cache=step_cache)
+      parsed = okvos.parse_responses(
+        texts, gts, steps, embed_fn=embed, step_cache=step_cache, config=reward_cfg
+      )
       out = terms_fn(parsed)
       if with_mask:
         prompts = mask.parse_mask_prompts(texts, gts, frame_numbers, "norm1000")
@@ -129,7 +136,7 @@ def reward_rows(batch: int, repeats: int) -> None:
 
   def one_by_one():
     for r, s in zip(responses, steps):
-      okvos.score_response(r, GT, s, embed_fn=plain)
+      okvos.score_response(r, GT, s, embed_fn=plain, config=reward_cfg)
 
   t_ref = best_of(one_by_one, repeats)
   step_cache: dict = {}

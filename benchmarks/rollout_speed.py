@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segresearch_jax import notebook
 from segresearch_jax.agent import rollout
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import policy, weights
@@ -83,6 +84,8 @@ def main() -> None:
   def host_fn(pending, actions, act_len):  # never reached: no pattern can match
     raise RuntimeError("unexpected host call")
 
+  sampling = notebook.load_config().rollout  # the default run's sampling settings
+
   def rollout_fn(new_tokens):
     rcfg = rollout.RolloutConfig(
       group_size=1,
@@ -91,10 +94,14 @@ def main() -> None:
       max_action_length=new_tokens + 1,
       max_obs_length=8,
       temperature=1.0,
+      top_p=sampling.top_p,
+      top_k=sampling.top_k,
       im_end_id=-5,  # never sampled: every row decodes exactly new_tokens tokens
       frame_grid=merged,
       keyframe_grid=(1, 1),
       search_grid=(1, 2),
+      banned_ids=(),
+      observe_rows=sampling.observe_rows,
     )
     return rollout.make_rollout_fn(cfg, rcfg, never, host_fn, (2 * m * m, pd))
 
@@ -122,7 +129,7 @@ def main() -> None:
     out = jax.block_until_ready(fns["full"](params, batch_for(seed), jax.random.PRNGKey(seed)))
     times.append(time.perf_counter() - t0)
   compiles_rollout = len(_COMPILES) - n0
-  assert np.min(out["response_length"]) == args.new_tokens
+  assert np.min(out.response_length) == args.new_tokens
 
   with tempfile.TemporaryDirectory() as tmp:
     weights.save_hf_checkpoint(params, cfg, tmp)
@@ -241,6 +248,7 @@ def episodes(batch_size: int) -> None:
   frame_grid, key_grid, search_grid = (4, 4), (4, 4), (2, 2)
   with tempfile.TemporaryDirectory() as tmp:
     paths = synthetic.build(tmp + "/syn", seed=0, num_train=8, num_test=8)
+    sampling = notebook.load_config().rollout  # the default run's sampling settings
     rcfg = rollout.RolloutConfig(
       group_size=1,
       max_turns=2,
@@ -248,11 +256,14 @@ def episodes(batch_size: int) -> None:
       max_action_length=96,
       max_obs_length=256,
       temperature=1.0,
+      top_p=sampling.top_p,
+      top_k=sampling.top_k,
       im_end_id=tok.im_end_id,
       frame_grid=frame_grid,
       keyframe_grid=key_grid,
       search_grid=search_grid,
       banned_ids=(tok.image_pad_id, tok.vision_start_id, tok.vision_end_id),
+      observe_rows=sampling.observe_rows,
     )
     frame_numbers = [0, 5, 10]
     text = protocol.chat_prompt(
@@ -329,7 +340,7 @@ def episodes(batch_size: int) -> None:
       t0 = time.perf_counter()
       out = jax.block_until_ready(fn(params, batch, jax.random.PRNGKey(1)))
       dt = time.perf_counter() - t0
-      assert int(np.min(out["num_turns"])) == 2, "every scripted row searches and picks a keyframe"
+      assert int(np.min(out.num_turns)) == 2, "every scripted row searches and picks a keyframe"
       lat = sorted(r.latency_s for r in br.pop_records() if r.action == "search")
       rows.append((phase, batch_size / dt, 1e3 * lat[len(lat) // 2], 1e3 * lat[-1]))
   print(

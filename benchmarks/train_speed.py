@@ -115,7 +115,7 @@ def build_world(config: Any, data_dir: str, num_samples: int) -> World:
   return World(config, tok, model_cfg, params, shapes, rcfg, samples, bridge)
 
 
-def expert_rows(world: World, num_prompts: int, group_size: int) -> dict[str, np.ndarray]:
+def expert_rows(world: World, num_prompts: int, group_size: int) -> rows_lib.TrainingRows:
   """Rows of expert episodes, row-major ([B, ...], B = P x n) as the trainer lays them out.
 
   The warm start's rows (`warm_start.expert_rows`: search -> keyframe -> answer,
@@ -127,45 +127,44 @@ def expert_rows(world: World, num_prompts: int, group_size: int) -> dict[str, np
   runner = episodes.Runner(world.model_cfg, world.rcfg, world.shapes, world.tokenizer, world.bridge)
   dataset = [{k: np.asarray(v)[None] for k, v in sample.items()} for sample in world.samples]
   rows = warm_start.expert_rows(world.config, dataset, runner, world.model_cfg, world.shapes)
-  found = len(rows["prompt_ids"])
+  found = len(rows)
   if found < num_prompts:
     raise RuntimeError(
       f"Only {found} of {num_prompts} expert episodes fit the rollout limits; "
       "raise rollout.max_response_length or lower --prompts."
     )
-  return {k: np.repeat(v[:num_prompts], group_size, axis=0) for k, v in rows.items()}
+  return jax.tree.map(lambda v: np.repeat(v[:num_prompts], group_size, axis=0), rows)
 
 
-def current_logprobs(world: World, rows: Mapping[str, np.ndarray]) -> np.ndarray:
+def current_logprobs(world: World, rows: rows_lib.TrainingRows) -> np.ndarray:
   """[B, R] log-probs of the response tokens under the current weights (the trainer's fn)."""
   logprob_fn = jax.jit(steps_lib.make_logprob_fn(world.model_cfg, world.rcfg))
-  return np.asarray(logprob_fn(world.params, dict(rows))[0])
+  return np.asarray(logprob_fn(world.params, rows)[0])
 
 
 def with_grpo_fields(
-  rows: Mapping[str, np.ndarray], logp: np.ndarray, seed: int = 0, noise: float = 0.1
-) -> dict[str, np.ndarray]:
+  rows: rows_lib.TrainingRows, logp: np.ndarray, seed: int = 0, noise: float = 0.1
+) -> rows_lib.TrainingRows:
   """Adds `advantages` ~ N(0, 1) [B] and `old_logprobs` = logp + N(0, noise) on generated
   tokens (0 elsewhere): ratios away from 1, so the clip and the dual clip both fire."""
   rng = np.random.default_rng(seed)
-  rows = dict(rows)
-  rows["advantages"] = rng.standard_normal(len(logp)).astype(np.float32)
+  advantages = rng.standard_normal(len(logp)).astype(np.float32)
   jitter = noise * rng.standard_normal(logp.shape).astype(np.float32)
-  rows["old_logprobs"] = np.where(rows["loss_mask"], logp + jitter, 0.0).astype(np.float32)
-  return rows
+  old_logprobs = np.where(rows.loss_mask, logp + jitter, 0.0).astype(np.float32)
+  return rows.replace(advantages=advantages, old_logprobs=old_logprobs)
 
 
 def expert_batch(
   world: World, num_prompts: int, group_size: int, seed: int = 0, noise: float = 0.1
-) -> dict[str, np.ndarray]:
+) -> rows_lib.TrainingRows:
   """One GRPO update batch: `expert_rows` with advantages and old log-probs."""
   rows = expert_rows(world, num_prompts, group_size)
   return with_grpo_fields(rows, current_logprobs(world, rows), seed, noise)
 
 
-def real_tokens(rows: Mapping[str, np.ndarray]) -> int:
+def real_tokens(rows: rows_lib.TrainingRows) -> int:
   """Valid prompt + response tokens over all rows (what tokens/s counts on both sides)."""
-  return int(rows["prompt_valid"].sum() + rows["response_valid"].sum())
+  return int(rows.prompt_valid.sum() + rows.response_valid.sum())
 
 
 # ----------------------------------------------------------------------------
@@ -174,7 +173,7 @@ def real_tokens(rows: Mapping[str, np.ndarray]) -> int:
 
 
 def hf_inputs(
-  rows: Mapping[str, np.ndarray], world: World
+  rows: rows_lib.TrainingRows, world: World
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
   """The batch in transformers' layout, and what the loss needs.
 
@@ -198,26 +197,26 @@ def hf_inputs(
   frame_tokens = s.tokens(s.frame_size)
   seqs, masks, pixels, grids = [], [], [], []
   old, adv = [], []
-  for r in range(len(rows["response_ids"])):
-    prompt = rows["prompt_ids"][r][rows["prompt_valid"][r]]
+  for r in range(len(rows)):
+    prompt = rows.prompt_ids[r][rows.prompt_valid[r]]
     image_tokens = int(np.sum(prompt == image_id))
     if image_tokens % frame_tokens:
       raise ValueError(f"Row {r}: {image_tokens} prompt image tokens are not whole frames.")
-    valid = rows["response_valid"][r]
-    trains = rows["loss_mask"][r][valid]
-    seqs.append(np.concatenate([prompt, rows["response_ids"][r][valid]]))
+    valid = rows.response_valid[r]
+    trains = rows.loss_mask[r][valid]
+    seqs.append(np.concatenate([prompt, rows.response_ids[r][valid]]))
     masks.append(np.concatenate([np.zeros(len(prompt), bool), trains]))  # prompts never train
-    old.append(rows["old_logprobs"][r][valid][trains])
-    adv.append(np.full(int(trains.sum()), rows["advantages"][r], np.float32))
+    old.append(rows.old_logprobs[r][valid][trains])
+    adv.append(np.full(int(trains.sum()), rows.advantages[r], np.float32))
     for f in range(image_tokens // frame_tokens):
-      pixels.append(rows["frame_patches"][r, f])
+      pixels.append(rows.frame_patches[r, f])
       grids.append(grid_of["frame"])
-    for t, kind in enumerate(rows["obs_kind"][r]):
+    for t, kind in enumerate(rows.obs_kind[r]):
       if kind == protocol.KEYFRAME_IMAGE:
-        pixels.append(rows["keyframe_patches"][r, rows["obs_slot"][r, t]])
+        pixels.append(rows.keyframe_patches[r, rows.obs_slot[r, t]])
         grids.append(grid_of["keyframe"])
       elif kind == protocol.SEARCH_IMAGE:
-        pixels.append(rows["search_patches"][r, t])
+        pixels.append(rows.search_patches[r, t])
         grids.append(grid_of["search"])
   width = max(map(len, seqs))
   pad_id = world.tokenizer.pad_id
@@ -330,7 +329,7 @@ class StepTimes:
   later_compiles: int = 0
 
 
-def time_ours(world: World, rows: Mapping[str, np.ndarray], steps: int) -> StepTimes:
+def time_ours(world: World, rows: rows_lib.TrainingRows, steps: int) -> StepTimes:
   """The trainer's update as the trainer jits it: one warm-up call, then `steps` timed calls."""
   config = world.config
   mesh = sharding.make_mesh(config.mesh)
@@ -356,7 +355,7 @@ def time_ours(world: World, rows: Mapping[str, np.ndarray], steps: int) -> StepT
   return StepTimes(losses, seconds, steps, first, warmup_compiles, len(_COMPILES) - n0)
 
 
-def time_reference(world: World, rows: Mapping[str, np.ndarray], steps: int) -> StepTimes:
+def time_reference(world: World, rows: rows_lib.TrainingRows, steps: int) -> StepTimes:
   """The PyTorch reference step: one warm-up call, then `steps` timed calls."""
   loss_cfg = world.config.loss
   if loss_cfg.aggregation != "token-mean" or loss_cfg.kl_coef or loss_cfg.entropy_coef:
@@ -435,9 +434,9 @@ def main() -> None:
     world = build_world(config, os.path.join(tmp, "synthetic"), args.prompts)
     rows = expert_batch(world, args.prompts, args.group_size)
     tokens = real_tokens(rows)
-    generated = int(rows["loss_mask"].sum())
-    b_rows, r = rows["loss_mask"].shape
-    lp = rows["prompt_ids"].shape[1]
+    generated = int(rows.loss_mask.sum())
+    b_rows, r = rows.loss_mask.shape
+    lp = rows.prompt_ids.shape[1]
     print(
       f"batch: {args.prompts} prompts x {args.group_size} rows of expert episodes "
       f"({time.perf_counter() - t0:.1f}s to build); {tokens} real tokens "

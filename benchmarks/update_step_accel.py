@@ -16,6 +16,7 @@ memory per device. A smoke run on CPU:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -27,6 +28,7 @@ from ml_collections import config_flags
 from segresearch_jax import components, sharding, steps
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import policy
+from segresearch_jax.rl import rows as rows_lib
 from segresearch_jax.rl import update as update_lib
 from segresearch_jax.tools import aot
 
@@ -37,11 +39,16 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after one warm-up step.")
 PEAK_FLOPS = {"TPU v5": 459e12, "TPU v4": 275e12, "NVIDIA H200": 989e12, "NVIDIA H100": 989e12}
 
 
-def random_batch(abstract: dict, model_cfg: config_lib.ModelConfig, seed: int = 0) -> dict:
+def random_batch(
+  abstract: rows_lib.TrainingRows, model_cfg: config_lib.ModelConfig, seed: int = 0
+) -> rows_lib.TrainingRows:
   """Random rows of the update batch's shapes: valid tokens everywhere, every token trained."""
   rng = np.random.default_rng(seed)
   out = {}
-  for k, x in abstract.items():
+  for field in dataclasses.fields(abstract):
+    k, x = field.name, getattr(abstract, field.name)
+    if x is None:
+      continue
     if x.dtype == bool:
       out[k] = np.ones(x.shape, bool)
     elif k == "token_index":
@@ -52,7 +59,7 @@ def random_batch(abstract: dict, model_cfg: config_lib.ModelConfig, seed: int = 
     else:
       out[k] = rng.standard_normal(x.shape).astype(x.dtype) * (0.1 if "logprobs" in k else 1.0)
   out["old_logprobs"] = -np.abs(out["old_logprobs"]) - 5.0
-  return out
+  return rows_lib.TrainingRows(**out)
 
 
 def main(argv) -> None:

@@ -328,12 +328,13 @@ def _plan_mesh_sizes(
   if isinstance(mesh_override, str) and mesh_override:
     sizes = sharding.parse_mesh(mesh_override)
   elif isinstance(mesh_override, Mapping) and mesh_override:
-    sizes = dict(mesh_override)
+    # As in the text form (`sharding.parse_mesh`), axes an override leaves out are 1.
+    sizes = {axis: mesh_override.get(axis, 1) for axis in sharding.AXES}
   else:
     sizes = {axis: config.mesh[axis] for axis in sharding.AXES}
-  if any(sizes.get(axis, 1) == -1 for axis in sharding.AXES):
+  if -1 in sizes.values():
     return sharding.mesh_shape(sizes, num_devices or jax.device_count())
-  return sharding.mesh_shape(sizes, math.prod(sizes.get(axis, 1) for axis in sharding.AXES))
+  return sharding.mesh_shape(sizes, math.prod(sizes.values()))
 
 
 def run_plan(
@@ -358,10 +359,8 @@ def run_plan(
   model_cfg = plan_model_config(config)
   sizes = _plan_mesh_sizes(config, mesh_override, num_devices)
   rules = sharding.rules_from_config(config.mesh)
-  o = config.optim
-  optimizer = update.make_optimizer(
-    o.lr, o.warmup_steps, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip
-  )
+  # Only the optimizer state's shapes enter the plan.
+  optimizer = update.make_optimizer(update.OptimizerConfig.from_config(config))
   rows = config.batch_size * config.rollout.group_size
   if rows % config.loss.mini_batches:
     raise ValueError(

@@ -105,7 +105,7 @@ def greedy_episodes(
           str(batch["id"][r]),
           str(batch["ability"][r]),
           episodes.responses[r],
-          stop_reason=protocol.STOP_REASONS[int(episodes.out["stop_reason"][r])],
+          stop_reason=protocol.STOP_REASONS[int(episodes.out.stop_reason[r])],
           tool_calls=[dataclasses.asdict(c) for c in episodes.tool_calls[r]],
           reward=reward,
         )
@@ -261,7 +261,7 @@ def benchmark_dir(config) -> str:
   name = config.data.benchmark
   if name not in reasoning_data.BENCHMARKS:
     raise ValueError(f"config.data.benchmark={name!r} is not one of {reasoning_data.BENCHMARKS}.")
-  root = config.data.get(f"{name}_dir", "")
+  root = config.data[f"{name}_dir"]
   if not root or not os.path.isdir(root):
     raise FileNotFoundError(
       f"config.data.{name}_dir={root!r} is not a directory; point it at the raw "
@@ -423,7 +423,7 @@ def main(argv: list[str]) -> None:
   if jax.process_index() != 0:  # Evaluation runs on process 0 (as in `train.train`).
     return
   print(f"evaluating step {step} of {f.checkpoint}", flush=True)
-  if config.data.get("benchmark"):  # ReasonSeg / ReasonVOS / ReVOS: their own driver.
+  if config.data.benchmark:  # ReasonSeg / ReasonVOS / ReVOS: their own driver.
     out = f.out or os.path.join(config.workdir, f"eval_{config.data.benchmark}_{step}")
     run_benchmark(config, params, model_cfg, tokenizer, out, search=f.search)
     print(f"results in {out}")

@@ -94,25 +94,24 @@ _STACKED_LAYERS = r"(^|/)layers/"
 # ----------------------------------------------------------------------------
 
 
-def _get(config: Any, key: str, default: Any) -> Any:
-  """Reads `key` from a dict, a ConfigDict or an object with attributes."""
-  if hasattr(config, "get"):
-    return config.get(key, default)
-  return getattr(config, key, default)
-
-
 def mesh_shape(mesh_config: Any, num_devices: int) -> dict[str, int]:
-  """Resolves the axis sizes of `mesh_config` (fields data / fsdp / tensor) for a device count.
+  """Resolves the axis sizes of `mesh_config` (data / fsdp / tensor: a run config's `mesh`
+  or a dict with every axis) for a device count.
 
-  One axis may be -1: it takes the devices the others leave. Missing axes are 1.
+  One axis may be -1: it takes the devices the others leave.
 
   Raises:
-    ValueError: sizes that are not positive (or -1), more than one -1, or sizes that do
-      not multiply to `num_devices`.
+    ValueError: a missing axis, sizes that are not positive (or -1), more than one -1, or
+      sizes that do not multiply to `num_devices`.
   """
+  missing = [axis for axis in AXES if axis not in mesh_config]
+  if missing:
+    raise ValueError(
+      f"Mesh {dict(mesh_config)} lacks the axes {missing}; give every one of {AXES}."
+    )
   sizes = {}
   for axis in AXES:
-    size = _get(mesh_config, axis, 1)
+    size = mesh_config[axis]
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size == 0 or size < -1:
       raise ValueError(f"Mesh axis {axis!r} must be a positive int or -1, got {size!r}.")
     sizes[axis] = int(size)
@@ -137,7 +136,8 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> dict[str, int]:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-  """Parses 'data:1,fsdp:16,tensor:4' (axes may be left out: they are 1; -1 allowed)."""
+  """Parses 'data:1,fsdp:16,tensor:4' into every axis's size (axes left out of the text
+  are 1; -1 allowed)."""
   sizes: dict[str, int] = {}
   for part in filter(None, (p.strip() for p in text.split(","))):
     name, sep, value = part.partition(":")
@@ -150,7 +150,7 @@ def parse_mesh(text: str) -> dict[str, int]:
       sizes[name] = int(value)
     except ValueError:
       raise ValueError(f"Mesh axis {name!r} size {value!r} is not an int.") from None
-  return sizes
+  return {axis: sizes.get(axis, 1) for axis in AXES}
 
 
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -170,12 +170,12 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
 
 def abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
   """A device-free mesh of fixed `sizes` (for plans of meshes larger than this machine)."""
-  if any(int(sizes.get(a, 1)) == -1 for a in AXES):
+  if any(int(sizes[a]) == -1 for a in AXES):
     raise ValueError(
       f"An abstract mesh needs every axis size, got {dict(sizes)}; resolve -1 first with "
       "mesh_shape(mesh_config, num_devices)."
     )
-  total = math.prod(int(sizes.get(a, 1)) for a in AXES)
+  total = math.prod(int(sizes[a]) for a in AXES)
   resolved = mesh_shape(sizes, total)
   return AbstractMesh(
     tuple(resolved[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES)
@@ -254,8 +254,7 @@ def normalize_rules(rules: Sequence[Any]) -> tuple[tuple[str, tuple[SpecEntry, .
 
 def rules_from_config(mesh_config: Any) -> tuple[tuple[str, tuple[SpecEntry, ...]], ...]:
   """The run's rules: `mesh_config.rules` (if any) tried first, then `DEFAULT_RULES`."""
-  extra = _get(mesh_config, "rules", ()) or ()
-  return normalize_rules(tuple(extra) + DEFAULT_RULES)
+  return normalize_rules(tuple(mesh_config.rules) + DEFAULT_RULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -714,7 +713,7 @@ def plan(
 
   Args:
     model_cfg: the policy's shapes.
-    mesh_sizes: {'data': .., 'fsdp': .., 'tensor': ..} (missing axes are 1; no -1).
+    mesh_sizes: {'data': .., 'fsdp': .., 'tensor': ..} (every axis; no -1).
     rules: partition rules (see `param_specs`).
     batch_rows: trajectories in one optimizer update (prompts x group / mini-batches).
     seq_len: tokens per trajectory (prompt + response).

@@ -33,18 +33,19 @@ def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
 
   Visual tokens are rebuilt from pixels inside, so the gradient reaches the vision
   tower; temperature and banned ids match the sampler's (their log-probs agree).
-  With `rows["token_index"]` (see `rows.with_token_index`) the LM head runs only at those
+  With `rows.token_index` (see `rows.with_token_index`) the LM head runs only at those
   response positions and every other position gets 0.
   """
   temperature = rcfg.temperature if rcfg.temperature > 0 else 1.0
   cfg = dataclasses.replace(rcfg, group_size=1)
 
-  def logprob_fn(params, rows):
-    prompts = rollout.PromptBatch(**{k: rows[k] for k in rows_lib.PROMPT_INPUTS}, next_pos=None)
-    out = {k: rows[k] for k in rows_lib.ROW_FIELDS}
-    inputs = rollout.training_inputs(params, model_cfg, cfg, prompts, out)
-    prompt_length = rows["prompt_ids"].shape[1]
-    index = rows.get("token_index")
+  def logprob_fn(params, rows: rows_lib.TrainingRows):
+    prompts = rollout.PromptBatch(
+      **{k: getattr(rows, k) for k in rows_lib.PROMPT_INPUTS}, next_pos=None
+    )
+    inputs = rollout.training_inputs(params, model_cfg, cfg, prompts, rows)
+    prompt_length = rows.prompt_ids.shape[1]
+    index = rows.token_index
     logp, entropy = decoding.token_logprobs(
       params,
       model_cfg,
@@ -58,7 +59,7 @@ def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
     if index is None:
       return logp, entropy
     # Back to [B, R]; padding entries (index R) are dropped.
-    b, r = rows["response_ids"].shape
+    b, r = rows.response_ids.shape
     scatter = lambda x: (
       jnp.zeros((b, r), x.dtype).at[jnp.arange(b)[:, None], index].set(x, mode="drop")
     )
@@ -67,25 +68,16 @@ def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
   return logprob_fn
 
 
-def schedule_settings(config, *, sft: bool = False) -> tuple[float, int, int]:
-  """(lr, warmup steps, optimizer updates per step) of GRPO or the warm start.
-
-  The warm-up counts training steps, as the official schedule (stepped once per
-  step) does; a GRPO step applies `loss.mini_batches` updates, a warm-start step one.
-  """
-  if sft:
-    return config.sft.lr, config.sft.warmup_steps, 1
-  return config.optim.lr, config.optim.warmup_steps, config.loss.mini_batches
-
-
 def make_update(config, model_cfg, rcfg, *, sft: bool = False):
-  """(optimizer, update_fn) for GRPO or the supervised warm start; see `jit_update`."""
-  o = config.optim
-  lr, warmup, per_step = schedule_settings(config, sft=sft)
-  schedule = update_lib.learning_rate_schedule(lr, warmup, updates_per_step=per_step)
-  optimizer = update_lib.make_optimizer(
-    lr, warmup, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip, updates_per_step=per_step
-  )
+  """(optimizer, update_fn) for GRPO or the supervised warm start; see `jit_update`.
+
+  The warm-up counts training steps, as the official schedule (stepped once per step)
+  does; a GRPO step applies `loss.mini_batches` updates, a warm-start step one
+  (`update.OptimizerConfig.from_config`).
+  """
+  optim_cfg = update_lib.OptimizerConfig.from_config(config, sft=sft)
+  schedule = optim_cfg.schedule()
+  optimizer = update_lib.make_optimizer(optim_cfg)
   loss_cfg = losses.LossConfig.from_config(config.loss)
   if sft:  # Cross-entropy on the expert tokens: no KL or entropy term.
     loss_cfg = dataclasses.replace(loss_cfg, kl_coef=0.0, entropy_coef=0.0)

@@ -55,11 +55,11 @@ def episode_metrics(episodes: episodes_lib.Episodes, scores: Mapping[str, np.nda
   m["search/per_trajectory"] = float(np.mean(scores["num_search"]))
   calls = [c for row in episodes.tool_calls for c in row]
   m["search/errors"] = float(np.mean([c.error is not None for c in calls])) if calls else 0.0
-  m["response_length"] = float(np.mean(out["response_length"]))
-  m["generated_tokens"] = float(np.mean(np.sum(out["loss_mask"], axis=1)))
-  m["turns"] = float(np.mean(out["num_turns"]))
+  m["response_length"] = float(np.mean(out.response_length))
+  m["generated_tokens"] = float(np.mean(np.sum(out.loss_mask, axis=1)))
+  m["turns"] = float(np.mean(out.num_turns))
   for i, name in enumerate(protocol.STOP_REASONS):
-    m[f"stop/{name}"] = float(np.mean(out["stop_reason"] == i))
+    m[f"stop/{name}"] = float(np.mean(out.stop_reason == i))
   return m
 
 
@@ -133,16 +133,19 @@ def frozen_control(config, batch, runner, scorer, params, rng) -> dict[str, floa
   return {f"control/{k}": float(np.mean(v)) for k, v in scores.items() if v.dtype.kind == "f"}
 
 
-def grpo_step(config, state, rows, update_fn, rng, mesh, ref=None) -> tuple[Any, dict]:
+def grpo_step(
+  config, state, rows: rows_lib.TrainingRows, update_fn, rng, mesh, ref=None
+) -> tuple[Any, dict]:
   """`loss.mini_batches` updates over the rows; metrics averaged over them."""
   if ref is not None:  # KL to the frozen reference policy.
     ref_params, ref_fn = ref
-    rows = dict(rows)
-    rows["ref_logprobs"] = np.concatenate(
-      [
-        sharding.local_rows(ref_fn(ref_params, sharding.shard_batch(mb, mesh)))
-        for mb in rows_lib.split_mini_batches(rows, config.loss.mini_batches)
-      ]
+    rows = rows.replace(
+      ref_logprobs=np.concatenate(
+        [
+          sharding.local_rows(ref_fn(ref_params, sharding.shard_batch(mb, mesh)))
+          for mb in rows_lib.split_mini_batches(rows, config.loss.mini_batches)
+        ]
+      )
     )
   metrics = []
   for i, mb in enumerate(rows_lib.split_mini_batches(rows, config.loss.mini_batches)):
@@ -281,7 +284,7 @@ def train(config) -> dict:
       )
       data = warm_start_lib.expert_rows(config, expert_ds, runner, model_cfg, c.shapes)
       log(
-        f"warm start: {len(data['prompt_ids'])} expert episodes "
+        f"warm start: {len(data)} expert episodes "
         f"({time.time() - t0:.1f}s), {config.sft.steps} supervised steps"
       )
       params = warm_start_lib.warm_start(config, params, data, model_cfg, rcfg, mesh, writer)
@@ -336,7 +339,7 @@ def train(config) -> dict:
       config, [(rollout.PromptBatch.from_batch(b), episodes.out, s) for b, episodes, s in drawn]
     )
     rows = rows_lib.with_token_index(rows, min_width=head_width)
-    head_width = rows["token_index"].shape[1]
+    head_width = rows.token_index.shape[1]
     state, m = grpo_step(config, state, rows, update_fn, step_rng, mesh, ref)
     batch, episodes, scores = drawn[0]
     local = episode_metrics(episodes, scores)

@@ -20,7 +20,9 @@ from segresearch_jax.agent import rollout
 from segresearch_jax.rl import rows as rows_lib
 
 
-def expert_rows(config, dataset, runner: episodes_lib.Runner, model_cfg, shapes) -> dict:
+def expert_rows(
+  config, dataset, runner: episodes_lib.Runner, model_cfg, shapes
+) -> rows_lib.TrainingRows:
   """Expert episodes of every training sample, as training rows with group size 1.
 
   Each sample's reference trajectory (`episodes.expert_turns`) goes through the
@@ -53,16 +55,16 @@ def expert_rows(config, dataset, runner: episodes_lib.Runner, model_cfg, shapes)
     raise RuntimeError("No expert episode fits the rollout limits; raise rollout.max_* lengths.")
   if skipped:
     print(f"warm start: {skipped} expert episodes did not fit the length limits and were skipped")
-  return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *rows)
 
 
-def warm_start(config, params, data: dict, model_cfg, rcfg, mesh, writer) -> Any:
+def warm_start(config, params, data: rows_lib.TrainingRows, model_cfg, rcfg, mesh, writer) -> Any:
   """`config.sft.steps` supervised updates on random mini-batches of expert rows."""
   optimizer, update_fn = steps.make_update(config, model_cfg, rcfg, sft=True)
   state, state_sharding = steps.sharded_state(params, optimizer, mesh, config)
   update_fn = steps.jit_update(update_fn, mesh, state_sharding)
   rng = np.random.default_rng(config.seed)
-  n = len(data["prompt_ids"])  # this process's expert rows
+  n = len(data)  # this process's expert rows
   size = config.sft.batch_size // jax.process_count()
   if jax.process_count() > 1 and n < size:  # Every process must bring the same row count.
     raise ValueError(
@@ -70,12 +72,12 @@ def warm_start(config, params, data: dict, model_cfg, rcfg, mesh, writer) -> Any
       f"({size}) of sft.batch_size={config.sft.batch_size}."
     )
   size = min(size, n)
-  data = dict(data, advantages=np.ones(data["loss_mask"].shape[:1], np.float32))
+  data = data.replace(advantages=np.ones(data.loss_mask.shape[:1], np.float32))
   data = rows_lib.with_token_index(data)  # one width for every batch: one compilation
   writer.start(0)
   for step in range(1, config.sft.steps + 1):
     idx = rng.choice(n, size, replace=False)
-    batch = sharding.shard_batch({k: v[idx] for k, v in data.items()}, mesh)
+    batch = sharding.shard_batch(jax.tree.map(operator.itemgetter(idx), data), mesh)
     state, m = update_fn(state, batch, jax.random.PRNGKey(step))
     if step % config.log_every == 0 or step == config.sft.steps:
       m = jax.device_get(m)

@@ -11,10 +11,14 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import numpy as np
 
 from configs import okvos as okvos_config
+from segresearch_jax.agent import rollout
 from segresearch_jax.data import okvos, synthetic
+from segresearch_jax.rewards import okvos as okvos_reward
+from segresearch_jax.rl import losses, update
 from segresearch_jax.search import factory
 
 
@@ -98,4 +102,46 @@ def shrink_rollout(config) -> None:
 def search_settings(**overrides: Any) -> Any:
   """`factory.SearchConfig` of the default run config's `search` block, with overrides."""
   base = factory.SearchConfig.from_config(okvos_config.get_config().search)
+  return dataclasses.replace(base, **overrides)
+
+
+def rollout_config(**overrides: Any) -> rollout.RolloutConfig:
+  """`rollout.RolloutConfig` of the default run config's `rollout` block, with overrides.
+
+  The fields with no config counterpart (the tokenizer's ids and the image grids) have no
+  default: a test passes the ones of its tiny model.
+  """
+  block = okvos_config.get_config().rollout
+  names = [f.name for f in dataclasses.fields(rollout.RolloutConfig) if f.name in block]
+  return rollout.RolloutConfig(**{**{n: block[n] for n in names}, **overrides})
+
+
+def loss_config(**overrides: Any) -> losses.LossConfig:
+  """`losses.LossConfig` of the default run config's `loss` block, with overrides."""
+  base = losses.LossConfig.from_config(okvos_config.get_config().loss)
+  return dataclasses.replace(base, **overrides)
+
+
+def optimizer_config(**overrides: Any) -> update.OptimizerConfig:
+  """`update.OptimizerConfig` of the default run config (GRPO's), with overrides."""
+  base = update.OptimizerConfig.from_config(okvos_config.get_config())
+  return dataclasses.replace(base, **overrides)
+
+
+@flax.struct.dataclass
+class LossRows:
+  """The fields the losses read of `rl.rows.TrainingRows`, with a toy model's input in
+  place of the prompt and response: the batch of update tests that inject a toy
+  `logprob_fn`."""
+
+  inputs: Any  # [N, ...] what the toy logprob_fn reads
+  loss_mask: Any  # [N, L] bool
+  old_logprobs: Any  # [N, L] float32
+  advantages: Any  # [N] float32
+  ref_logprobs: Any = None  # [N, L] float32
+
+
+def reward_config(**overrides: Any) -> okvos_reward.RewardConfig:
+  """`okvos_reward.RewardConfig` of the default run config's `reward` block, with overrides."""
+  base = okvos_reward.RewardConfig.from_config(okvos_config.get_config().reward)
   return dataclasses.replace(base, **overrides)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import shrink_rollout
+from conftest import reward_config, shrink_rollout
 
 from configs import okvos as okvos_config
 from segresearch_jax import components, protocol
@@ -94,7 +94,9 @@ def test_expert_turns_follow_the_reference_chain(world):
   from segresearch_jax.rewards import okvos
 
   text = " ".join(t.replace(protocol.IM_END, "") for t in turns)
-  r = okvos.score_response(text, gt, one_hop["steps"], embed_fn=lambda q: np.ones((len(q), 4)) / 2)
+  r = okvos.score_response(
+    text, gt, one_hop["steps"], embed_fn=lambda q: np.ones((len(q), 4)) / 2, config=reward_config()
+  )
   assert r["iou_score"] == r["box_l1_score"] == r["point_l1_score"] == 1.0
   assert r["keyframe_score"] == gt[str(frame)]["max_conn_area"]
   in_video = episodes.expert_turns(by_ability["in-video"])
@@ -123,17 +125,19 @@ def test_expert_episode_equals_a_forced_rollout(world):
   inputs = inputs.replace(forced_tokens=jnp.asarray([script], jnp.int32))
   bridge.set_shown_frames([shown])
   out = jax.device_get(runner.fn(world["params"], inputs, jax.random.PRNGKey(0)))
-  n = int(out["response_length"][0])
-  assert n == int(expert["response_length"][0])
+  n = int(out.response_length[0])
+  assert n == int(expert.response_length[0])
   for key in ("response_ids", "loss_mask", "response_valid"):
-    np.testing.assert_array_equal(np.asarray(out[key])[0, :n], expert[key][0, :n], err_msg=key)
+    np.testing.assert_array_equal(
+      np.asarray(getattr(out, key))[0, :n], getattr(expert, key)[0, :n], err_msg=key
+    )
   np.testing.assert_array_equal(
-    np.asarray(out["response_positions"])[0, :, :n], expert["response_positions"][0, :, :n]
+    np.asarray(out.response_positions)[0, :, :n], expert.response_positions[0, :, :n]
   )
-  np.testing.assert_array_equal(np.asarray(out["obs_kind"]), expert["obs_kind"])
-  np.testing.assert_array_equal(np.asarray(out["obs_slot"]), expert["obs_slot"])
-  assert protocol.STOP_REASONS[int(out["stop_reason"][0])] == "finished"
-  text = tok.decode(expert["response_ids"][0, :n])
+  np.testing.assert_array_equal(np.asarray(out.obs_kind), expert.obs_kind)
+  np.testing.assert_array_equal(np.asarray(out.obs_slot), expert.obs_slot)
+  assert protocol.STOP_REASONS[int(out.stop_reason[0])] == "finished"
+  text = tok.decode(expert.response_ids[0, :n])
   assert text.count("<information>") == 2 and "high-res version" in text
 
 

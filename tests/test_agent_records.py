@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from segresearch_jax import protocol
-from segresearch_jax.agent import records
+from segresearch_jax.agent import records, rollout
 
 
 class _Words:
@@ -23,12 +23,18 @@ class _Call:
 
 
 def test_records_round_trip_through_jsonl(tmp_path):
-  out = dict(
+  out = rollout.RolloutOutput(
     response_ids=np.array([[5, 6, 7, 0], [8, 0, 0, 0]]),
-    response_length=np.array([3, 1]),
+    response_positions=np.zeros((2, 3, 4), np.int32),
+    response_valid=np.array([[1, 1, 1, 0], [1, 0, 0, 0]], bool),
     loss_mask=np.array([[1, 0, 1, 0], [1, 0, 0, 0]], bool),
+    logprobs=np.zeros((2, 4), np.float32),
+    response_length=np.array([3, 1]),
     stop_reason=np.array([protocol.FINISHED, protocol.MAX_LENGTH]),
     num_turns=np.array([1, 0]),
+    obs_kind=np.zeros((2, 1), np.int32),
+    obs_slot=np.zeros((2, 1), np.int32),
+    search_patches=np.zeros((2, 1, 1, 1), np.float32),
   )
   samples = [{"id": "a", "frames": np.array([0, 4])}, {"id": "b", "frames": np.array([1, 2])}]
   calls = [[_Call("text_search", "who", 0.01, None)], []]

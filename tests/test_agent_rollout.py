@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rollout_config
 
 from segresearch_jax import protocol
 from segresearch_jax.agent import rollout
@@ -48,7 +49,7 @@ BANNED = (CFG.image_token_id, CFG.vision_start_token_id, CFG.vision_end_token_id
 
 
 def _setup(scripts, max_turns=3, group_size=1, temperature=1.0, observe_rows=0):
-  rcfg = rollout.RolloutConfig(
+  rcfg = rollout_config(
     observe_rows=observe_rows,
     group_size=group_size,
     max_turns=max_turns,
@@ -96,8 +97,8 @@ def _setup(scripts, max_turns=3, group_size=1, temperature=1.0, observe_rows=0):
 
 
 def _response(out, row):
-  n = int(out["response_length"][row])
-  return list(np.asarray(out["response_ids"][row, :n])), list(np.asarray(out["loss_mask"][row, :n]))
+  n = int(out.response_length[row])
+  return list(np.asarray(out.response_ids[row, :n])), list(np.asarray(out.loss_mask[row, :n]))
 
 
 def test_search_keyframe_answer_sequence_token_for_token():
@@ -109,10 +110,10 @@ def test_search_keyframe_answer_sequence_token_for_token():
   expected_mask = [1] * 4 + [0] * 3 + [1] * 2 + [0] * len(KEY_OBS) + [1] * 3
   assert tokens == expected
   assert mask == expected_mask
-  assert protocol.STOP_REASONS[int(out["stop_reason"][0])] == "finished"
-  assert int(out["num_turns"][0]) == 2
-  assert list(np.asarray(out["obs_kind"][0, :2])) == [0, protocol.KEYFRAME_IMAGE]
-  assert int(out["obs_slot"][0, 1]) == KEY_SLOT
+  assert protocol.STOP_REASONS[int(out.stop_reason[0])] == "finished"
+  assert int(out.num_turns[0]) == 2
+  assert list(np.asarray(out.obs_kind[0, :2])) == [0, protocol.KEYFRAME_IMAGE]
+  assert int(out.obs_slot[0, 1]) == KEY_SLOT
 
 
 def test_action_on_last_turn_is_kept_but_not_executed():
@@ -122,8 +123,8 @@ def test_action_on_last_turn_is_kept_but_not_executed():
   tokens, mask = _response(out, 0)
   assert tokens == [10, *SEARCH_END] + TEXT_OBS + [11, *SEARCH_END]
   assert mask == [1] * 3 + [0] * 3 + [1] * 3
-  assert protocol.STOP_REASONS[int(out["stop_reason"][0])] == "max_turns"
-  assert int(out["num_turns"][0]) == 1
+  assert protocol.STOP_REASONS[int(out.stop_reason[0])] == "max_turns"
+  assert int(out.num_turns[0]) == 1
 
 
 def test_rows_stop_at_different_turns_and_one_never_calls_a_tool():
@@ -134,14 +135,14 @@ def test_rows_stop_at_different_turns_and_one_never_calls_a_tool():
   ]
   params, _, batch, fn = _setup(scripts, group_size=3)
   out = fn(params, batch, jax.random.PRNGKey(1))
-  assert [int(t) for t in out["num_turns"]] == [0, 1, 2]
+  assert [int(t) for t in out.num_turns] == [0, 1, 2]
   assert _response(out, 0)[0] == [10, IM_END]
   assert _response(out, 1)[0] == [10, *SEARCH_END] + TEXT_OBS + [11, IM_END]
   assert _response(out, 2)[0] == [10, *SEARCH_END] + TEXT_OBS + [11, *KEY_END] + KEY_OBS + [
     12,
     IM_END,
   ]
-  assert all(protocol.STOP_REASONS[int(r)] == "finished" for r in out["stop_reason"])
+  assert all(protocol.STOP_REASONS[int(r)] == "finished" for r in out.stop_reason)
 
 
 def test_empty_and_max_length_stop_reasons():
@@ -149,8 +150,8 @@ def test_empty_and_max_length_stop_reasons():
   out = fn(params, batch, jax.random.PRNGKey(1))
   # Row 1 has no stop string: its turn is cut at max_action_length and the cut action
   # is sent to the host like any other, until the response is full.
-  assert [protocol.STOP_REASONS[int(r)] for r in out["stop_reason"]] == ["empty", "max_length"]
-  assert int(out["response_length"][1]) <= 64
+  assert [protocol.STOP_REASONS[int(r)] for r in out.stop_reason] == ["empty", "max_length"]
+  assert int(out.response_length[1]) <= 64
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -173,12 +174,12 @@ def test_sampler_logprobs_equal_trainer_logprobs(temperature):
     banned_ids=BANNED,
   )
   lp = batch.prompt_ids.shape[1]
-  mask = np.asarray(out["loss_mask"])
+  mask = np.asarray(out.loss_mask)
   assert mask.sum() > 10
-  generated = np.asarray(out["response_ids"])[mask]
+  generated = np.asarray(out.response_ids)[mask]
   assert not np.isin(generated, BANNED).any()
   np.testing.assert_allclose(
-    np.asarray(logp)[:, lp:][mask], np.asarray(out["logprobs"])[mask], atol=1e-5
+    np.asarray(logp)[:, lp:][mask], np.asarray(out.logprobs)[mask], atol=1e-5
   )
 
 
@@ -196,18 +197,29 @@ def test_observations_prefilled_in_chunks_equal_the_full_batch_prefill():
     assert rcfg.observe_chunk(4) == rows
     outs[rows] = jax.device_get(fn(params, batch, jax.random.PRNGKey(5)))
   full = outs[4]
-  assert int(full["num_turns"].sum()) >= 5
+  assert int(full.num_turns.sum()) >= 5
   for rows in (2, 1):
     for key in ("response_ids", "response_positions", "loss_mask", "stop_reason", "num_turns"):
-      np.testing.assert_array_equal(outs[rows][key], full[key], err_msg=f"{key}, {rows} rows")
-    np.testing.assert_allclose(outs[rows]["logprobs"], full["logprobs"], atol=1e-5)
+      np.testing.assert_array_equal(
+        getattr(outs[rows], key), getattr(full, key), err_msg=f"{key}, {rows} rows"
+      )
+    np.testing.assert_allclose(outs[rows].logprobs, full.logprobs, atol=1e-5)
 
 
 def test_observe_chunk_divides_the_batch():
-  cfg = rollout.RolloutConfig()
-  assert [cfg.observe_chunk(b) for b in (1, 16, 32, 48, 56, 128)] == [1, 1, 2, 3, 2, 8]
-  assert rollout.RolloutConfig(observe_rows=3).observe_chunk(16) == 2
-  assert rollout.RolloutConfig(observe_rows=64).observe_chunk(16) == 16
+  def cfg(observe_rows):
+    return rollout_config(
+      observe_rows=observe_rows,
+      im_end_id=IM_END,
+      frame_grid=FRAME_GRID,
+      keyframe_grid=KEY_GRID,
+      search_grid=SEARCH_GRID,
+      banned_ids=BANNED,
+    )
+
+  assert [cfg(0).observe_chunk(b) for b in (1, 16, 32, 48, 56, 128)] == [1, 1, 2, 3, 2, 8]
+  assert cfg(3).observe_chunk(16) == 2
+  assert cfg(64).observe_chunk(16) == 16
 
 
 def test_observation_positions_continue_after_an_image():

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import search_settings
+from conftest import rollout_config, search_settings
 
 from segresearch_jax import protocol
 from segresearch_jax.agent import bridge as bridge_lib
@@ -50,7 +50,7 @@ def test_search_and_keyframe_through_the_real_bridge(world):
     search_image_size=64,
     pad_id=tok.pad_id,
   )
-  rcfg = rollout.RolloutConfig(
+  rcfg = rollout_config(
     group_size=1,
     max_turns=3,
     max_response_length=320,
@@ -94,14 +94,14 @@ def test_search_and_keyframe_through_the_real_bridge(world):
   )
   params = policy.init_params(cfg, jax.random.PRNGKey(0))
   out = fn(params, batch, jax.random.PRNGKey(0))
-  n = int(out["response_length"][0])
-  decoded = tok.decode(np.asarray(out["response_ids"][0, :n]))
+  n = int(out.response_length[0])
+  decoded = tok.decode(np.asarray(out.response_ids[0, :n]))
   # After the scripted search and keyframe the random policy rambles: its turns are cut
   # at max_action_length and come back as error observations.
-  assert int(out["num_turns"][0]) >= 2
+  assert int(out.num_turns[0]) >= 2
   assert "<information>1. (Title:" in decoded
   assert "Here is the high-res version of your selected frame:" in decoded
   assert decoded.count(protocol.IMAGE_PAD) == nk
-  assert int(out["obs_kind"][0, 1]) == protocol.KEYFRAME_IMAGE and int(out["obs_slot"][0, 1]) == 1
+  assert int(out.obs_kind[0, 1]) == protocol.KEYFRAME_IMAGE and int(out.obs_slot[0, 1]) == 1
   records = br.pop_records()
   assert [r.action for r in records][:2] == ["search", "keyframe"]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import fake_sample
+from conftest import fake_sample, optimizer_config
 
 from segresearch_jax import checkpoint
 from segresearch_jax.data import pipeline
@@ -30,7 +30,7 @@ def _state(scale: float = 1.0) -> update.TrainState:
     "dense": {"kernel": scale * jnp.arange(24.0).reshape(4, 6), "bias": jnp.full((6,), scale)},
     "embed": scale * jnp.linspace(-1.0, 1.0, 40).reshape(8, 5),
   }
-  optimizer = update.make_optimizer(1e-2, warmup_steps=2)
+  optimizer = update.make_optimizer(optimizer_config(lr=1e-2, warmup_steps=2, updates_per_step=1))
   state = update.init_state(params, optimizer)
   grads = jax.tree.map(lambda p: jnp.cos(p) + 0.5, params)
   updates, opt_state = optimizer.update(grads, state.opt_state, params)
@@ -356,16 +356,21 @@ def _run(script: str, *args: str, devices: int = 1, timeout: float = 240.0):
 
 
 _SHARDED = """
+import dataclasses
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from segresearch_jax import checkpoint
 from segresearch_jax.rl import update
+from configs import okvos
 
 assert jax.device_count() == 4, jax.devices()
 mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))
 params = {"w": jnp.arange(64.0 * 8).reshape(64, 8), "b": jnp.arange(8.0)}
-optimizer = update.make_optimizer(1e-2)
+optimizer = update.make_optimizer(dataclasses.replace(
+  update.OptimizerConfig.from_config(okvos.get_config()),
+  lr=1e-2, warmup_steps=10, updates_per_step=1,
+))
 
 def place(state, spec_2d):
   specs = jax.tree.map(lambda x: NamedSharding(mesh, spec_2d if x.ndim == 2 else P()), state)

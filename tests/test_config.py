@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import optimizer_config
 
 from configs import okvos as okvos_config
-from segresearch_jax import components, config_checks, steps
+from segresearch_jax import components, config_checks
 from segresearch_jax.agent import episodes, rollout
 from segresearch_jax.models import config as model_config
+from segresearch_jax.rewards import okvos as okvos_reward
 from segresearch_jax.rewards import scoring
 from segresearch_jax.rl import losses, update
 from segresearch_jax.search import factory as search_factory
@@ -169,20 +171,22 @@ def test_warmup_counts_training_steps(mini_batches):
   config = okvos_config.get_config()
   config.optim.lr, config.optim.warmup_steps = 1e-6, 10
   config.loss.mini_batches = mini_batches
-  lr, warmup, per_step = steps.schedule_settings(config)
-  schedule = update.learning_rate_schedule(lr, warmup, updates_per_step=per_step)
+  schedule = update.OptimizerConfig.from_config(config).schedule()
   for step in range(1, 14):
     for i in range(mini_batches):  # every update of a step runs at that step's lr
       count = (step - 1) * mini_batches + i
       assert float(schedule(count)) == pytest.approx(1e-6 * min(1.0, step / 10)), (step, i)
   assert float(schedule(0)) > 0  # the first update is not at lr 0
   assert float(schedule(9 * mini_batches)) == pytest.approx(1e-6)  # full lr from step 10 on
-  assert steps.schedule_settings(config, sft=True)[2] == 1  # a warm-start step is one update
+  # A warm-start step is one update.
+  assert update.OptimizerConfig.from_config(config, sft=True).updates_per_step == 1
 
 
 def test_optimizer_applies_the_step_schedule():
   # Adam's first updates on a constant gradient move each weight by about the lr.
-  opt = update.make_optimizer(1e-2, warmup_steps=4, eps=1e-12, weight_decay=0.0, updates_per_step=2)
+  opt = update.make_optimizer(
+    optimizer_config(lr=1e-2, warmup_steps=4, eps=1e-12, weight_decay=0.0, updates_per_step=2)
+  )
   params = {"w": jnp.zeros(())}
   state = opt.init(params)
   moves = []
@@ -244,6 +248,41 @@ def test_settings_classes_read_every_field_from_the_config():
   assert rcfg.banned_ids == (2, 3, 4)
   score = scoring.ScoreConfig.from_config(config)
   assert score.reward.tpr_budget == 7 and score.mask_weight == 1.0
+
+
+def test_settings_classes_keep_no_second_copy_of_a_config_default():
+  """A settings field that the config holds has no default of its own: the config is the
+  one source of its value."""
+  config = okvos_config.get_config()
+  score_blocks = (config.reward, config.rollout, config.dapo)
+  for cls, blocks in (
+    (rollout.RolloutConfig, (config.rollout,)),
+    (losses.LossConfig, (config.loss,)),
+    (okvos_reward.RewardConfig, (config.reward,)),
+    (scoring.ScoreConfig, score_blocks),
+    (update.OptimizerConfig, (config.optim,)),
+  ):
+    for field in dataclasses.fields(cls):
+      if any(field.name in block for block in blocks):
+        assert field.default is dataclasses.MISSING, f"{cls.__name__}.{field.name}"
+  # ScoreConfig.reward comes from the reward block too.
+  assert dataclasses.fields(scoring.ScoreConfig)[0].default is dataclasses.MISSING
+
+
+def test_optimizer_settings_of_grpo_and_the_warm_start():
+  config = okvos_config.get_config()
+  config.optim.b2, config.loss.mini_batches = 0.95, 2
+  grpo = update.OptimizerConfig.from_config(config)
+  for name in ("lr", "warmup_steps", "b1", "b2", "eps", "weight_decay", "grad_clip"):
+    assert getattr(grpo, name) == config.optim[name], name
+  assert grpo.updates_per_step == 2
+  sft = update.OptimizerConfig.from_config(config, sft=True)
+  assert (sft.lr, sft.warmup_steps, sft.updates_per_step) == (
+    config.sft.lr,
+    config.sft.warmup_steps,
+    1,
+  )
+  assert sft.b2 == 0.95  # AdamW's settings stay the run's
 
 
 def test_the_run_search_backend_is_built_from_config_search(monkeypatch, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from segresearch_jax import protocol
+from segresearch_jax.agent import rollout
 from segresearch_jax.data import okvos, synthetic
 from segresearch_jax.eval import metrics, predictions
 from segresearch_jax.rewards import okvos as okvos_reward
@@ -423,7 +424,19 @@ def _answering_runner(params, batch, rng, search=True):
       + f"<answer>{answer_json}</answer>{IM_END}"
     )
   n = len(responses)
-  out = {"stop_reason": np.zeros(n, np.int32)}
+  out = rollout.RolloutOutput(  # only stop_reason is read; one-token rows otherwise
+    response_ids=np.zeros((n, 1), np.int32),
+    response_positions=np.zeros((n, 3, 1), np.int32),
+    response_valid=np.ones((n, 1), bool),
+    loss_mask=np.ones((n, 1), bool),
+    logprobs=np.zeros((n, 1), np.float32),
+    response_length=np.ones(n, np.int32),
+    stop_reason=np.zeros(n, np.int32),
+    num_turns=np.zeros(n, np.int32),
+    obs_kind=np.zeros((n, 1), np.int32),
+    obs_slot=np.zeros((n, 1), np.int32),
+    search_patches=np.zeros((n, 1, 1, 1), np.float32),
+  )
   return type("Episodes", (), {"responses": responses, "out": out, "tool_calls": [[]] * n})()
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import optimizer_config
 
 from segresearch_jax import checkpoint, protocol
 from segresearch_jax.models import config as config_lib
@@ -53,7 +54,9 @@ def _random_params(cfg: config_lib.ModelConfig, seed: int = 0):
 
 
 def _save_run(directory, cfg, params, tokenizer, step=5):
-  state = update.init_state(params, update.make_optimizer(1e-4))
+  state = update.init_state(
+    params, update.make_optimizer(optimizer_config(lr=1e-4, warmup_steps=10, updates_per_step=1))
+  )
   metadata = checkpoint.make_metadata(cfg, {"model": {"preset": "tiny"}}, tokenizer)
   with checkpoint.Checkpointer(directory, keep=2, save_every=1) as ckpt:
     assert ckpt.save(step, state, jax.random.key(0), None, metadata)

@@ -12,6 +12,7 @@ import hypothesis
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+from conftest import reward_config
 
 from segresearch_jax import protocol
 from segresearch_jax.agent import records
@@ -104,9 +105,11 @@ def run_everything(text, out_dir):
   protocol.text_search_observation([(text, text)])
   protocol.image_search_observation([text])
 
-  terms = okvos.score_response(text, GT, STEPS, embed_fn=cheap_embedder)
+  terms = okvos.score_response(text, GT, STEPS, embed_fn=cheap_embedder, config=reward_config())
   assert all(np.isfinite(v) for v in terms.values())
-  parsed = okvos.parse_responses([text], [GT], [STEPS], embed_fn=cheap_embedder)
+  parsed = okvos.parse_responses(
+    [text], [GT], [STEPS], embed_fn=cheap_embedder, config=reward_config()
+  )
   assert np.all(np.isfinite(parsed["max_conn_area"]))
   assert np.isfinite(okvos.validation_reward(text, GT))
   mask.parse_mask_prompts([text], [GT], np.array([SHOWN]), "norm1000")
@@ -156,4 +159,4 @@ def test_named_hostile_inputs(name, out_dir):
     "long": ("<thinking> x </thinking> <keyframe> 4 " * 10_000)[:MAX_CHARS],
   }[name]
   run_everything(text, out_dir)
-  assert okvos.score_response(text, GT, None)["iou_score"] == 0.0
+  assert okvos.score_response(text, GT, None, config=reward_config())["iou_score"] == 0.0

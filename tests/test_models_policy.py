@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import LossRows, loss_config
 
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import decoding, layers, policy, weights
@@ -430,34 +431,33 @@ def test_bfloat16_update_stays_close_to_float32(cfg, hf_and_params):
   25% in relative norm and cosine >= 0.97 (SGD, so the update is the gradient itself)."""
   import optax
 
-  from segresearch_jax.rl import losses
   from segresearch_jax.rl import update as update_lib
 
   _, params = hf_and_params
   rng = np.random.default_rng(0)
   b, t = 4, 24
   ids = jnp.asarray(rng.integers(0, 500, (b, t)), jnp.int32)
-  batch = {
-    "ids": ids,
-    "loss_mask": jnp.asarray(rng.random((b, t - 1)) < 0.8),
-    "old_logprobs": jnp.full((b, t - 1), -6.0),
-    "advantages": jnp.asarray([1.0, -0.5, 0.25, -1.0]),
-  }
+  batch = LossRows(
+    inputs=ids,
+    loss_mask=jnp.asarray(rng.random((b, t - 1)) < 0.8),
+    old_logprobs=jnp.full((b, t - 1), -6.0),
+    advantages=jnp.asarray([1.0, -0.5, 0.25, -1.0]),
+  )
 
   def run(dtype):
     model_cfg = dataclasses.replace(cfg, dtype=dtype)
 
     def logprob_fn(p, micro):
-      n, length = micro["ids"].shape
+      n, length = micro.inputs.shape
       pos = jnp.broadcast_to(jnp.arange(length), (n, 3, length))
       logp, ent = decoding.token_logprobs(
-        p, model_cfg, micro["ids"], pos, jnp.ones((n, length), bool), start=1, return_entropy=True
+        p, model_cfg, micro.inputs, pos, jnp.ones((n, length), bool), start=1, return_entropy=True
       )
       assert logp.dtype == jnp.float32  # log-probs stay fp32 whatever the compute dtype
       return logp, ent
 
     optimizer = optax.sgd(1e-2)
-    update_fn = update_lib.make_update_fn(logprob_fn, optimizer, losses.LossConfig())
+    update_fn = update_lib.make_update_fn(logprob_fn, optimizer, loss_config())
     state = update_lib.init_state(params, optimizer)
     new_state, metrics = jax.jit(update_fn)(state, batch, jax.random.PRNGKey(0))
     delta = jax.tree.map(jnp.subtract, new_state.params, params)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CountingEmbedder, words_embedder
+from conftest import CountingEmbedder, reward_config, words_embedder
 
 from segresearch_jax.data import mask_tables
 from segresearch_jax.rewards import mask, okvos
@@ -213,7 +213,9 @@ def test_parse_mask_prompts_reads_like_spec_3_1():
   np.testing.assert_allclose(out["pred_box"][0], [0.110, 0.205, 0.300, 0.395], rtol=1e-6)
   np.testing.assert_allclose(out["pred_point"][1], [0.025, 0.025], rtol=1e-6)
   # Validity equals "§3.1 scores the answer": keyframe in the GT and the answer parses.
-  parsed = okvos.parse_responses(RESPONSES, [GT] * 6, [None] * 6, embed_fn=words_embedder)
+  parsed = okvos.parse_responses(
+    RESPONSES, [GT] * 6, [None] * 6, embed_fn=words_embedder, config=reward_config()
+  )
   np.testing.assert_array_equal(out["valid"], parsed["keyframe_ok"] & parsed["answer_ok"])
 
 
@@ -238,7 +240,9 @@ def test_parse_mask_prompts_abs_resized_and_errors():
 def test_weight_zero_is_exactly_spec_3_1_and_weight_adds():
   n = len(RESPONSES)
   steps = [["Glimmer Cup 2031 winner"]] * n
-  official = okvos.score_batch(RESPONSES, [GT] * n, steps, embed_fn=words_embedder)
+  official = okvos.score_batch(
+    RESPONSES, [GT] * n, steps, embed_fn=words_embedder, config=reward_config()
+  )
   point_iou, box_iou = tables(n)
   prompts = mask.parse_mask_prompts(RESPONSES, [GT] * n, np.tile(FRAME_NUMBERS, (n, 1)), "norm1000")
   term = np.asarray(mask_score(point_iou, box_iou, **prompts))

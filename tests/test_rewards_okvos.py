@@ -9,7 +9,7 @@ import hypothesis.strategies as st
 import jax
 import numpy as np
 import pytest
-from conftest import CountingEmbedder, words_embedder
+from conftest import CountingEmbedder, reward_config, words_embedder
 
 from segresearch_jax.rewards import okvos
 
@@ -46,7 +46,9 @@ def response(
 
 
 def score(resp, steps=STEPS, **kw):
-  return okvos.score_response(resp, GT, steps, embed_fn=words_embedder, **kw)
+  return okvos.score_response(
+    resp, GT, steps, embed_fn=words_embedder, **kw, config=reward_config()
+  )
 
 
 def test_valid_response_scores_every_term():
@@ -132,9 +134,15 @@ def test_igr_with_the_packaged_minilm():
   pytest.importorskip("sentence_transformers")
   embed = okvos.minilm_embedder()
   good = okvos.score_response(
-    response(query="who won the Glimmer Cup in 2031"), GT, STEPS, embed_fn=embed
+    response(query="who won the Glimmer Cup in 2031"),
+    GT,
+    STEPS,
+    embed_fn=embed,
+    config=reward_config(),
   )
-  bad = okvos.score_response(response(query="recipe for banana bread"), GT, STEPS, embed_fn=embed)
+  bad = okvos.score_response(
+    response(query="recipe for banana bread"), GT, STEPS, embed_fn=embed, config=reward_config()
+  )
   assert good["igr"] == 1.0 and bad["igr"] == 0.0
 
 
@@ -190,16 +198,20 @@ def responses(draw):
 def test_jnp_path_equals_reference(batch):
   texts = [r for r, _ in batch]
   steps = [STEPS if has else None for _, has in batch]
-  got = okvos.score_batch(texts, [GT] * len(texts), steps, embed_fn=words_embedder)
+  got = okvos.score_batch(
+    texts, [GT] * len(texts), steps, embed_fn=words_embedder, config=reward_config()
+  )
   for i, (text, st_) in enumerate(zip(texts, steps)):
-    ref = okvos.score_response(text, GT, st_, embed_fn=words_embedder)
+    ref = okvos.score_response(text, GT, st_, embed_fn=words_embedder, config=reward_config())
     for key in (*okvos.TERMS, "format_score", "igr", "num_search", "score"):
       assert got[key][i] == pytest.approx(ref[key], abs=1e-5), (key, text)
 
 
 def test_reward_terms_jit():
-  parsed = okvos.parse_responses([response()] * 3, [GT] * 3, [STEPS] * 3, embed_fn=words_embedder)
-  out = jax.jit(okvos.reward_terms)(parsed)
+  parsed = okvos.parse_responses(
+    [response()] * 3, [GT] * 3, [STEPS] * 3, embed_fn=words_embedder, config=reward_config()
+  )
+  out = jax.jit(lambda p: okvos.reward_terms(p, reward_config()))(parsed)
   assert out["score"].shape == (3,)
   np.testing.assert_allclose(np.asarray(out["score"]), score(response())["score"], rtol=1e-6)
 
@@ -209,10 +221,20 @@ def test_step_embeddings_are_cached_per_sample():
   calls = counting.calls
   cache = {}
   okvos.parse_responses(
-    [response()] * 4, [GT] * 4, [STEPS] * 4, embed_fn=counting, step_cache=cache
+    [response()] * 4,
+    [GT] * 4,
+    [STEPS] * 4,
+    embed_fn=counting,
+    step_cache=cache,
+    config=reward_config(),
   )
   okvos.parse_responses(
-    [response()] * 4, [GT] * 4, [STEPS] * 4, embed_fn=counting, step_cache=cache
+    [response()] * 4,
+    [GT] * 4,
+    [STEPS] * 4,
+    embed_fn=counting,
+    step_cache=cache,
+    config=reward_config(),
   )
   assert calls.count(STEPS) == 1  # steps embedded once, queries once per batch
   assert len(calls) == 3
@@ -268,9 +290,9 @@ def test_rule4_keyframe_is_compared_as_a_string():
   gt = {"2": GT["4"], "0": GT["10"]}
   for kf in ["02", "2.0", "\u0662"]:  # the last is ARABIC-INDIC DIGIT TWO
     text = f"<keyframe> {kf} </keyframe> <answer>{GOOD}</answer>"
-    assert okvos.score_response(text, gt)["keyframe_score"] == 0.0, kf
+    assert okvos.score_response(text, gt, config=reward_config())["keyframe_score"] == 0.0, kf
   text = f"<keyframe> 2 </keyframe> <answer>{GOOD}</answer>"
-  assert okvos.score_response(text, gt)["keyframe_score"] == 0.8
+  assert okvos.score_response(text, gt, config=reward_config())["keyframe_score"] == 0.8
 
 
 def test_rule5_each_box_and_point_term_on_its_own():
@@ -294,7 +316,9 @@ def test_rule5_each_box_and_point_term_on_its_own():
 
 def test_rule5_keyframe_score_defaults_to_zero():
   gt = {"4": {"bbox_2d": [100, 200, 300, 400], "point_2d": [200, 300]}}
-  s = okvos.score_response(f"<keyframe> 4 </keyframe> <answer>{GOOD}</answer>", gt)
+  s = okvos.score_response(
+    f"<keyframe> 4 </keyframe> <answer>{GOOD}</answer>", gt, config=reward_config()
+  )
   assert s["keyframe_score"] == 0.0 and s["iou_score"] == 1.0
 
 
@@ -307,7 +331,7 @@ def test_hostile_numbers_score_without_raising():
     + f'<answer>{{"bbox_2d": [-{huge}, -{huge}, {huge}, {huge}], "point_2d": [205, 300]}}</answer>'
   )
   assert accuracy(text) == (0.0, 0.0, 1.0, 0.8)
-  assert okvos.score_batch([text], [GT], [None])["point_l1_score"][0] == 1.0
+  assert okvos.score_batch([text], [GT], [None], config=reward_config())["point_l1_score"][0] == 1.0
   for body in [
     '{"bbox_2d": [NaN, 1, 2, Infinity], "point_2d": [-Infinity, 1]}',
     '{"bbox_2d": [1' + "0" * 5000 + ", 1, 2, 3]}",  # beyond int() limits: no JSON
@@ -323,8 +347,8 @@ def test_odd_keyframe_numbers_never_score(text):
   # Ground truth has frame 5 and 10; `int` would read every one of these as 5 or 10.
   gt = {"5": GT["4"], "10": GT["10"]}
   resp = f"<keyframe> {text} </keyframe> <answer>{GOOD}</answer>"
-  assert okvos.score_response(resp, gt)["keyframe_score"] == 0.0
-  assert okvos.score_batch([resp], [gt], [None])["keyframe_score"][0] == 0.0
+  assert okvos.score_response(resp, gt, config=reward_config())["keyframe_score"] == 0.0
+  assert okvos.score_batch([resp], [gt], [None], config=reward_config())["keyframe_score"][0] == 0.0
   # The mask term reads the same frame slot: none.
   from segresearch_jax.rewards import mask
 
@@ -490,7 +514,7 @@ HOSTILE_RESPONSES = st.one_of(
 @hypothesis.given(HOSTILE_RESPONSES, st.booleans())
 def test_reward_equals_the_rules_read_literally(text, has_steps):
   steps = STEPS if has_steps else None
-  got = okvos.score_response(text, GT_RULES, steps, embed_fn=words_embedder)
+  got = okvos.score_response(text, GT_RULES, steps, embed_fn=words_embedder, config=reward_config())
   want = reference_reward(text, GT_RULES, steps, words_embedder)
   for key, value in want.items():
     assert got[key] == pytest.approx(value, abs=1e-12), (key, text)

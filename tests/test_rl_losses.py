@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import LossRows, loss_config, optimizer_config
 
 from segresearch_jax.rl import advantages, losses, update
 
@@ -41,19 +42,19 @@ def _clip(ratio, adv, cfg):
 
 
 def test_ppo_clip_branches():
-  cfg = losses.LossConfig(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+  cfg = loss_config(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
   assert _clip(1.1, 1.0, cfg) == pytest.approx((-1.1, False))
   assert _clip(1.5, 1.0, cfg)[0] == pytest.approx(-1.28)  # clip-higher caps the gain
   assert _clip(0.5, 1.0, cfg) == pytest.approx((-0.5, False))  # no clip below for A > 0
   assert _clip(0.5, -1.0, cfg) == pytest.approx((0.8, True))  # clip low for A < 0
   assert _clip(2.0, -1.0, cfg) == pytest.approx((2.0, False))
   assert _clip(5.0, -1.0, cfg)[0] == pytest.approx(3.0)  # dual clip bounds it at -A * c
-  assert _clip(5.0, -1.0, losses.LossConfig(dual_clip=0.0))[0] == pytest.approx(5.0)
+  assert _clip(5.0, -1.0, loss_config(dual_clip=0.0))[0] == pytest.approx(5.0)
 
 
 def test_log_ratio_is_clamped():
   loss, _ = losses.ppo_clip(
-    jnp.asarray([100.0]), jnp.asarray([0.0]), jnp.asarray([-1e-9]), losses.LossConfig(dual_clip=0.0)
+    jnp.asarray([100.0]), jnp.asarray([0.0]), jnp.asarray([-1e-9]), loss_config(dual_clip=0.0)
   )
   assert np.isfinite(float(loss[0])) and float(loss[0]) == pytest.approx(
     1e-9 * math.exp(20), rel=1e-4
@@ -76,21 +77,21 @@ def test_aggregations():
   assert [float(x) for x in losses.aggregate(v, m, "seq-mean-token-mean")] == [6.0, 2.0]
   assert [float(x) for x in losses.aggregate(v, m, "seq-mean-token-sum")] == [10.0, 2.0]
   with pytest.raises(ValueError, match="aggregation"):
-    losses.LossConfig(aggregation="mean")
+    loss_config(aggregation="mean")
 
 
 def _toy(n=8, length=5, seed=0):
   rng = np.random.default_rng(seed)
   params = {"w": jnp.asarray(rng.standard_normal((length, 3)), jnp.float32)}
-  batch = {
-    "x": jnp.asarray(rng.standard_normal((n, length, 3)), jnp.float32),
-    "loss_mask": jnp.asarray(rng.random((n, length)) < 0.7),
-    "old_logprobs": jnp.asarray(-rng.random((n, length)), jnp.float32),
-    "advantages": jnp.asarray(rng.standard_normal(n), jnp.float32),
-  }
+  batch = LossRows(
+    inputs=jnp.asarray(rng.standard_normal((n, length, 3)), jnp.float32),
+    loss_mask=jnp.asarray(rng.random((n, length)) < 0.7),
+    old_logprobs=jnp.asarray(-rng.random((n, length)), jnp.float32),
+    advantages=jnp.asarray(rng.standard_normal(n), jnp.float32),
+  )
 
   def logprob_fn(p, b):
-    logits = jnp.sum(b["x"] * p["w"], axis=-1)  # [n, L]
+    logits = jnp.sum(b.inputs * p["w"], axis=-1)  # [n, L]
     return jax.nn.log_sigmoid(logits), jnp.zeros_like(logits)
 
   return params, batch, logprob_fn
@@ -99,7 +100,7 @@ def _toy(n=8, length=5, seed=0):
 @pytest.mark.parametrize("aggregation", losses.AGGREGATIONS)
 def test_micro_batches_give_the_exact_global_mean(aggregation):
   params, batch, logprob_fn = _toy()
-  cfg = losses.LossConfig(aggregation=aggregation)
+  cfg = loss_config(aggregation=aggregation)
   opt = optax.sgd(1.0)
   one = update.make_update_fn(logprob_fn, opt, cfg, micro_batches=1)
   four = update.make_update_fn(logprob_fn, opt, cfg, micro_batches=4)
@@ -124,10 +125,10 @@ def test_micro_batches_give_the_exact_global_mean(aggregation):
 
 def test_non_finite_gradient_skips_the_update():
   params, batch, logprob_fn = _toy()
-  batch["advantages"] = batch["advantages"].at[0].set(jnp.nan)
-  opt = update.make_optimizer(1e-2, warmup_steps=2)
+  batch = batch.replace(advantages=batch.advantages.at[0].set(jnp.nan))
+  opt = update.make_optimizer(optimizer_config(lr=1e-2, warmup_steps=2, updates_per_step=1))
   state = update.init_state(params, opt)
-  new, metrics = jax.jit(update.make_update_fn(logprob_fn, opt, losses.LossConfig()))(
+  new, metrics = jax.jit(update.make_update_fn(logprob_fn, opt, loss_config()))(
     state, batch, jax.random.PRNGKey(0)
   )
   assert float(metrics["skipped"]) == 1.0 and int(new.step) == 0

@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import loss_config, optimizer_config, rollout_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from segresearch_jax import sharding
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import policy
+from segresearch_jax.rl import rows as rows_lib
 from segresearch_jax.rl import update
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def test_mesh_shape_fills_the_minus_one_axis():
     "fsdp": 2,
     "tensor": 4,
   }
-  # A ConfigDict with extra fields (rules) and a missing axis (tensor = 1).
+  # A ConfigDict with extra fields (rules).
   from configs import okvos
 
   paper = okvos.get_config("paper")
@@ -57,10 +59,11 @@ def test_mesh_shape_fills_the_minus_one_axis():
   "sizes, devices, message",
   [
     ({"data": 2, "fsdp": 2, "tensor": 1}, 8, "multiply to the device count"),
-    ({"data": -1, "fsdp": -1}, 8, "Only one mesh axis may be -1"),
-    ({"data": -1, "fsdp": 3}, 8, "does not divide the 8 available devices"),
-    ({"data": 0}, 1, "positive int or -1"),
-    ({"tensor": 2.0}, 2, "positive int or -1"),
+    ({"data": -1, "fsdp": -1, "tensor": 1}, 8, "Only one mesh axis may be -1"),
+    ({"data": -1, "fsdp": 3, "tensor": 1}, 8, "does not divide the 8 available devices"),
+    ({"data": 0, "fsdp": 1, "tensor": 1}, 1, "positive int or -1"),
+    ({"data": 1, "fsdp": 1, "tensor": 2.0}, 2, "positive int or -1"),
+    ({"data": -1, "fsdp": 2}, 8, r"lacks the axes \['tensor'\]"),
   ],
 )
 def test_mesh_shape_errors(sizes, devices, message):
@@ -69,16 +72,16 @@ def test_mesh_shape_errors(sizes, devices, message):
 
 
 def test_make_mesh_on_this_machine():
-  mesh = sharding.make_mesh({"data": -1})
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   assert mesh.axis_names == sharding.AXES
   assert dict(mesh.shape) == {"data": len(jax.devices()), "fsdp": 1, "tensor": 1}
   with pytest.raises(ValueError, match=r"data=2 x fsdp=1 x tensor=1 has 2 devices but 1"):
-    sharding.make_mesh({"data": 2}, devices=jax.devices()[:1])
+    sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
 def test_parse_mesh():
   assert sharding.parse_mesh("data:1, fsdp:16,tensor:4") == {"data": 1, "fsdp": 16, "tensor": 4}
-  assert sharding.parse_mesh("fsdp:-1") == {"fsdp": -1}
+  assert sharding.parse_mesh("fsdp:-1") == {"data": 1, "fsdp": -1, "tensor": 1}
   for bad in ("model:2", "data=2", "data:two", "data:1,data:2"):
     with pytest.raises(ValueError, match="[Mm]esh"):
       sharding.parse_mesh(bad)
@@ -163,11 +166,11 @@ TINY = config_lib.get_preset("tiny")
 
 
 def test_state_shardings_follow_params():
-  mesh = sharding.make_mesh({"data": -1})
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   init_fn = functools.partial(policy.init_params, TINY)
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   param_sharding = sharding.param_shardings(abstract, sharding.DEFAULT_RULES, mesh)
-  optimizer = update.make_optimizer(1e-3)
+  optimizer = update.make_optimizer(optimizer_config(lr=1e-3, warmup_steps=10, updates_per_step=1))
   abstract_state = jax.eval_shape(lambda p: update.init_state(p, optimizer), abstract)
   state_sharding = sharding.state_shardings(abstract_state, param_sharding)
 
@@ -199,7 +202,7 @@ def test_state_shardings_follow_params():
 
 
 def test_create_sharded_equals_plain_init():
-  mesh = sharding.make_mesh({"data": -1})
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   init_fn = lambda rng: {
     "mlp": {"gate_proj": {"kernel": jax.random.normal(rng, (8, 16))}},
     "norm": {"weight": jnp.ones((8,))},
@@ -229,7 +232,7 @@ def test_batch_that_does_not_divide_fails_before_compiling():
 
 
 def test_shard_batch_on_this_machine():
-  mesh = sharding.make_mesh({"data": -1})
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   batch = {"ids": np.arange(8).reshape(4, 2), "pos": np.zeros((4, 3, 2), np.int32)}
   placed = sharding.shard_batch(batch, mesh)
   assert placed["pos"].sharding.spec == P(("data", "fsdp"))
@@ -251,7 +254,7 @@ def test_plan_of_the_paper_model_on_64_abstract_devices():
     sharding.DEFAULT_RULES,
     batch_rows=64,
     seq_len=10240,
-    optimizer=update.make_optimizer(1e-6),
+    optimizer=update.make_optimizer(optimizer_config(lr=1e-6, warmup_steps=10, updates_per_step=1)),
     compute_dtype="bfloat16",
     image_patches=(784,) * 6,
   )
@@ -283,7 +286,7 @@ def test_default_rules_split_every_large_tensor_of_qwen2_5_vl():
     sharding.DEFAULT_RULES,
     batch_rows=16,
     seq_len=128,
-    optimizer=update.make_optimizer(1e-6),
+    optimizer=update.make_optimizer(optimizer_config(lr=1e-6, warmup_steps=10, updates_per_step=1)),
     remat="full",
   )
   large = [q for q in p.params if q.size > 2**20]
@@ -293,13 +296,19 @@ def test_default_rules_split_every_large_tensor_of_qwen2_5_vl():
 
 def test_plan_fails_when_a_rule_leaves_a_large_tensor_replicated():
   cfg = config_lib.get_preset("mid")
-  args = dict(batch_rows=8, seq_len=64, optimizer=update.make_optimizer(1e-6))
+  args = dict(
+    batch_rows=8,
+    seq_len=64,
+    optimizer=update.make_optimizer(optimizer_config(lr=1e-6, warmup_steps=10, updates_per_step=1)),
+  )
   rules = [(r"layers_\d+/", ("fsdp",)), (r".*", ())]  # Forgets the embedding and vision.
   with pytest.raises(sharding.UnshardedParamError, match=r"embed_tokens/embedding \(32768"):
-    sharding.plan(cfg, {"fsdp": 8}, rules, **args)
+    sharding.plan(cfg, {"data": 1, "fsdp": 8, "tensor": 1}, rules, **args)
   # One device: nothing to split over. A threshold above the largest tensor: allowed.
-  sharding.plan(cfg, {"data": 1}, rules, **args)
-  sharding.plan(cfg, {"fsdp": 8}, rules, max_replicated_elements=2**24, **args)
+  sharding.plan(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, rules, **args)
+  sharding.plan(
+    cfg, {"data": 1, "fsdp": 8, "tensor": 1}, rules, max_replicated_elements=2**24, **args
+  )
 
 
 def _paper_config():
@@ -417,42 +426,43 @@ def _grpo_batch(seed: int = 0):
     grids.append(row_grids)
 
   lp = max(len(p) for p in prompts)
-  batch = {
-    "prompt_ids": np.zeros((b, lp), np.int32),
-    "prompt_valid": np.zeros((b, lp), bool),
-    "prompt_positions": np.zeros((b, 3, lp), np.int32),
-    "response_ids": np.zeros((b, r), np.int32),
-    "response_valid": np.zeros((b, r), bool),
-    "response_positions": np.zeros((b, 3, r), np.int32),
-    "loss_mask": np.zeros((b, r), np.float32),
-    "obs_kind": np.asarray(kinds, np.int32),
-    "obs_slot": np.asarray(slots, np.int32),
-    "frame_patches": rng.standard_normal((b, f, 16, pd)).astype(np.float32),
-    "keyframe_patches": rng.standard_normal((b, f, 36, pd)).astype(np.float32),
-    "search_patches": rng.standard_normal((b, turns, 4, pd)).astype(np.float32),
-    "advantages": rng.standard_normal(b).astype(np.float32),
-  }
+  batch = rows_lib.TrainingRows(
+    prompt_ids=np.zeros((b, lp), np.int32),
+    prompt_valid=np.zeros((b, lp), bool),
+    prompt_positions=np.zeros((b, 3, lp), np.int32),
+    response_ids=np.zeros((b, r), np.int32),
+    response_valid=np.zeros((b, r), bool),
+    response_positions=np.zeros((b, 3, r), np.int32),
+    loss_mask=np.zeros((b, r), np.float32),
+    obs_kind=np.asarray(kinds, np.int32),
+    obs_slot=np.asarray(slots, np.int32),
+    frame_patches=rng.standard_normal((b, f, 16, pd)).astype(np.float32),
+    keyframe_patches=rng.standard_normal((b, f, 36, pd)).astype(np.float32),
+    search_patches=rng.standard_normal((b, turns, 4, pd)).astype(np.float32),
+    advantages=rng.standard_normal(b).astype(np.float32),
+    old_logprobs=np.zeros((b, r), np.float32),  # set by each test
+  )
   for row in range(b):
     p, resp = prompts[row], responses[row]
     pos, _ = policy.mrope_positions(np.array(p + resp), grids[row], cfg.image_token_id)
-    batch["prompt_ids"][row, lp - len(p) :] = p  # Left-padded prompts, as the rollout has.
-    batch["prompt_valid"][row, lp - len(p) :] = True
-    batch["prompt_positions"][row, :, lp - len(p) :] = pos[:, : len(p)]
-    batch["response_ids"][row, : len(resp)] = resp
-    batch["response_valid"][row, : len(resp)] = True
-    batch["response_positions"][row, :, : len(resp)] = pos[:, len(p) :]
-    batch["loss_mask"][row, : len(resp)] = masks[row]
+    batch.prompt_ids[row, lp - len(p) :] = p  # Left-padded prompts, as the rollout has.
+    batch.prompt_valid[row, lp - len(p) :] = True
+    batch.prompt_positions[row, :, lp - len(p) :] = pos[:, : len(p)]
+    batch.response_ids[row, : len(resp)] = resp
+    batch.response_valid[row, : len(resp)] = True
+    batch.response_positions[row, :, : len(resp)] = pos[:, len(p) :]
+    batch.loss_mask[row, : len(resp)] = masks[row]
   return batch
 
 
 def _rollout_cfg():
   """The rollout shapes of `_grpo_batch`."""
-  from segresearch_jax.agent import rollout
-
-  return rollout.RolloutConfig(
+  return rollout_config(
     group_size=1,  # Rows are already one per trajectory.
     max_turns=PROOF_TURNS,
     max_response_length=PROOF_RESPONSE,
+    max_action_length=128,
+    max_obs_length=256,
     im_end_id=IM_END,
     frame_grid=FRAME_GRID,
     keyframe_grid=KEY_GRID,
@@ -466,15 +476,15 @@ def test_update_on_trained_positions_only_equals_the_full_update():
   """`rows.with_token_index`: the LM head runs only where `loss_mask` is set; the
   log-probs there, the loss and the updated params are those of the full head."""
   from segresearch_jax import steps
-  from segresearch_jax.rl import losses, rows
+  from segresearch_jax.rl import rows
 
   host = _grpo_batch()
   rng = np.random.default_rng(3)
-  host["old_logprobs"] = (rng.normal(-6, 0.3, host["loss_mask"].shape) * host["loss_mask"]).astype(
-    np.float32
+  host = host.replace(
+    old_logprobs=(rng.normal(-6, 0.3, host.loss_mask.shape) * host.loss_mask).astype(np.float32)
   )
   indexed = rows.with_token_index(host)
-  index, mask = indexed["token_index"], host["loss_mask"].astype(bool)
+  index, mask = indexed.token_index, host.loss_mask.astype(bool)
   counts = mask.sum(axis=1)
   step = PROOF_RESPONSE // 4  # K is the longest row's count rounded up to R / 4
   assert index.shape == (PROOF_ROWS, -(-counts.max() // step) * step) and index.dtype == np.int32
@@ -497,11 +507,9 @@ def test_update_on_trained_positions_only_equals_the_full_update():
   )
   assert not np.asarray(part)[~mask].any() and not np.asarray(part_entropy)[~mask].any()
 
-  optimizer = update.make_optimizer(1e-3, warmup_steps=0)
+  optimizer = update.make_optimizer(optimizer_config(lr=1e-3, warmup_steps=0, updates_per_step=1))
   step_fn = jax.jit(
-    update.make_update_fn(
-      steps.make_logprob_fn(TINY, _rollout_cfg()), optimizer, losses.LossConfig()
-    )
+    update.make_update_fn(steps.make_logprob_fn(TINY, _rollout_cfg()), optimizer, loss_config())
   )
   new_full, m_full = step_fn(update.init_state(params, optimizer), host, jax.random.PRNGKey(1))
   new_part, m_part = step_fn(update.init_state(params, optimizer), indexed, jax.random.PRNGKey(1))
@@ -515,47 +523,36 @@ def _logprob_fn(params, micro):
   """The trainer's log-prob function on a row-major batch (see `rollout.training_inputs`)."""
   from segresearch_jax.agent import rollout
   from segresearch_jax.models import decoding
-  from segresearch_jax.rl import rows as rows_lib
 
   rollout_cfg = _rollout_cfg()
   banned = rollout_cfg.banned_ids
-  prompt = rollout.PromptBatch(**{k: micro[k] for k in rows_lib.PROMPT_INPUTS}, next_pos=None)
-  out = {
-    k: micro[k]
-    for k in (
-      "response_ids",
-      "response_positions",
-      "response_valid",
-      "obs_kind",
-      "obs_slot",
-      "search_patches",
-    )
-  }
-  inputs = rollout.training_inputs(params, TINY, rollout_cfg, prompt, out)
+  prompt = rollout.PromptBatch(
+    **{k: getattr(micro, k) for k in rows_lib.PROMPT_INPUTS}, next_pos=None
+  )
+  inputs = rollout.training_inputs(params, TINY, rollout_cfg, prompt, micro)
   logp, entropy = decoding.token_logprobs(
     params, TINY, *inputs, chunk_size=16, banned_ids=banned, return_entropy=True
   )
-  lp = micro["prompt_ids"].shape[1]
+  lp = micro.prompt_ids.shape[1]
   return logp[:, lp:], entropy[:, lp:]
 
 
 def _proof() -> dict:
   """Runs the same GRPO update on one device and on a 2x2x2 mesh; returns the gaps."""
-  from segresearch_jax.rl import losses
 
   assert jax.device_count() == 8, jax.devices()
   # docs/method.md §6's AdamW with lr 1e-4: Adam's first step is close to lr * sign(grad), so a
   # gradient entry within rounding of zero moves by up to ~lr / 20 between reduction
   # orders; 1e-4 keeps that under the 1e-5 bar while every parameter still moves ~1e-4.
-  optimizer = update.make_optimizer(1e-4, warmup_steps=0)
-  update_fn = update.make_update_fn(_logprob_fn, optimizer, losses.LossConfig(), micro_batches=2)
+  optimizer = update.make_optimizer(optimizer_config(lr=1e-4, warmup_steps=0, updates_per_step=1))
+  update_fn = update.make_update_fn(_logprob_fn, optimizer, loss_config(), micro_batches=2)
   rng = jax.random.PRNGKey(0)
   init_fn = functools.partial(policy.init_params, TINY)
   host = _grpo_batch()
   # Old log-probs around the initial policy's (near uniform over the vocabulary), spread
   # so that ratios move on both sides of the clip range.
-  noise = np.random.default_rng(1).normal(0, 0.3, host["loss_mask"].shape).astype(np.float32)
-  host["old_logprobs"] = (noise - np.log(TINY.text.vocab_size)) * host["loss_mask"]
+  noise = np.random.default_rng(1).normal(0, 0.3, host.loss_mask.shape).astype(np.float32)
+  host = host.replace(old_logprobs=(noise - np.log(TINY.text.vocab_size)) * host.loss_mask)
 
   # One device.
   device0 = jax.devices()[0]
@@ -579,7 +576,7 @@ def _proof() -> dict:
     for a, b in zip(jax.tree.leaves(params_8), jax.tree.leaves(init_params))
   )
   try:
-    sharding.shard_batch({k: v[:6] for k, v in host.items()}, mesh)
+    sharding.shard_batch(jax.tree.map(lambda v: v[:6], host), mesh)
     bad_batch = ""
   except ValueError as e:
     bad_batch = str(e)

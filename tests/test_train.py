@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import small_synthetic
+from conftest import rollout_config, small_synthetic
 
 from configs import okvos as okvos_config
 from segresearch_jax import components, config_checks, steps
@@ -252,17 +252,25 @@ def _drawn(truncated, rewards_vary, group_size=2, length=5):
     frame_patches=np.zeros((prompts, 1, 2, 2), np.float32),
     keyframe_patches=np.zeros((prompts, 1, 2, 2), np.float32),
   )
-  out = {k: np.zeros((rows, length), np.int32) for k in rows_lib.ROW_FIELDS}
-  out["response_positions"] = np.zeros((rows, 3, length), np.int32)
-  out["search_patches"] = np.zeros((rows, 1, 2, 2), np.float32)
-  out["loss_mask"] = np.ones((rows, length), bool)
-  out["logprobs"] = np.zeros((rows, length), np.float32)
+  out = rollout.RolloutOutput(
+    response_ids=np.zeros((rows, length), np.int32),
+    response_positions=np.zeros((rows, 3, length), np.int32),
+    response_valid=np.ones((rows, length), bool),
+    loss_mask=np.ones((rows, length), bool),
+    logprobs=np.zeros((rows, length), np.float32),
+    response_length=np.full((rows,), length, np.int32),
+    stop_reason=np.zeros((rows,), np.int32),
+    num_turns=np.zeros((rows,), np.int32),
+    obs_kind=np.zeros((rows, 1), np.int32),
+    obs_slot=np.zeros((rows, 1), np.int32),
+    search_patches=np.zeros((rows, 1, 2, 2), np.float32),
+  )
   scores = {
     "advantages": np.arange(rows, dtype=np.float32),
     "truncated": np.asarray(truncated, np.float32),
     "zero_variance": np.repeat(~np.asarray(rewards_vary), group_size),
   }
-  for x in [*jax.tree.leaves(batch), *out.values(), *scores.values()]:
+  for x in [*jax.tree.leaves(batch), *jax.tree.leaves(out), *scores.values()]:
     x.setflags(write=False)
   return batch, out, scores
 
@@ -281,8 +289,8 @@ def test_assemble_rows_masks_truncated_rows_and_unusable_groups(overlong_mask):
   rows, trains = rows_lib.assemble_rows(config, drawn)
   assert trains.tolist() == [True, True]
   # Useful groups first: group 1 of the first draw, then group 0 of the refill.
-  np.testing.assert_array_equal(rows["advantages"], [2, 3, 0, 1])
-  masked = ~rows["loss_mask"].any(axis=1)
+  np.testing.assert_array_equal(rows.advantages, [2, 3, 0, 1])
+  masked = ~rows.loss_mask.any(axis=1)
   assert masked.tolist() == ([False, False, True, False] if overlong_mask else [False] * 4)
 
 
@@ -319,10 +327,20 @@ def test_trainer_logprobs_use_the_rollout_temperature(monkeypatch):
 
   monkeypatch.setattr(steps.rollout, "training_inputs", lambda *a: ())
   monkeypatch.setattr(steps.decoding, "token_logprobs", token_logprobs)
-  rows = {k: np.zeros((1, 2), np.int32) for k in (*rows_lib.PROMPT_INPUTS, *rows_lib.ROW_FIELDS)}
-  rows["prompt_positions"] = np.zeros((1, 3, 2), np.int32)
-  rows["response_positions"] = np.zeros((1, 3, 2), np.int32)
-  rcfg = steps.rollout.RolloutConfig(temperature=0.7)
+  fields = (*rows_lib.PROMPT_INPUTS, *rows_lib.ROW_FIELDS, "old_logprobs")
+  rows = rows_lib.TrainingRows(**{k: np.zeros((1, 2), np.int32) for k in fields})
+  rows = rows.replace(
+    prompt_positions=np.zeros((1, 3, 2), np.int32),
+    response_positions=np.zeros((1, 3, 2), np.int32),
+  )
+  rcfg = rollout_config(
+    temperature=0.7,
+    im_end_id=151645,
+    frame_grid=(2, 2),
+    keyframe_grid=(2, 2),
+    search_grid=(2, 2),
+    banned_ids=(),
+  )
   steps.make_logprob_fn(None, rcfg)(None, rows)
   assert seen["temperature"] == 0.7  # the sampler's distribution, not temperature 1
 

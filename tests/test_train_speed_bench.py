@@ -61,27 +61,27 @@ def rows(exact):
 
 
 def test_batch_is_a_group_of_expert_rows(rows):
-  assert len(rows["response_ids"]) == len(rows["prompt_ids"]) == 2
-  assert rows["advantages"].shape == (2,)
+  assert len(rows.response_ids) == len(rows.prompt_ids) == 2
+  assert rows.advantages.shape == (2,)
   # The rows of a group share the prompt and trajectory, not advantages or old log-probs.
-  np.testing.assert_array_equal(rows["prompt_ids"][0], rows["prompt_ids"][1])
-  np.testing.assert_array_equal(rows["response_ids"][0], rows["response_ids"][1])
-  assert rows["advantages"][0] != rows["advantages"][1]
-  assert not np.allclose(rows["old_logprobs"][0], rows["old_logprobs"][1])
-  assert np.all(rows["old_logprobs"][~rows["loss_mask"]] == 0)
+  np.testing.assert_array_equal(rows.prompt_ids[0], rows.prompt_ids[1])
+  np.testing.assert_array_equal(rows.response_ids[0], rows.response_ids[1])
+  assert rows.advantages[0] != rows.advantages[1]
+  assert not np.allclose(rows.old_logprobs[0], rows.old_logprobs[1])
+  assert np.all(rows.old_logprobs[~rows.loss_mask] == 0)
   # Observations are real: a keyframe image, and tokens masked out of the loss.
-  assert np.all(np.any(rows["obs_kind"] == protocol.KEYFRAME_IMAGE, axis=-1))
-  assert np.all(rows["response_valid"].sum(-1) > rows["loss_mask"].sum(-1))
+  assert np.all(np.any(rows.obs_kind == protocol.KEYFRAME_IMAGE, axis=-1))
+  assert np.all(rows.response_valid.sum(-1) > rows.loss_mask.sum(-1))
 
 
 def test_hf_inputs_hold_the_same_tokens_and_images(world, rows):
   model_kwargs, loss_inputs = bench.hf_inputs(rows, world)
   assert int(model_kwargs["attention_mask"].sum()) == bench.real_tokens(rows)
-  assert int(loss_inputs["select"].sum()) == int(rows["loss_mask"].sum())
+  assert int(loss_inputs["select"].sum()) == int(rows.loss_mask.sum())
   assert len(loss_inputs["old_logprobs"]) == len(loss_inputs["targets"])
   s = world.shapes
-  frames = np.sum(rows["prompt_ids"] == world.model_cfg.image_token_id) // s.tokens(s.frame_size)
-  observed = np.isin(rows["obs_kind"], (protocol.KEYFRAME_IMAGE, protocol.SEARCH_IMAGE))
+  frames = np.sum(rows.prompt_ids == world.model_cfg.image_token_id) // s.tokens(s.frame_size)
+  observed = np.isin(rows.obs_kind, (protocol.KEYFRAME_IMAGE, protocol.SEARCH_IMAGE))
   assert len(model_kwargs["image_grid_thw"]) == frames + np.sum(observed)
 
 
@@ -91,7 +91,7 @@ def test_reference_logprobs_equal_ours(world, exact):
   model_kwargs, loss_inputs = bench.hf_inputs(bench.with_grpo_fields(rows, logp, noise=0.0), world)
   with torch.no_grad():
     theirs = bench.reference_logprobs(model, model_kwargs, loss_inputs, world.rcfg.banned_ids)
-  np.testing.assert_allclose(theirs.numpy(), logp[rows["loss_mask"]], atol=1e-4)
+  np.testing.assert_allclose(theirs.numpy(), logp[rows.loss_mask], atol=1e-4)
 
 
 @pytest.mark.slow  # compiles the whole update step: ~50 s of a loaded 2-core CPU

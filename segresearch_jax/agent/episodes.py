@@ -175,15 +175,15 @@ def shown_frames(batch: Mapping[str, Any], group_size: int) -> list[list[int]]:
 
 
 def decode_responses(
-  tokenizer: Any, out: Mapping[str, np.ndarray], skip_special_tokens: bool = True
+  tokenizer: Any, out: rollout.RolloutOutput, skip_special_tokens: bool = True
 ) -> list[str]:
   """Decoded responses (observations included); the reward reads them without special tokens."""
   return [
     tokenizer.decode(
-      [int(t) for t in out["response_ids"][r, : int(out["response_length"][r])]],
+      [int(t) for t in out.response_ids[r, : int(out.response_length[r])]],
       skip_special_tokens=skip_special_tokens,
     )
-    for r in range(len(out["response_length"]))
+    for r in range(len(out.response_length))
   ]
 
 
@@ -265,7 +265,7 @@ def expert_episode(
   cfg: rollout.RolloutConfig,
   search_patch_shape: tuple[int, int],
   next_pos: int,
-) -> dict[str, np.ndarray] | None:
+) -> rollout.RolloutOutput | None:
   """One row of rollout output for scripted turns, with real observations.
 
   Every turn but the last is an action: its tokens go to `host_fn` (the bridge,
@@ -273,7 +273,7 @@ def expert_episode(
   send them, and the observation comes back masked out of the loss.
 
   Returns:
-    The rollout's output fields for one row ([1, ...] arrays, `logprobs` zero), or
+    The rollout's output for one row ([1, ...] numpy arrays, `logprobs` zero), or
     None when the episode does not fit `max_response_length`, a turn does not fit
     `max_action_length`, or it has more actions than `max_turns`.
   """
@@ -314,23 +314,25 @@ def expert_episode(
     np.asarray(ids, np.int32), grids, model_cfg.image_token_id, start=int(next_pos)
   )
   n = len(ids)
-  out = {
-    "response_ids": np.zeros((1, r), np.int32),
-    "response_positions": np.zeros((1, 3, r), np.int32),
-    "response_valid": (np.arange(r) < n)[None],
-    "loss_mask": np.zeros((1, r), bool),
-    "logprobs": np.zeros((1, r), np.float32),
-    "response_length": np.asarray([n], np.int32),
-    "stop_reason": np.asarray([protocol.FINISHED], np.int32),
-    "num_turns": np.asarray([len(turns) - 1], np.int32),
-    "obs_kind": kinds,
-    "obs_slot": slots,
-    "search_patches": search,
-  }
-  out["response_ids"][0, :n] = ids
-  out["response_positions"][0, :, :n] = positions
-  out["loss_mask"][0, :n] = mask
-  return out
+  response_ids = np.zeros((1, r), np.int32)
+  response_positions = np.zeros((1, 3, r), np.int32)
+  loss_mask = np.zeros((1, r), bool)
+  response_ids[0, :n] = ids
+  response_positions[0, :, :n] = positions
+  loss_mask[0, :n] = mask
+  return rollout.RolloutOutput(
+    response_ids=response_ids,
+    response_positions=response_positions,
+    response_valid=(np.arange(r) < n)[None],
+    loss_mask=loss_mask,
+    logprobs=np.zeros((1, r), np.float32),
+    response_length=np.asarray([n], np.int32),
+    stop_reason=np.asarray([protocol.FINISHED], np.int32),
+    num_turns=np.asarray([len(turns) - 1], np.int32),
+    obs_kind=kinds,
+    obs_slot=slots,
+    search_patches=search,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -348,7 +350,7 @@ class Episodes:
     tool_calls: per row, the bridge's call records in order.
   """
 
-  out: dict[str, np.ndarray]
+  out: rollout.RolloutOutput
   responses: list[str]
   tool_calls: list[list[Any]]
 
@@ -406,9 +408,9 @@ class Runner:
       out = jax.device_get(self.fn(params, inputs, rng))
     finally:
       bridge.backend = backend
-    calls: list[list[Any]] = [[] for _ in range(len(out["response_length"]))]
+    calls: list[list[Any]] = [[] for _ in range(len(out.response_length))]
     for record in bridge.pop_records():
       if 0 <= record.row_id < len(calls):
         calls[record.row_id].append(record)
-    out = {k: np.asarray(v) for k, v in out.items()}
+    out = jax.tree.map(np.asarray, out)
     return Episodes(out, decode_responses(self.tokenizer, out), calls)

@@ -36,7 +36,7 @@ def _jsonable(value: Any) -> Any:
 
 def episode_records(
   tokenizer: Any,
-  out: Mapping[str, np.ndarray],
+  out: Any,
   samples: Sequence[Mapping[str, Any]],
   tool_calls: Sequence[Sequence[Any]] | None = None,
   rewards: Sequence[Mapping[str, float]] | None = None,
@@ -45,22 +45,23 @@ def episode_records(
 
   Args:
     tokenizer: the run's tokenizer (for decoding).
-    out: rollout outputs as numpy (response_ids, response_length, stop_reason, num_turns).
+    out: the rollout's output on the host (an `agent.rollout.RolloutOutput` of numpy
+      arrays; response_ids, response_length, loss_mask, stop_reason, num_turns are read).
     samples: per row, the sample fields to keep (id, ability, question, ...).
     tool_calls: per row, the bridge's call records.
     rewards: per row, the reward terms.
   """
   rows = []
   for r, sample in enumerate(samples):
-    n = int(out["response_length"][r])
+    n = int(out.response_length[r])
     rows.append(
       {
         **{k: _jsonable(v) for k, v in sample.items()},
-        "response": tokenizer.decode([int(t) for t in out["response_ids"][r, :n]]),
+        "response": tokenizer.decode([int(t) for t in out.response_ids[r, :n]]),
         "response_tokens": n,
-        "generated_tokens": int(np.sum(out["loss_mask"][r])),
-        "num_turns": int(out["num_turns"][r]),
-        "stop_reason": protocol.STOP_REASONS[int(out["stop_reason"][r])],
+        "generated_tokens": int(np.sum(out.loss_mask[r])),
+        "num_turns": int(out.num_turns[r]),
+        "stop_reason": protocol.STOP_REASONS[int(out.stop_reason[r])],
         "tool_calls": _jsonable(list(tool_calls[r])) if tool_calls is not None else [],
         "reward": _jsonable(rewards[r]) if rewards is not None else None,
       }

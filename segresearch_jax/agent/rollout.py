@@ -11,9 +11,9 @@ each row's own offset, with the keyframe's high-resolution features (encoded onc
 per prompt for every shown frame) or the image_search result's features placed at
 its `<|image_pad|>` tokens and M-RoPE positions continued as for a new image.
 
-The output is what GRPO needs: response tokens, loss mask, the sampler's
-log-probs, M-RoPE positions, the images each observation inserted, stop reasons.
-`training_inputs` turns it into the arguments of `decoding.token_logprobs`.
+The output (a `RolloutOutput`) is what GRPO needs: response tokens, loss mask, the
+sampler's log-probs, M-RoPE positions, the images each observation inserted, stop
+reasons. `training_inputs` turns it into the arguments of `decoding.token_logprobs`.
 """
 
 from __future__ import annotations
@@ -37,30 +37,34 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  """Static shapes and sampling settings of one compiled rollout program."""
+  """Static shapes and sampling settings of one compiled rollout program.
 
-  group_size: int = 1
-  max_turns: int = 6
-  max_response_length: int = 512
-  max_action_length: int = 128
-  max_obs_length: int = 256
-  temperature: float = 1.0  # 0 = greedy.
-  top_p: float = 1.0
-  top_k: int = 0
-  im_end_id: int = 151645
+  No field has a default: the settings come from `config.rollout` (`from_config`), the
+  token ids and image grids from the run's tokenizer and image shapes.
+  """
+
+  group_size: int
+  max_turns: int
+  max_response_length: int
+  max_action_length: int
+  max_obs_length: int
+  temperature: float  # 0 = greedy.
+  top_p: float
+  top_k: int
+  im_end_id: int
   # Merged-token grids (h, w) of the three image kinds (shown frames, keyframe, search image).
-  frame_grid: tuple[int, int] = (2, 2)
-  keyframe_grid: tuple[int, int] = (2, 2)
-  search_grid: tuple[int, int] = (2, 2)
+  frame_grid: tuple[int, int]
+  keyframe_grid: tuple[int, int]
+  search_grid: tuple[int, int]
   # Never sampled (e.g. <|image_pad|>, <|vision_start|>): a generated image token would
   # be taken for an image position. `decoding.token_logprobs` must ban the same ids.
-  banned_ids: tuple[int, ...] = ()
+  banned_ids: tuple[int, ...]
   # Rows prefilled together when observations arrive: the waiting rows are packed into
   # chunks of this many (rounded down to a divisor of the batch), so that an observation
   # for one row does not run the prefill on every row. 0 = a sixteenth of the batch
   # (on CPU, the embedded default's 32 rows: 1 or 2 rows per chunk are fastest, 4 are
   # 1.2x slower; at 16 rows, prefilling every row was 3x slower than 1-row chunks).
-  observe_rows: int = 0
+  observe_rows: int
 
   @classmethod
   def from_config(
@@ -277,6 +281,27 @@ class PromptBatch:
     )
 
 
+@flax.struct.dataclass
+class RolloutOutput:
+  """What a rollout returns, one row per TRAJECTORY (B = prompts x group size, a
+  prompt's rows consecutive); device arrays from the rollout, numpy on the host
+  (`episodes.Runner`, `episodes.expert_episode`). R = max_response_length, T =
+  max_turns.
+  """
+
+  response_ids: Array  # [B, R] int32, actions and observations; 0 past the length
+  response_positions: Array  # [B, 3, R] int32 M-RoPE positions (T, H, W axes)
+  response_valid: Array  # [B, R] bool, inside the response
+  loss_mask: Array  # [B, R] bool, generated (trained) tokens; observations are False
+  logprobs: Array  # [B, R] float32, the sampler's log-probs; 0 past the length
+  response_length: Array  # [B] int32
+  stop_reason: Array  # [B] int32, an index into `protocol.STOP_REASONS`
+  num_turns: Array  # [B] int32, observation turns taken
+  obs_kind: Array  # [B, T] int32 per turn: NO_IMAGE, KEYFRAME_IMAGE or SEARCH_IMAGE
+  obs_slot: Array  # [B, T] int32 per turn, the shown frame a keyframe picked
+  search_patches: Array  # [B, T, Ps, pd] float32, each turn's image_search result
+
+
 HostFn = Callable[..., tuple[np.ndarray, ...]]
 
 
@@ -313,7 +338,7 @@ def make_rollout_fn(
   stop_token_patterns: np.ndarray,
   host_fn: HostFn,
   search_patch_shape: tuple[int, int],
-) -> Callable[..., dict[str, Array]]:
+) -> Callable[..., RolloutOutput]:
   """Builds the jitted episode runner.
 
   Args:
@@ -328,8 +353,8 @@ def make_rollout_fn(
     search_patch_shape: (Ps, patch_dim) of one image_search result.
 
   Returns:
-    `rollout(params, batch, rng)` with `batch` a `PromptBatch` (rows are repeated
-    `group_size` times inside).
+    `rollout(params, batch, rng) -> RolloutOutput` with `batch` a `PromptBatch` (rows
+    are repeated `group_size` times inside).
   """
   model = policy.Policy(model_cfg)
   n = cfg.group_size
@@ -590,7 +615,7 @@ def make_rollout_fn(
     s = jax.lax.while_loop(lambda s: jnp.any(s["active"]) & (s["step"] < buf_len), body, state)
     r = resp_len_max
     in_resp = jnp.arange(r)[None] < s["length"][:, None]
-    return dict(
+    return RolloutOutput(
       response_ids=jnp.where(in_resp, s["tokens"][:, :r], 0),
       response_positions=s["positions"][:, :, :r],
       response_valid=in_resp,
@@ -673,10 +698,15 @@ def training_inputs(
   model_cfg: ModelConfig,
   cfg: RolloutConfig,
   batch: PromptBatch,
-  out: dict[str, Array],
+  out: Any,
 ) -> tuple[Array, Array, Array, Array, Array]:
   """Prompt + response as one sequence for `decoding.token_logprobs` (`batch.next_pos`
   is not read).
+
+  `out` holds the per-row fields of a `RolloutOutput` that an update needs
+  (response_ids, response_positions, response_valid, obs_kind, obs_slot,
+  search_patches): a `RolloutOutput` itself, or training rows (`rl.rows`), which
+  carry the same fields.
 
   Visual tokens are rebuilt from pixels (so gradients reach the vision tower): the
   shown frames, then, per observation turn in order, the keyframe's high-res copy or
@@ -703,12 +733,12 @@ def training_inputs(
   frame_ds = rep(frame_ds.reshape(frame_ds.shape[0], prompts, -1, frame_ds.shape[-1]), 1)
 
   turns = cfg.max_turns
-  kind, slot = out["obs_kind"], jnp.clip(out["obs_slot"], 0, f - 1)
+  kind, slot = out.obs_kind, jnp.clip(out.obs_slot, 0, f - 1)
   # Keyframes: the high-res patches of each turn's chosen frame. [B, T, Pk, pd]
   pk = rep(batch.keyframe_patches)
   key_patches = jnp.take_along_axis(pk, slot[:, :, None, None], axis=1)
   key_tok, key_ds = encode(key_patches.reshape(b * turns, *pk.shape[2:]), cfg.keyframe_grid)
-  sp = out["search_patches"]
+  sp = out.search_patches
   srch_tok, srch_ds = encode(sp.reshape(b * turns, *sp.shape[2:]), cfg.search_grid)
   nk, ns = key_tok.shape[1], srch_tok.shape[1]
   width = max(nk, ns)
@@ -742,7 +772,7 @@ def training_inputs(
   visual = jnp.concatenate([frame_tok, packed], axis=1)
   deepstack = jnp.concatenate([frame_ds, packed_ds], axis=2)
 
-  input_ids = jnp.concatenate([rep(batch.prompt_ids), out["response_ids"]], axis=1)
-  positions = jnp.concatenate([rep(batch.prompt_positions), out["response_positions"]], axis=2)
-  valid = jnp.concatenate([rep(batch.prompt_valid), out["response_valid"]], axis=1)
+  input_ids = jnp.concatenate([rep(batch.prompt_ids), out.response_ids], axis=1)
+  positions = jnp.concatenate([rep(batch.prompt_positions), out.response_positions], axis=2)
+  valid = jnp.concatenate([rep(batch.prompt_valid), out.response_valid], axis=1)
   return input_ids, positions, valid, visual, deepstack

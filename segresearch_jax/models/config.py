@@ -333,18 +333,18 @@ def with_vocab(config: ModelConfig, vocab_size: int) -> ModelConfig:
 
 def with_compute(config: ModelConfig, run_model: Any) -> ModelConfig:
   """`config` computing as the run config's `model` section asks: `dtype`, `remat`,
-  `scan_layers` and `attention` (fields a run config lacks keep their defaults).
+  `scan_layers` and `attention` (a run config always has the four; a mapping with the
+  same keys does too).
 
   Apply it before parameters are created or loaded: `scan_layers` changes their
   layout (`weights.params_from_hf` and `policy.init_params` follow the config).
   """
-  get = run_model.get if hasattr(run_model, "get") else lambda k, d: getattr(run_model, k, d)
   return dataclasses.replace(
     config,
-    dtype=str(get("dtype", config.dtype)),
-    remat=str(get("remat", config.remat)),
-    scan_layers=bool(get("scan_layers", config.scan_layers)),
-    attention=str(get("attention", config.attention)),
+    dtype=str(run_model["dtype"]),
+    remat=str(run_model["remat"]),
+    scan_layers=bool(run_model["scan_layers"]),
+    attention=str(run_model["attention"]),
   )
 
 

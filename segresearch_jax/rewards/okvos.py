@@ -65,11 +65,12 @@ OUTCOME_TERMS = TERMS[:4]
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-  """The reward's constants (official values by default) and term weights."""
+  """The reward's settings: the process term's from `config.reward` (`from_config`, no
+  default here), the accuracy thresholds and term weights the official constants."""
 
-  tpr_p: float = 0.7
-  tpr_budget: int = 10
-  igr_threshold: float = 0.5
+  tpr_p: float
+  tpr_budget: int
+  igr_threshold: float
   iou_threshold: float = 0.5
   box_l1_threshold: float = 10.0
   point_distance_threshold: float = 100.0
@@ -330,7 +331,7 @@ def score_response(
   ground_truth: str | Mapping,
   steps: Sequence[str] | None = None,
   *,
-  config: RewardConfig = RewardConfig(),
+  config: RewardConfig,
   embed_fn: EmbedFn | None = None,
 ) -> dict[str, float]:
   """The official reward of one response (docs/method.md §3.1).
@@ -443,7 +444,7 @@ def parse_responses(
   ground_truths: Sequence[str | Mapping],
   steps: Sequence[Sequence[str] | None],
   *,
-  config: RewardConfig = RewardConfig(),
+  config: RewardConfig,
   embed_fn: EmbedFn | None = None,
   step_cache: dict[tuple[str, ...], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
@@ -521,9 +522,7 @@ def parse_responses(
   return out
 
 
-def reward_terms(
-  parsed: Mapping[str, Any], config: RewardConfig = RewardConfig()
-) -> dict[str, Any]:
+def reward_terms(parsed: Mapping[str, Any], config: RewardConfig) -> dict[str, Any]:
   """The reward arithmetic in `jnp` (jittable); arrays [B] in, [B] out."""
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   pb, gb = f32(parsed["pred_box"]), f32(parsed["gt_box"])  # [B, 4]
@@ -575,7 +574,7 @@ def score_batch(
   ground_truths: Sequence[str | Mapping],
   steps: Sequence[Sequence[str] | None],
   *,
-  config: RewardConfig = RewardConfig(),
+  config: RewardConfig,
   embed_fn: EmbedFn | None = None,
   step_cache: dict | None = None,
 ) -> dict[str, np.ndarray]:

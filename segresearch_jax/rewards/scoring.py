@@ -30,7 +30,7 @@ from segresearch_jax.rl import rows as rows_lib
 
 @dataclasses.dataclass(frozen=True)
 class ScoreConfig:
-  """Reward and shaping settings (official values by default).
+  """Reward and shaping settings of a run config (`from_config`).
 
   Attributes:
     reward: the docs/method.md §3.1 constants.
@@ -44,13 +44,13 @@ class ScoreConfig:
     mask_prompt: which cached prompt scores it ("box" | "point" | "mean").
   """
 
-  reward: okvos.RewardConfig = okvos.RewardConfig()
-  group_size: int = 8
-  overlong_buffer: int = 0
-  overlong_penalty: float = 1.0
-  max_response_length: int = 8192
-  mask_weight: float = 0.0
-  mask_prompt: str = "box"
+  reward: okvos.RewardConfig
+  group_size: int
+  overlong_buffer: int
+  overlong_penalty: float
+  max_response_length: int
+  mask_weight: float
+  mask_prompt: str
 
   @classmethod
   def from_config(cls, config: Any) -> ScoreConfig:
@@ -162,6 +162,6 @@ class Scorer:
       mask_inputs["point_iou"] = np.repeat(np.asarray(batch["mask_point_iou"]), n, axis=0)
       mask_inputs["box_iou"] = np.repeat(np.asarray(batch["mask_box_iou"]), n, axis=0)
     scores = self.score_fn(
-      parsed, episodes.out["response_length"], episodes.out["stop_reason"], mask_inputs
+      parsed, episodes.out.response_length, episodes.out.stop_reason, mask_inputs
     )
     return {k: np.asarray(v) for k, v in jax.device_get(scores).items()}

@@ -9,10 +9,13 @@ mini-batch) whatever the aggregation. Shapes: N trajectories, L tokens; `mask`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:  # only for hints: the losses read fields, they need nothing else of rows
+  from segresearch_jax.rl.rows import TrainingRows
 
 Array = jax.Array
 
@@ -22,16 +25,17 @@ KL_ESTIMATORS = ("k1", "low_var_kl")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Official defaults: symmetric clip 0.2, dual clip 3, no KL, no entropy, token-mean."""
+  """The GRPO loss settings of `config.loss` (`from_config`; the config holds the official
+  values: symmetric clip 0.2, dual clip 3, no KL, no entropy, token-mean)."""
 
-  clip_low: float = 0.2
-  clip_high: float = 0.2  # DAPO's clip-higher: 0.28
-  dual_clip: float = 3.0  # 0 disables
-  log_ratio_clamp: float = 20.0
-  kl_coef: float = 0.0
-  kl_estimator: str = "low_var_kl"
-  entropy_coef: float = 0.0
-  aggregation: str = "token-mean"
+  clip_low: float
+  clip_high: float  # DAPO's clip-higher: 0.28
+  dual_clip: float  # 0 disables
+  log_ratio_clamp: float
+  kl_coef: float
+  kl_estimator: str
+  entropy_coef: float
+  aggregation: str
 
   @classmethod
   def from_config(cls, loss: Any) -> LossConfig:
@@ -96,7 +100,7 @@ def kl_penalty(logp: Array, ref_logp: Array, estimator: str) -> Array:
 def grpo_loss(
   logp: Array,
   entropy: Array | None,
-  batch: dict[str, Array],
+  batch: TrainingRows,
   cfg: LossConfig,
 ) -> tuple[Array, Array, dict[str, Array]]:
   """The policy loss of one micro-batch.
@@ -104,22 +108,22 @@ def grpo_loss(
   Args:
     logp: [N, L] current log-probs of the tokens.
     entropy: [N, L] entropies of the predicting distributions, or None.
-    batch: `loss_mask` [N, L], `old_logprobs` [N, L], `advantages` [N], optional
-      `ref_logprobs` [N, L].
+    batch: the micro-batch's rows; reads `loss_mask` [N, L], `old_logprobs` [N, L],
+      `advantages` [N] and, when not None, `ref_logprobs` [N, L].
     cfg: loss settings.
 
   Returns:
     (loss sum, count, metric sums keyed by name; each metric is a (sum over
     masked tokens) to be divided by the token count).
   """
-  mask = batch["loss_mask"].astype(jnp.float32)
-  adv = batch["advantages"][:, None].astype(jnp.float32)  # [N, 1] over tokens
+  mask = batch.loss_mask.astype(jnp.float32)
+  adv = batch.advantages[:, None].astype(jnp.float32)  # [N, 1] over tokens
   # 1. Clipped surrogate.
-  per_token, was_clipped = ppo_clip(logp, batch["old_logprobs"], adv, cfg)
+  per_token, was_clipped = ppo_clip(logp, batch.old_logprobs, adv, cfg)
   # 2. KL to the reference policy.
   kl = jnp.zeros_like(per_token)
-  if cfg.kl_coef and "ref_logprobs" in batch:
-    kl = kl_penalty(logp, batch["ref_logprobs"], cfg.kl_estimator)
+  if cfg.kl_coef and batch.ref_logprobs is not None:
+    kl = kl_penalty(logp, batch.ref_logprobs, cfg.kl_estimator)
     per_token = per_token + cfg.kl_coef * kl
   # 3. Entropy bonus.
   ent = jnp.zeros_like(per_token) if entropy is None else entropy
@@ -132,7 +136,7 @@ def grpo_loss(
     "kl": tok(kl),
     "entropy": tok(ent),
     "ratio": tok(
-      jnp.exp(jnp.clip(logp - batch["old_logprobs"], -cfg.log_ratio_clamp, cfg.log_ratio_clamp))
+      jnp.exp(jnp.clip(logp - batch.old_logprobs, -cfg.log_ratio_clamp, cfg.log_ratio_clamp))
     ),
     "tokens": jnp.sum(mask),
   }
@@ -142,7 +146,7 @@ def grpo_loss(
 def sft_loss(
   logp: Array,
   entropy: Array | None,
-  batch: dict[str, Array],
+  batch: TrainingRows,
   cfg: LossConfig,
 ) -> tuple[Array, Array, dict[str, Array]]:
   """Masked cross-entropy on the generated tokens (the supervised warm start).
@@ -150,7 +154,7 @@ def sft_loss(
   Same signature and (sum, count) contract as `grpo_loss`, so the update step and
   its micro-batch accumulation are shared; `cfg.aggregation` applies.
   """
-  mask = batch["loss_mask"].astype(jnp.float32)
+  mask = batch.loss_mask.astype(jnp.float32)
   loss_sum, count = aggregate(-logp, mask, cfg.aggregation)
   ent = jnp.zeros_like(logp) if entropy is None else entropy
   tok = lambda x: jnp.sum(x * mask)

@@ -6,19 +6,58 @@ rollout's outputs are per row, and M-RoPE positions are [B, 3, L] (the layout of
 whole package) so one batch sharding splits every field over ("data", "fsdp").
 
 Like the rest of `rl/`, this module imports nothing above it: the prompt batch comes
-in as the rollout took it (an `agent.rollout.PromptBatch`), the outputs as the mapping
-it returned.
+in as the rollout took it (an `agent.rollout.PromptBatch`), the outputs as it
+returned them (an `agent.rollout.RolloutOutput`); both are read by field name.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax
 import jax
 import numpy as np
 
 from segresearch_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainingRows:
+  """One update batch, one row per trajectory (B = prompts x group size).
+
+  A pytree of numpy arrays on the host and of batch-sharded arrays on the mesh
+  (`sharding.shard_batch` places every field, `split_mini_batches` slices every
+  field); the optional fields are None (no leaf) until a later stage adds them.
+  Lp = max_prompt_length, R = max_response_length, T = max_turns, F = shown frames.
+  """
+
+  # The prompt's inputs (`agent.rollout.PromptBatch`), repeated for each of its rows.
+  prompt_ids: Any  # [B, Lp] int32, left padded
+  prompt_valid: Any  # [B, Lp] bool
+  prompt_positions: Any  # [B, 3, Lp] int32 M-RoPE positions
+  frame_patches: Any  # [B, F, Pf, pd] float32, the shown frames
+  keyframe_patches: Any  # [B, F, Pk, pd] float32, their high-resolution copies
+  # The rollout's outputs (`agent.rollout.RolloutOutput`).
+  response_ids: Any  # [B, R] int32
+  response_positions: Any  # [B, 3, R] int32
+  response_valid: Any  # [B, R] bool
+  obs_kind: Any  # [B, T] int32, each turn's observation image kind
+  obs_slot: Any  # [B, T] int32, the shown frame a keyframe turn picked
+  search_patches: Any  # [B, T, Ps, pd] float32, each turn's image_search result
+  loss_mask: Any  # [B, R] bool, the trained tokens
+  old_logprobs: Any  # [B, R] float32, the sampler's log-probs
+  # Added by later stages: the scorer (`assemble_rows`; ones in the warm start), the
+  # frozen reference policy (KL, `train.grpo_step`), the LM-head index
+  # (`with_token_index`).
+  advantages: Any = None  # [B] float32
+  ref_logprobs: Any = None  # [B, R] float32
+  token_index: Any = None  # [B, K] int32, see `token_index`
+
+  def __len__(self) -> int:
+    return len(self.prompt_ids)
+
 
 # The `agent.rollout.PromptBatch` fields an update batch repeats for each row (all but
 # next_pos: an update does not generate).
@@ -30,7 +69,7 @@ PROMPT_INPUTS = (
   "keyframe_patches",
 )
 
-# The rollout outputs an update batch carries per row.
+# The `agent.rollout.RolloutOutput` fields an update batch carries per row.
 ROW_FIELDS = (
   "response_ids",
   "response_positions",
@@ -52,16 +91,14 @@ def per_row(batch: Mapping[str, Any], key: str, group_size: int) -> list[Any]:
   return [v for v in batch[key] for _ in range(group_size)]
 
 
-def training_rows(
-  prompts: Any, out: Mapping[str, np.ndarray], group_size: int
-) -> dict[str, np.ndarray]:
+def training_rows(prompts: Any, out: Any, group_size: int) -> TrainingRows:
   """An update batch: per-prompt inputs (`prompts`, an `agent.rollout.PromptBatch`)
-  repeated per row, then the rollout outputs."""
+  repeated per row, then the rollout outputs (`out`, an `agent.rollout.RolloutOutput`
+  on the host)."""
   rows = {k: np.repeat(np.asarray(getattr(prompts, k)), group_size, axis=0) for k in PROMPT_INPUTS}
   for k in ROW_FIELDS:
-    rows[k] = np.asarray(out[k])
-  rows["old_logprobs"] = np.asarray(out["logprobs"], np.float32)
-  return rows
+    rows[k] = np.asarray(getattr(out, k))
+  return TrainingRows(**rows, old_logprobs=np.asarray(out.logprobs, np.float32))
 
 
 def token_index(loss_mask: np.ndarray, buckets: int = 4, min_width: int = 0) -> np.ndarray:
@@ -83,25 +120,26 @@ def token_index(loss_mask: np.ndarray, buckets: int = 4, min_width: int = 0) -> 
   return index
 
 
-def with_token_index(rows: Mapping[str, np.ndarray], min_width: int = 0) -> dict[str, np.ndarray]:
+def with_token_index(rows: TrainingRows, min_width: int = 0) -> TrainingRows:
   """`rows` plus `token_index`: the update's LM head then skips observation and
   padding positions, which never train (most of a search-heavy response).
 
   The training loop passes the widest index so far as `min_width`: the width only
   grows, so the update compiles at most once per bucket and usually once or twice.
   """
-  return dict(rows, token_index=token_index(np.asarray(rows["loss_mask"]), min_width=min_width))
+  return rows.replace(token_index=token_index(np.asarray(rows.loss_mask), min_width=min_width))
 
 
-def split_mini_batches(rows: Mapping[str, np.ndarray], count: int) -> list[dict[str, np.ndarray]]:
+def split_mini_batches(rows: TrainingRows, count: int) -> list[TrainingRows]:
   """`count` consecutive slices of whole groups (batch_size % count == 0 is checked)."""
-  size = len(rows["prompt_ids"]) // count
-  return [{k: v[i * size : (i + 1) * size] for k, v in rows.items()} for i in range(count)]
+  size = len(rows) // count
+  take = lambda i: operator.itemgetter(slice(i * size, (i + 1) * size))
+  return [jax.tree.map(take(i), rows) for i in range(count)]
 
 
 def assemble_rows(
-  config, drawn: Sequence[tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, np.ndarray]]]
-) -> tuple[dict, np.ndarray]:
+  config, drawn: Sequence[tuple[Any, Any, dict[str, np.ndarray]]]
+) -> tuple[TrainingRows, np.ndarray]:
   """Training rows of exactly `batch_size` groups from the drawn rollouts.
 
   `drawn` holds (prompt batch in the rollout's layout, rollout outputs, scores) per
@@ -119,12 +157,12 @@ def assemble_rows(
   parts = []
   for prompts, out, scores in drawn:
     rows = training_rows(prompts, out, n)
-    rows["advantages"] = scores["advantages"].astype(np.float32)
+    rows = rows.replace(advantages=scores["advantages"].astype(np.float32))
     if config.dapo.overlong_mask:
       # Not in place: the mask can be a read-only view of a device array.
-      rows["loss_mask"] = rows["loss_mask"] & ~scores["truncated"].astype(bool)[:, None]
+      rows = rows.replace(loss_mask=rows.loss_mask & ~scores["truncated"].astype(bool)[:, None])
     parts.append((rows, ~scores["zero_variance"].reshape(-1, n)[:, 0]))
-  rows = {k: np.concatenate([r[k] for r, _ in parts]) for k in parts[0][0]}
+  rows = jax.tree.map(lambda *xs: np.concatenate(xs), *[r for r, _ in parts])
   trains = np.concatenate([t for _, t in parts])  # [groups]
   if config.dapo.filter_groups:
     order = np.argsort(~trains, kind="stable")[:p]  # useful groups first
@@ -132,6 +170,6 @@ def assemble_rows(
   else:
     order, trains = np.arange(p), np.ones(p, bool)
   take = (order[:, None] * n + np.arange(n)).reshape(-1)  # the rows of those groups
-  rows = {k: v[take] for k, v in rows.items()}
-  rows["loss_mask"] = rows["loss_mask"] & np.repeat(trains, n)[:, None]
+  rows = jax.tree.map(lambda v: v[take], rows)
+  rows = rows.replace(loss_mask=rows.loss_mask & np.repeat(trains, n)[:, None])
   return rows, trains

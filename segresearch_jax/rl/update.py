@@ -3,15 +3,17 @@
     update_fn(state, batch, rng) -> (state, metrics)
 
 `logprob_fn(params, micro_batch) -> (logp [n, L], entropy [n, L])` is injected by
-the trainer, so this module does not know how images enter the batch. The batch is
-split into micro-batches along its first axis; their loss sums, counts and
-gradients are accumulated and divided once, which gives exactly the gradient of the
-mini-batch's global mean. An update whose gradient norm is not finite is skipped:
+the trainer, so this module does not know how images enter the batch. The batch (a
+pytree of row-major arrays: `rows.TrainingRows` in training) is split into
+micro-batches along its first axis; their loss sums, counts and gradients are
+accumulated and divided once, which gives exactly the gradient of the mini-batch's
+global mean. An update whose gradient norm is not finite is skipped:
 params and optimizer state are returned unchanged and `skipped` is 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +25,7 @@ import optax
 from segresearch_jax.rl import losses
 
 Array = jax.Array
-LogprobFn = Callable[[Any, dict[str, Array]], tuple[Array, Array]]
+LogprobFn = Callable[[Any, Any], tuple[Array, Array]]
 
 
 @flax.struct.dataclass
@@ -49,22 +51,59 @@ def learning_rate_schedule(
   return lambda count: lr * jnp.minimum(1.0, (count // updates_per_step + 1) / warmup_steps)
 
 
-def make_optimizer(
-  lr: float,
-  warmup_steps: int = 10,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  weight_decay: float = 0.01,
-  grad_clip: float = 1.0,
-  updates_per_step: int = 1,
-) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping (docs/method.md §6 defaults); the warmup counts training
-  steps of `updates_per_step` updates each (see `learning_rate_schedule`)."""
-  schedule = learning_rate_schedule(lr, warmup_steps, updates_per_step)
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with global-norm clipping and a linear warmup (docs/method.md §6).
+
+  Attributes:
+    lr: the peak learning rate.
+    warmup_steps: training steps of the linear warmup (see `learning_rate_schedule`).
+    b1, b2, eps, weight_decay: AdamW's.
+    grad_clip: the global gradient norm is clipped to this.
+    updates_per_step: optimizer updates a training step applies (GRPO's mini-batches).
+  """
+
+  lr: float
+  warmup_steps: int
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  grad_clip: float
+  updates_per_step: int
+
+  @classmethod
+  def from_config(cls, config: Any, *, sft: bool = False) -> OptimizerConfig:
+    """The optimizer of a run config: `config.optim`, with `loss.mini_batches` updates a
+    step for GRPO; the supervised warm start (`sft=True`) takes `sft.lr` and
+    `sft.warmup_steps` instead and applies one update a step."""
+    o = config.optim
+    if sft:
+      lr, warmup_steps, updates_per_step = config.sft.lr, config.sft.warmup_steps, 1
+    else:
+      lr, warmup_steps, updates_per_step = o.lr, o.warmup_steps, config.loss.mini_batches
+    return cls(
+      lr=lr,
+      warmup_steps=warmup_steps,
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      weight_decay=o.weight_decay,
+      grad_clip=o.grad_clip,
+      updates_per_step=updates_per_step,
+    )
+
+  def schedule(self) -> optax.Schedule:
+    """The learning rate by optimizer update count."""
+    return learning_rate_schedule(self.lr, self.warmup_steps, self.updates_per_step)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; the warmup counts training steps of
+  `cfg.updates_per_step` updates each (see `learning_rate_schedule`)."""
   return optax.chain(
-    optax.clip_by_global_norm(grad_clip),
-    optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    optax.clip_by_global_norm(cfg.grad_clip),
+    optax.adamw(cfg.schedule(), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
   )
 
 
@@ -80,7 +119,7 @@ def make_update_fn(
   micro_batches: int = 1,
   schedule: optax.Schedule | None = None,
   loss_fn: Callable[..., Any] = losses.grpo_loss,
-) -> Callable[[TrainState, dict[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
+) -> Callable[[TrainState, Any, Array], tuple[TrainState, dict[str, Array]]]:
   """Builds the (unjitted) update function; jit it with `donate_argnums=0`.
 
   `loss_fn(logp, entropy, micro_batch, loss_config) -> (sum, count, metric sums)`:
@@ -92,7 +131,7 @@ def make_update_fn(
     loss_sum, count, metrics = loss_fn(logp, entropy, micro, loss_config)
     return loss_sum, (count, metrics)
 
-  def update_fn(state: TrainState, batch: dict[str, Array], rng: Array):
+  def update_fn(state: TrainState, batch: Any, rng: Array):
     del rng  # The loss is deterministic; kept for a uniform step signature.
     n = jax.tree.leaves(batch)[0].shape[0]
     if n % micro_batches:

@@ -37,6 +37,7 @@ from ml_collections import config_flags
 from segresearch_jax import sharding
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import policy
+from segresearch_jax.rl import rows as rows_lib
 
 GIB = 1024**3
 # A program fits when XLA's peak per chip is at most this share of the chip's HBM:
@@ -101,9 +102,9 @@ def rollout_config(config: Any, model_cfg: config_lib.ModelConfig):
   return rollout.RolloutConfig.from_config(config, shapes, tokens), shapes
 
 
-def batch_shapes(config: Any, shapes: Any, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_shapes(config: Any, shapes: Any, rows: int) -> rows_lib.TrainingRows:
   """The update batch of `rows` trajectories (`rl.rows.training_rows` + advantages and
-  the widest `token_index`), as abstract arrays."""
+  the widest `token_index`), as abstract arrays (`jax.ShapeDtypeStruct`)."""
   r = config.rollout
   lp, lr, turns = r.max_prompt_length, r.max_response_length, r.max_turns
   frames, pd = config.data.num_frames, shapes.patch_dim
@@ -127,7 +128,7 @@ def batch_shapes(config: Any, shapes: Any, rows: int) -> dict[str, jax.ShapeDtyp
     "advantages": ((rows,), f32),
     "token_index": ((rows, lr), i32),
   }
-  return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.items()}
+  return rows_lib.TrainingRows(**{k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,9 +220,9 @@ def compile_update(config: Any, devices: Sequence[Any]) -> tuple[Any, dict[str, 
   with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   state = jax.tree.map(with_sharding, abstract_state, state_sharding)
   batch_sharding = sharding.batch_sharding(mesh)
-  batch = {
-    k: with_sharding(x, batch_sharding) for k, x in batch_shapes(config, shapes, rows).items()
-  }
+  batch = jax.tree.map(
+    lambda x: with_sharding(x, batch_sharding), batch_shapes(config, shapes, rows)
+  )
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, PartitionSpec()))
   jitted = steps.jit_update(update_fn, mesh, state_sharding)
   # The splash kernel runs under shard_map over the mesh in context.
@@ -245,10 +246,7 @@ def plan_bytes(config: Any, facts: dict[str, Any]) -> int:
   from segresearch_jax.rl import update as update_lib
 
   shapes, turns = facts["shapes"], config.rollout.max_turns
-  o = config.optim
-  optimizer = update_lib.make_optimizer(
-    o.lr, o.warmup_steps, o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip
-  )
+  optimizer = update_lib.make_optimizer(update_lib.OptimizerConfig.from_config(config))
   model_cfg = facts["model_cfg"]
   p = sharding.plan(
     model_cfg,
@@ -263,9 +261,7 @@ def plan_bytes(config: Any, facts: dict[str, Any]) -> int:
     image_patches=(shapes.num_patches(shapes.frame_size),) * config.data.num_frames
     + (shapes.num_patches(shapes.keyframe_size),) * turns
     + (shapes.num_patches(shapes.search_size),) * turns,
-    max_replicated_elements=config.mesh.get(
-      "max_replicated_elements", sharding.DEFAULT_MAX_REPLICATED_ELEMENTS
-    ),
+    max_replicated_elements=config.mesh.max_replicated_elements,
   )
   return p.total_bytes_per_device
 

@@ -34,7 +34,8 @@ def compare(
   import torch
   import transformers
 
-  compute = {"scan_layers": scan_layers, "remat": remat}
+  # The layout under test; `Policy(cfg, dtype)` below sets the compute dtype itself.
+  compute = {"dtype": "float32", "remat": remat, "scan_layers": scan_layers, "attention": "auto"}
   cfg, params = weights.load_hf_checkpoint(hf_dir, jnp.dtype(dtype), run_model=compute)
   torch_dtype = getattr(torch, dtype)
   hf = transformers.AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch_dtype).eval()
