@@ -23,12 +23,11 @@ import numpy as np
 from segresearch_jax.rewards import okvos as okvos_reward
 
 
-def read_metrics(path: str | os.PathLike, phase: str | None = None) -> list[dict[str, Any]]:
-  """The rows of a metrics JSONL (one object with an integer-like "step" per line), in
-  order; with `phase`, only that phase's rows ("train", "sft", "eval", ...).
+def read_json_lines(path: str | os.PathLike, key: str) -> list[dict[str, Any]]:
+  """The objects of a JSONL file in order, each required to hold `key`.
 
   Raises:
-    ValueError: a line that is not JSON or has no "step", naming the file and line.
+    ValueError: a line that is not JSON or lacks `key`, naming the file and line.
   """
   rows = []
   with open(path, encoding="utf-8") as f:
@@ -39,9 +38,20 @@ def read_metrics(path: str | os.PathLike, phase: str | None = None) -> list[dict
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{n}: not JSON ({e}).") from e
-      if not isinstance(row, dict) or "step" not in row:
-        raise ValueError(f'{path}:{n}: each line must be an object with a "step".')
+      if not isinstance(row, dict) or key not in row:
+        raise ValueError(f'{path}:{n}: each line must be an object with a "{key}".')
       rows.append(row)
+  return rows
+
+
+def read_metrics(path: str | os.PathLike, phase: str | None = None) -> list[dict[str, Any]]:
+  """The rows of a metrics JSONL (one object with an integer-like "step" per line), in
+  order; with `phase`, only that phase's rows ("train", "sft", "eval", ...).
+
+  Raises:
+    ValueError: a line that is not JSON or has no "step", naming the file and line.
+  """
+  rows = read_json_lines(path, "step")
   return [r for r in rows if phase is None or r.get("phase") == phase]
 
 

@@ -502,27 +502,6 @@ def plot_training_curves(
   return out
 
 
-def _read_json_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The objects of a predictions.jsonl, as dicts: the report reads only their id and response.
-
-  Read here rather than with `predictions.read_predictions` because `predictions` writes
-  its report with this module (a module never imports the one above it).
-  """
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not JSON ({e}).") from e
-      if not isinstance(row, dict) or "id" not in row:
-        raise ValueError(f'{path}:{n}: each line must be an object with an "id".')
-      rows.append(row)
-  return rows
-
-
 def main(argv: Sequence[str] | None = None) -> None:
   """Rebuilds a report from results.json, or plots a metrics JSONL."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -540,7 +519,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.results:
     results_path = pathlib.Path(args.results)
     results = json.loads(results_path.read_text(encoding="utf-8"))
-    preds = _read_json_lines(args.predictions) if args.predictions else None
+    # Only each record's id and response are read (`predictions` sits above this module).
+    preds = curves.read_json_lines(args.predictions, "id") if args.predictions else None
     path = write_html_report(
       results,
       results_path.parent,
