@@ -10,9 +10,11 @@ random advantages, old log-probs = our current log-probs plus a little noise (so
 clip and the dual clip both fire).
 
 - Ours: the trainer's own step, `steps.make_update` jitted by `steps.jit_update` on
-  the config's mesh (state donated), on the rows the training loop hands it (with
-  `rows.with_token_index`: the LM head runs at the generated tokens only); it also
-  computes the per-token entropy metric.
+  the config's mesh (state donated), on the rows the training loop hands it
+  (`rows.fit_rows`: prompts and responses cut to their used lengths in quarter-length
+  buckets, only the images the rows used, the LM head at the generated tokens only;
+  the shown frames encoded once per group); it also computes the per-token entropy
+  metric.
 - Reference: the transformers model with the same weights (exported through our
   safetensors writer) on the same sequences and images (the prompt + response of
   each row, right-padded; the shown frames and the keyframe / search images that the
@@ -213,10 +215,10 @@ def hf_inputs(
       grids.append(grid_of["frame"])
     for t, kind in enumerate(rows.obs_kind[r]):
       if kind == protocol.KEYFRAME_IMAGE:
-        pixels.append(rows.keyframe_patches[r, rows.obs_slot[r, t]])
+        pixels.append(rows.keyframe_patches[r, rows.obs_image[r, t]])
         grids.append(grid_of["keyframe"])
       elif kind == protocol.SEARCH_IMAGE:
-        pixels.append(rows.search_patches[r, t])
+        pixels.append(rows.search_patches[r, rows.obs_image[r, t]])
         grids.append(grid_of["search"])
   width = max(map(len, seqs))
   pad_id = world.tokenizer.pad_id
@@ -338,7 +340,7 @@ def time_ours(world: World, rows: rows_lib.TrainingRows, steps: int) -> StepTime
   params = jax.tree.map(jnp.array, world.params)
   state, state_sharding = steps_lib.sharded_state(params, optimizer, mesh, config)
   update_fn = steps_lib.jit_update(update_fn, mesh, state_sharding)
-  batch = sharding.shard_batch(rows_lib.with_token_index(rows), mesh)  # as the training loop
+  batch = sharding.shard_batch(rows_lib.fit_rows(rows)[0], mesh)  # as the training loop
   rng = jax.random.PRNGKey(0)
   n0 = len(_COMPILES)
   t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import policy, weights
 from segresearch_jax.models import tokenizer as tokenizer_lib
 from segresearch_jax.rewards import scoring
+from segresearch_jax.rl import rows as rows_lib
 from segresearch_jax.rl import update
 from segresearch_jax.search import factory as search_factory
 
@@ -304,8 +305,10 @@ def plan_model_config(config: Any) -> config_lib.ModelConfig:
   return config_lib.get_preset(config.model.preset)
 
 
-def _plan_image_patches(config: Any, model_cfg: config_lib.ModelConfig) -> tuple[int, ...]:
-  """Patches of every image `rollout.training_inputs` encodes for one trajectory."""
+def plan_image_patches(config: Any, model_cfg: config_lib.ModelConfig) -> tuple[int, ...]:
+  """Patches of the images the update encodes for one trajectory (`steps.training_inputs`):
+  its share of the shown frames (encoded once per group of rows that share them), and
+  at most one keyframe and one image_search result per turn (`rows.fit_rows`)."""
   v = model_cfg.vision
   factor = v.patch_size * v.spatial_merge_size
 
@@ -315,8 +318,9 @@ def _plan_image_patches(config: Any, model_cfg: config_lib.ModelConfig) -> tuple
     return side * side
 
   turns = config.rollout.max_turns
+  shared = rows_lib.shared_frame_rows(config.rollout.group_size, config.loss.micro_batches)
   return (
-    (patches(config.data.frame_size),) * config.data.num_frames
+    (patches(config.data.frame_size),) * -(-config.data.num_frames // shared)
     + (patches(config.data.keyframe_size),) * turns
     + (patches(config.data.search_image_size),) * turns
   )
@@ -377,7 +381,7 @@ def run_plan(
     micro_batches=config.loss.micro_batches,
     compute_dtype=config.model.dtype,
     remat=config.model.remat,
-    image_patches=_plan_image_patches(config, model_cfg),
+    image_patches=plan_image_patches(config, model_cfg),
     max_replicated_elements=config.mesh.max_replicated_elements,
   )
   source = config.model.hf_dir or f"preset {config.model.preset}"

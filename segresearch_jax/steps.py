@@ -20,30 +20,109 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from segresearch_jax import components as components_lib
-from segresearch_jax import sharding
+from segresearch_jax import protocol, sharding
 from segresearch_jax.agent import rollout
-from segresearch_jax.models import decoding
+from segresearch_jax.models import decoding, policy
 from segresearch_jax.rl import losses
 from segresearch_jax.rl import rows as rows_lib
 from segresearch_jax.rl import update as update_lib
 
 
-def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig):
+def training_inputs(
+  params: Any, model_cfg, rcfg: rollout.RolloutConfig, rows: rows_lib.TrainingRows, group: int = 1
+) -> tuple[Any, Any, Any, Any, Any]:
+  """Prompt + response of each row as one sequence for `decoding.token_logprobs`.
+
+  Visual tokens are rebuilt from pixels (so gradients reach the vision tower): the
+  shown frames, then, per observation turn in order, the image `obs_image` names (a
+  keyframe's high-resolution copy or an image_search result). Each image is encoded
+  once: the shown frames once per `group` consecutive rows (the rows of one prompt:
+  they repeat its frames), the keyframes and search results as `rows` hold them (all
+  of them as built, only those used after `rows.fit_rows`).
+
+  Returns:
+    (input_ids [B, L], positions [B, 3, L], token_valid [B, L], visual [B, Nv, D],
+    deepstack [n_ds, B, Nv, D]) with L = prompt + response length of `rows`.
+  """
+  model = policy.Policy(model_cfg)
+  b, f = rows.frame_patches.shape[:2]
+  if b % group:
+    raise ValueError(f"{b} rows do not form groups of {group} consecutive rows.")
+  merge = model_cfg.vision.spatial_merge_size
+  encode = lambda x, g: model.apply(
+    {"params": params}, x, (g[0] * merge, g[1] * merge), method=policy.Policy.encode_images
+  )
+
+  # Shown frames: one row of each group. [B, F * Nf, D], [n_ds, B, F * Nf, D]
+  pf = rows.frame_patches[::group]
+  frame_tok, frame_ds = encode(pf.reshape(-1, *pf.shape[2:]), rcfg.frame_grid)
+  d, n_ds = frame_tok.shape[-1], frame_ds.shape[0]
+  frame_tok = jnp.repeat(frame_tok.reshape(b // group, -1, d), group, axis=0)
+  frame_ds = jnp.repeat(frame_ds.reshape(n_ds, b // group, -1, d), group, axis=1)
+
+  # Observation images. [B, K, Nk, D] and [B, S, Ns, D] (deepstack [n_ds, B, K|S, N, D])
+  def encode_rows(patches, grid):
+    k = patches.shape[1]
+    tok, ds = encode(patches.reshape(b * k, *patches.shape[2:]), grid)
+    return tok.reshape(b, k, -1, d), ds.reshape(n_ds, b, k, -1, d)
+
+  key_tok, key_ds = encode_rows(rows.keyframe_patches, rcfg.keyframe_grid)
+  srch_tok, srch_ds = encode_rows(rows.search_patches, rcfg.search_grid)
+  nk, ns = key_tok.shape[2], srch_tok.shape[2]
+  width = max(nk, ns)
+  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, width - x.shape[-2]), (0, 0)])
+  kind = rows.obs_kind  # [B, T]
+  turns = kind.shape[1]
+  is_key = kind == protocol.KEYFRAME_IMAGE
+  key_of = jnp.clip(jnp.where(is_key, rows.obs_image, 0), 0, key_tok.shape[1] - 1)
+  srch_of = jnp.clip(jnp.where(is_key, 0, rows.obs_image), 0, srch_tok.shape[1] - 1)
+  take = lambda x, index, axis: jnp.take_along_axis(
+    x, index.reshape(index.shape + (1,) * (x.ndim - index.ndim)), axis=axis
+  )
+  # Each turn's image tokens, [B, T, W, D] (and [n_ds, B, T, W, D]).
+  obs_tok = jnp.where(
+    is_key[..., None, None], take(pad(key_tok), key_of, 1), take(pad(srch_tok), srch_of, 1)
+  )
+  obs_ds = jnp.where(
+    is_key[None, ..., None, None],
+    take(pad(key_ds), key_of[None], 2),
+    take(pad(srch_ds), srch_of[None], 2),
+  )
+
+  # Pack each row's observation images contiguously after its frames.
+  n_tok = jnp.where(is_key, nk, jnp.where(kind == protocol.SEARCH_IMAGE, ns, 0))  # [B, T]
+  starts = jnp.cumsum(n_tok, axis=1) - n_tok  # [B, T]
+  j = jnp.arange(turns * width)[None]  # [1, T*W] position in the packed obs sequence
+  t_of_j = jnp.sum(j[:, :, None] >= starts[:, None, :], axis=-1) - 1  # [B, T*W]
+  t_of_j = jnp.clip(t_of_j, 0, turns - 1)
+  src = t_of_j * width + (j - jnp.take_along_axis(starts, t_of_j, axis=1))
+  src = jnp.clip(src, 0, turns * width - 1)
+  packed = jnp.take_along_axis(obs_tok.reshape(b, turns * width, d), src[..., None], axis=1)
+  packed_ds = jnp.take_along_axis(
+    obs_ds.reshape(n_ds, b, turns * width, d), src[None, ..., None], axis=2
+  )
+  visual = jnp.concatenate([frame_tok, packed], axis=1)
+  deepstack = jnp.concatenate([frame_ds, packed_ds], axis=2)
+
+  input_ids = jnp.concatenate([rows.prompt_ids, rows.response_ids], axis=1)
+  positions = jnp.concatenate([rows.prompt_positions, rows.response_positions], axis=2)
+  valid = jnp.concatenate([rows.prompt_valid, rows.response_valid], axis=1)
+  return input_ids, positions, valid, visual, deepstack
+
+
+def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig, group: int = 1):
   """`logprob_fn(params, rows) -> (logp [B, R], entropy [B, R])` over response tokens.
 
-  Visual tokens are rebuilt from pixels inside, so the gradient reaches the vision
-  tower; temperature and banned ids match the sampler's (their log-probs agree).
-  With `rows.token_index` (see `rows.with_token_index`) the LM head runs only at those
-  response positions and every other position gets 0.
+  Visual tokens are rebuilt from pixels inside (`training_inputs`; the shown frames
+  once per `group` consecutive rows), so the gradient reaches the vision tower;
+  temperature and banned ids match the sampler's (their log-probs agree). With
+  `rows.token_index` (see `rows.fit_rows`) the LM head runs only at those response
+  positions and every other position gets 0.
   """
   temperature = rcfg.temperature if rcfg.temperature > 0 else 1.0
-  cfg = dataclasses.replace(rcfg, group_size=1)
 
   def logprob_fn(params, rows: rows_lib.TrainingRows):
-    prompts = rollout.PromptBatch(
-      **{k: getattr(rows, k) for k in rows_lib.PROMPT_INPUTS}, next_pos=None
-    )
-    inputs = rollout.training_inputs(params, model_cfg, cfg, prompts, rows)
+    inputs = training_inputs(params, model_cfg, rcfg, rows, group)
     prompt_length = rows.prompt_ids.shape[1]
     index = rows.token_index
     logp, entropy = decoding.token_logprobs(
@@ -83,7 +162,13 @@ def make_update(config, model_cfg, rcfg, *, sft: bool = False):
     loss_cfg = dataclasses.replace(loss_cfg, kl_coef=0.0, entropy_coef=0.0)
   base_loss = losses.sft_loss if sft else losses.grpo_loss
   update_fn = update_lib.make_update_fn(
-    make_logprob_fn(model_cfg, rcfg),
+    make_logprob_fn(
+      model_cfg,
+      rcfg,
+      1
+      if sft
+      else rows_lib.shared_frame_rows(config.rollout.group_size, config.loss.micro_batches),
+    ),
     optimizer,
     loss_cfg,
     micro_batches=config.loss.micro_batches,

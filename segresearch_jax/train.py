@@ -321,7 +321,9 @@ def train(config) -> dict:
 
   # 3. GRPO steps.
   writer.start(start)
-  head_width = 0  # the widest `token_index` so far (see `rows.with_token_index`)
+  # The largest update sizes so far (see `rows.fit_rows`): they only grow, so the update
+  # compiles once per size bucket it reaches.
+  update_shape = rows_lib.UpdateShape()
   for step in range(start + 1, config.total_steps + 1):
     t0 = time.time()
     step_rng = jax.random.fold_in(rng, step)
@@ -338,8 +340,8 @@ def train(config) -> dict:
     rows, trains = rows_lib.assemble_rows(
       config, [(rollout.PromptBatch.from_batch(b), episodes.out, s) for b, episodes, s in drawn]
     )
-    rows = rows_lib.with_token_index(rows, min_width=head_width)
-    head_width = rows.token_index.shape[1]
+    rows, shape = rows_lib.fit_rows(rows, update_shape)
+    update_shape = update_shape.union(shape)
     state, m = grpo_step(config, state, rows, update_fn, step_rng, mesh, ref)
     batch, episodes, scores = drawn[0]
     local = episode_metrics(episodes, scores)

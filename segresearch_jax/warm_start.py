@@ -73,7 +73,7 @@ def warm_start(config, params, data: rows_lib.TrainingRows, model_cfg, rcfg, mes
     )
   size = min(size, n)
   data = data.replace(advantages=np.ones(data.loss_mask.shape[:1], np.float32))
-  data = rows_lib.with_token_index(data)  # one width for every batch: one compilation
+  data, _ = rows_lib.fit_rows(data)  # one shape for every batch: one compilation
   writer.start(0)
   for step in range(1, config.sft.steps + 1):
     idx = rng.choice(n, size, replace=False)

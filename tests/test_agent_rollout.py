@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from conftest import rollout_config
 
-from segresearch_jax import protocol
+from segresearch_jax import protocol, steps
 from segresearch_jax.agent import rollout
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import decoding, policy
+from segresearch_jax.rl import rows as rows_lib
 
 CFG = config_lib.get_preset("tiny")
 PD = CFG.vision.patch_dim
@@ -160,7 +161,8 @@ def test_sampler_logprobs_equal_trainer_logprobs(temperature):
   scripts = [[10, *SEARCH_END, 12, *KEY_END], [11, *KEY_END]]
   params, rcfg, batch, fn = _setup(scripts, group_size=2, temperature=temperature)
   out = fn(params, batch, jax.random.PRNGKey(3))
-  ids, pos, valid, visual, deepstack = rollout.training_inputs(params, CFG, rcfg, batch, out)
+  rows = rows_lib.training_rows(batch, out, rcfg.group_size)
+  ids, pos, valid, visual, deepstack = steps.training_inputs(params, CFG, rcfg, rows)
   logp = decoding.token_logprobs(
     params,
     CFG,

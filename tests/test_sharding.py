@@ -23,7 +23,7 @@ from conftest import loss_config, optimizer_config, rollout_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from segresearch_jax import sharding
+from segresearch_jax import protocol, sharding
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import policy
 from segresearch_jax.rl import rows as rows_lib
@@ -414,7 +414,8 @@ def _grpo_batch(seed: int = 0):
       response += gen + obs
       mask += [1] * len(gen) + [0] * len(obs)
       kind.append(choice)
-      slot.append(int(rng.integers(0, f)) if choice == 1 else -1)
+      # obs_image: the shown frame a keyframe turn picked, the turn's own search slot.
+      slot.append(int(rng.integers(0, f)) if choice == 1 else t if choice == 2 else -1)
       row_grids += [KEY_GRID] if choice == 1 else [SEARCH_GRID] if choice == 2 else []
     response += [int(rng.integers(100, 400)), IM_END]
     mask += [1, 1]
@@ -435,7 +436,7 @@ def _grpo_batch(seed: int = 0):
     response_positions=np.zeros((b, 3, r), np.int32),
     loss_mask=np.zeros((b, r), np.float32),
     obs_kind=np.asarray(kinds, np.int32),
-    obs_slot=np.asarray(slots, np.int32),
+    obs_image=np.asarray(slots, np.int32),
     frame_patches=rng.standard_normal((b, f, 16, pd)).astype(np.float32),
     keyframe_patches=rng.standard_normal((b, f, 36, pd)).astype(np.float32),
     search_patches=rng.standard_normal((b, turns, 4, pd)).astype(np.float32),
@@ -519,17 +520,87 @@ def test_update_on_trained_positions_only_equals_the_full_update():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def _padded(host, prompt_pad: int, response_pad: int):
+  """`host` with more padding than any row uses: left of the prompts, right of the responses."""
+  left = lambda x: np.pad(x, [(0, 0)] * (x.ndim - 1) + [(prompt_pad, 0)])
+  right = lambda x: np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, response_pad)])
+  return host.replace(
+    **{k: left(getattr(host, k)) for k in ("prompt_ids", "prompt_valid", "prompt_positions")},
+    **{
+      k: right(getattr(host, k))
+      for k in (
+        "response_ids",
+        "response_valid",
+        "response_positions",
+        "loss_mask",
+        "old_logprobs",
+      )
+    },
+  )
+
+
+def test_fit_rows_keeps_the_used_tokens_and_images():
+  """`rows.fit_rows`: sizes bucketed from what the rows use, each kept image the one
+  its turn showed, and the floor respected."""
+  host = _padded(_grpo_batch(), prompt_pad=8, response_pad=96)  # response 128 = 4 x 32
+  lp, r = host.prompt_ids.shape[1], host.response_ids.shape[1]
+  fitted, shape = rows_lib.fit_rows(host)
+  used_prompt = lp - 8
+  used_response = np.flatnonzero(host.response_valid.any(axis=0)).max() + 1
+  assert shape.prompt == min(lp, -(-used_prompt // (-(-lp // 4))) * (-(-lp // 4)))
+  assert shape.response == -(-used_response // 32) * 32 < r
+  assert fitted.prompt_ids.shape == (PROOF_ROWS, shape.prompt)
+  assert fitted.response_positions.shape == (PROOF_ROWS, 3, shape.response)
+  np.testing.assert_array_equal(fitted.prompt_valid.sum(1), host.prompt_valid.sum(1))
+  np.testing.assert_array_equal(fitted.loss_mask.sum(1), host.loss_mask.sum(1))
+  kind = host.obs_kind
+  for kind_id, name, count in (
+    (protocol.KEYFRAME_IMAGE, "keyframe_patches", shape.keyframes),
+    (protocol.SEARCH_IMAGE, "search_patches", shape.search_images),
+  ):
+    most = (kind == kind_id).sum(1).max()
+    assert count == 1 << (int(most) - 1).bit_length()
+    assert getattr(fitted, name).shape[1] == count
+    for row, turn in zip(*np.nonzero(kind == kind_id)):
+      np.testing.assert_array_equal(
+        getattr(fitted, name)[row, fitted.obs_image[row, turn]],
+        getattr(host, name)[row, host.obs_image[row, turn]],
+      )
+  assert (fitted.obs_image[kind == protocol.NO_IMAGE] == -1).all()
+  floor = rows_lib.UpdateShape(prompt=lp, response=r, keyframes=2, search_images=2, head=r)
+  wide, wide_shape = rows_lib.fit_rows(host, floor)
+  assert wide_shape == floor and wide.keyframe_patches.shape[1] == 2
+  assert shape.union(floor) == floor
+
+
+def test_fitted_rows_with_frames_encoded_once_per_group_give_the_same_logprobs():
+  """The update's inputs after `fit_rows`, the shown frames encoded once for each pair
+  of rows that share them (a group), give the log-probs of the whole padded rows."""
+  from segresearch_jax import steps
+
+  host = _grpo_batch()
+  host = host.replace(frame_patches=np.repeat(host.frame_patches[::2], 2, axis=0))
+  host = _padded(host, prompt_pad=8, response_pad=32)
+  fitted, _ = rows_lib.fit_rows(host)
+  params = policy.init_params(TINY, jax.random.PRNGKey(0))
+  full, _ = jax.jit(steps.make_logprob_fn(TINY, _rollout_cfg()))(params, host)
+  part, _ = jax.jit(steps.make_logprob_fn(TINY, _rollout_cfg(), group=2))(params, fitted)
+  mask = host.loss_mask.astype(bool)
+  kept = fitted.loss_mask.astype(bool)
+  assert mask.sum() > 20
+  np.testing.assert_allclose(np.asarray(part)[kept], np.asarray(full)[mask], atol=1e-5)
+  with pytest.raises(ValueError, match="groups of 3"):
+    steps.training_inputs(params, TINY, _rollout_cfg(), fitted, group=3)
+
+
 def _logprob_fn(params, micro):
-  """The trainer's log-prob function on a row-major batch (see `rollout.training_inputs`)."""
-  from segresearch_jax.agent import rollout
+  """The trainer's log-prob function on a row-major batch (see `steps.training_inputs`)."""
+  from segresearch_jax import steps
   from segresearch_jax.models import decoding
 
   rollout_cfg = _rollout_cfg()
   banned = rollout_cfg.banned_ids
-  prompt = rollout.PromptBatch(
-    **{k: getattr(micro, k) for k in rows_lib.PROMPT_INPUTS}, next_pos=None
-  )
-  inputs = rollout.training_inputs(params, TINY, rollout_cfg, prompt, micro)
+  inputs = steps.training_inputs(params, TINY, rollout_cfg, micro)
   logp, entropy = decoding.token_logprobs(
     params, TINY, *inputs, chunk_size=16, banned_ids=banned, return_entropy=True
   )

@@ -325,9 +325,9 @@ def test_trainer_logprobs_use_the_rollout_temperature(monkeypatch):
     seen["temperature"] = temperature
     return np.zeros((1, 2)), np.zeros((1, 2))
 
-  monkeypatch.setattr(steps.rollout, "training_inputs", lambda *a: ())
+  monkeypatch.setattr(steps, "training_inputs", lambda *a: ())
   monkeypatch.setattr(steps.decoding, "token_logprobs", token_logprobs)
-  fields = (*rows_lib.PROMPT_INPUTS, *rows_lib.ROW_FIELDS, "old_logprobs")
+  fields = (*rows_lib.PROMPT_INPUTS, *rows_lib.ROW_FIELDS, "obs_image", "old_logprobs")
   rows = rows_lib.TrainingRows(**{k: np.zeros((1, 2), np.int32) for k in fields})
   rows = rows.replace(
     prompt_positions=np.zeros((1, 3, 2), np.int32),

@@ -13,7 +13,8 @@ its `<|image_pad|>` tokens and M-RoPE positions continued as for a new image.
 
 The output (a `RolloutOutput`) is what GRPO needs: response tokens, loss mask, the
 sampler's log-probs, M-RoPE positions, the images each observation inserted, stop
-reasons. `training_inputs` turns it into the arguments of `decoding.token_logprobs`.
+reasons. `steps.training_inputs` turns training rows built from it into the arguments
+of `decoding.token_logprobs`.
 """
 
 from __future__ import annotations
@@ -692,87 +693,3 @@ def _prefill_rows(
   )
   return logits, cache
 
-
-def training_inputs(
-  params: Any,
-  model_cfg: ModelConfig,
-  cfg: RolloutConfig,
-  batch: PromptBatch,
-  out: Any,
-) -> tuple[Array, Array, Array, Array, Array]:
-  """Prompt + response as one sequence for `decoding.token_logprobs` (`batch.next_pos`
-  is not read).
-
-  `out` holds the per-row fields of a `RolloutOutput` that an update needs
-  (response_ids, response_positions, response_valid, obs_kind, obs_slot,
-  search_patches): a `RolloutOutput` itself, or training rows (`rl.rows`), which
-  carry the same fields.
-
-  Visual tokens are rebuilt from pixels (so gradients reach the vision tower): the
-  shown frames, then, per observation turn in order, the keyframe's high-res copy or
-  the image_search result.
-
-  Returns:
-    (input_ids [B, L], positions [B, 3, L], token_valid [B, L], visual [B, Nv, D],
-    deepstack [n_ds, B, Nv, D]) with L = Lp + max_response_length.
-  """
-  model = policy.Policy(model_cfg)
-  n = cfg.group_size
-  rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
-  prompts, f = batch.frame_patches.shape[:2]
-  b = prompts * n
-  merge = model_cfg.vision.spatial_merge_size
-  grid = lambda g: (g[0] * merge, g[1] * merge)
-  encode = lambda x, g: model.apply(
-    {"params": params}, x, grid(g), method=policy.Policy.encode_images
-  )
-
-  pf = batch.frame_patches
-  frame_tok, frame_ds = encode(pf.reshape(prompts * f, *pf.shape[2:]), cfg.frame_grid)
-  frame_tok = rep(frame_tok.reshape(prompts, -1, frame_tok.shape[-1]))
-  frame_ds = rep(frame_ds.reshape(frame_ds.shape[0], prompts, -1, frame_ds.shape[-1]), 1)
-
-  turns = cfg.max_turns
-  kind, slot = out.obs_kind, jnp.clip(out.obs_slot, 0, f - 1)
-  # Keyframes: the high-res patches of each turn's chosen frame. [B, T, Pk, pd]
-  pk = rep(batch.keyframe_patches)
-  key_patches = jnp.take_along_axis(pk, slot[:, :, None, None], axis=1)
-  key_tok, key_ds = encode(key_patches.reshape(b * turns, *pk.shape[2:]), cfg.keyframe_grid)
-  sp = out.search_patches
-  srch_tok, srch_ds = encode(sp.reshape(b * turns, *sp.shape[2:]), cfg.search_grid)
-  nk, ns = key_tok.shape[1], srch_tok.shape[1]
-  width = max(nk, ns)
-  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, width - x.shape[-2]), (0, 0)])
-  d = key_tok.shape[-1]
-  is_key = (kind == protocol.KEYFRAME_IMAGE)[..., None, None]
-  obs_tok = jnp.where(
-    is_key, pad(key_tok).reshape(b, turns, width, d), pad(srch_tok).reshape(b, turns, width, d)
-  )
-  n_ds = key_ds.shape[0]
-  obs_ds = jnp.where(
-    is_key[None],
-    pad(key_ds).reshape(n_ds, b, turns, width, d),
-    pad(srch_ds).reshape(n_ds, b, turns, width, d),
-  )
-
-  # Pack each row's observation images contiguously after its frames.
-  n_tok = jnp.where(
-    kind == protocol.KEYFRAME_IMAGE, nk, jnp.where(kind == protocol.SEARCH_IMAGE, ns, 0)
-  )  # [B, T]
-  starts = jnp.cumsum(n_tok, axis=1) - n_tok  # [B, T]
-  j = jnp.arange(turns * width)[None]  # [1, T*W] position in the packed obs sequence
-  t_of_j = jnp.sum(j[:, :, None] >= starts[:, None, :], axis=-1) - 1  # [B, T*W]
-  t_of_j = jnp.clip(t_of_j, 0, turns - 1)
-  src = t_of_j * width + (j - jnp.take_along_axis(starts, t_of_j, axis=1))
-  src = jnp.clip(src, 0, turns * width - 1)
-  packed = jnp.take_along_axis(obs_tok.reshape(b, turns * width, d), src[..., None], axis=1)
-  packed_ds = jnp.take_along_axis(
-    obs_ds.reshape(n_ds, b, turns * width, d), src[None, ..., None], axis=2
-  )
-  visual = jnp.concatenate([frame_tok, packed], axis=1)
-  deepstack = jnp.concatenate([frame_ds, packed_ds], axis=2)
-
-  input_ids = jnp.concatenate([rep(batch.prompt_ids), out.response_ids], axis=1)
-  positions = jnp.concatenate([rep(batch.prompt_positions), out.response_positions], axis=2)
-  valid = jnp.concatenate([rep(batch.prompt_valid), out.response_valid], axis=1)
-  return input_ids, positions, valid, visual, deepstack

@@ -34,7 +34,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from segresearch_jax import sharding
+from segresearch_jax import components, sharding
 from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import policy
 from segresearch_jax.rl import rows as rows_lib
@@ -116,12 +116,13 @@ def batch_shapes(config: Any, shapes: Any, rows: int) -> rows_lib.TrainingRows:
     "prompt_valid": ((rows, lp), bool),
     "prompt_positions": ((rows, 3, lp), i32),
     "frame_patches": ((rows, frames, pf, pd), f32),
-    "keyframe_patches": ((rows, frames, pk, pd), f32),
+    # `rows.fit_rows` keeps the images a batch used: at most one a turn of each kind.
+    "keyframe_patches": ((rows, turns, pk, pd), f32),
     "response_ids": ((rows, lr), i32),
     "response_positions": ((rows, 3, lr), i32),
     "response_valid": ((rows, lr), bool),
     "obs_kind": ((rows, turns), i32),
-    "obs_slot": ((rows, turns), i32),
+    "obs_image": ((rows, turns), i32),
     "search_patches": ((rows, turns, ps, pd), f32),
     "loss_mask": ((rows, lr), bool),
     "old_logprobs": ((rows, lr), f32),
@@ -245,7 +246,6 @@ def plan_bytes(config: Any, facts: dict[str, Any]) -> int:
   """`sharding.plan`'s per-device total for the same program (what `tools/plan` prints)."""
   from segresearch_jax.rl import update as update_lib
 
-  shapes, turns = facts["shapes"], config.rollout.max_turns
   optimizer = update_lib.make_optimizer(update_lib.OptimizerConfig.from_config(config))
   model_cfg = facts["model_cfg"]
   p = sharding.plan(
@@ -258,9 +258,7 @@ def plan_bytes(config: Any, facts: dict[str, Any]) -> int:
     micro_batches=config.loss.micro_batches,
     compute_dtype=model_cfg.compute_dtype,
     remat=model_cfg.remat,
-    image_patches=(shapes.num_patches(shapes.frame_size),) * config.data.num_frames
-    + (shapes.num_patches(shapes.keyframe_size),) * turns
-    + (shapes.num_patches(shapes.search_size),) * turns,
+    image_patches=components.plan_image_patches(config, model_cfg),
     max_replicated_elements=config.mesh.max_replicated_elements,
   )
   return p.total_bytes_per_device
