@@ -129,6 +129,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Rows prefilled together when observations arrive (rounded down to a divisor of the
   # batch); 0 = a sixteenth of the batch (`rollout.RolloutConfig.observe_rows`).
   c.rollout.observe_rows = 0
+  # KV-cache slots of one episode: the padded prompt, its actions and observations. An
+  # episode that reaches it stops with `max_length`. 0 = max_prompt_length +
+  # max_response_length (the paper's 2048 + 8192: 10,240 slots a row, where the worst
+  # case of every turn would need 14,337).
+  c.rollout.max_episode_tokens = 0
 
   c.reward = ml_collections.ConfigDict()
   c.reward.tpr_p = 0.7

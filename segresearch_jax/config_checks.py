@@ -78,6 +78,11 @@ CONFIG_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
   ("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
   ("rollout.top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
   ("rollout.observe_rows", lambda v: v >= 0, ">= 0 (0 = a sixteenth of the batch)"),
+  (
+    "rollout.max_episode_tokens",
+    lambda v: v >= 0,
+    ">= 0 (0 = max_prompt_length + max_response_length)",
+  ),
   ("reward.tpr_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
   ("reward.tpr_budget", lambda v: v >= 0, ">= 0"),
   ("reward.igr_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -150,6 +155,13 @@ def validate_config(config, *, training: bool = True) -> None:
       f"config.dapo.overlong_buffer={buffer} must be below "
       f"config.rollout.max_response_length={longest} (the penalty ramps over the last "
       "overlong_buffer tokens)."
+    )
+  budget, prompt = config.rollout.max_episode_tokens, config.rollout.max_prompt_length
+  if budget and budget <= prompt:  # No room for a single response token.
+    raise ValueError(
+      f"config.rollout.max_episode_tokens={budget} must exceed "
+      f"config.rollout.max_prompt_length={prompt} (the KV cache holds the padded prompt "
+      "and the response; 0 = max_prompt_length + max_response_length)."
     )
   sam2_uses = [("eval", config.eval.masks)]
   sam2_uses.append(("mask_cache", config.reward.mask_weight > 0))

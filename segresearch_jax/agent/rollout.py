@@ -1,8 +1,11 @@
 """Multi-turn agent episodes in one compiled program (docs/method.md §1).
 
 `make_rollout_fn` returns a jitted function that, for a batch of prompts x group
-size, prefills the prompts (frames + text), then runs a `lax.while_loop` of decode
-steps. Every step samples one token per active row; a row whose turn ends on an
+size, prefills each prompt (frames + text) once and copies its KV cache to the rows of
+its group, then runs a `lax.while_loop` of decode steps. The cache holds
+`RolloutConfig.cache_length` slots a row (the token budget
+`rollout.max_episode_tokens`, in the model's compute dtype): an episode that reaches
+it stops with `max_length`. Every step samples one token per active row; a row whose turn ends on an
 action (`</search>` or `</keyframe>`) waits, and once any row waits, ONE
 `io_callback` to the host serves every waiting row (search, keyframe lookup,
 observation formatting and tokenisation happen there). The observation tokens are
@@ -66,6 +69,9 @@ class RolloutConfig:
   # (on CPU, the embedded default's 32 rows: 1 or 2 rows per chunk are fastest, 4 are
   # 1.2x slower; at 16 rows, prefilling every row was 3x slower than 1-row chunks).
   observe_rows: int
+  # KV-cache slots of one episode (padded prompt + response); an episode that reaches
+  # it stops with `max_length`. 0 = the prompt's width + max_response_length.
+  max_episode_tokens: int
 
   @classmethod
   def from_config(
@@ -95,7 +101,22 @@ class RolloutConfig:
       search_grid=shapes.merged_grid(shapes.search_size),
       banned_ids=(tokenizer.image_pad_id, tokenizer.vision_start_id, tokenizer.vision_end_id),
       observe_rows=r.observe_rows,
+      max_episode_tokens=r.max_episode_tokens,
     )
+
+  def cache_length(self, prompt_length: int) -> int:
+    """KV-cache slots per row for prompts padded to `prompt_length` tokens.
+
+    Raises:
+      ValueError: when the budget leaves no room for a response token.
+    """
+    slots = self.max_episode_tokens or prompt_length + self.max_response_length
+    if slots <= prompt_length:
+      raise ValueError(
+        f"rollout.max_episode_tokens={self.max_episode_tokens} leaves no room for a "
+        f"response after a {prompt_length}-token prompt; raise it above {prompt_length}."
+      )
+    return slots
 
   def observe_chunk(self, batch: int) -> int:
     """Rows per observation prefill for a rollout batch of `batch` rows."""
@@ -365,6 +386,8 @@ def make_rollout_fn(
     cfg.max_action_length,
     cfg.max_turns,
   )
+  # The response buffers (not the cache) leave room for a whole chunk written at the
+  # last position; a few int32 per token, where the cache is sized by the budget.
   buf_len = resp_len_max + max(obs_max, act_max) + 1
   patterns = jnp.asarray(stop_token_patterns)
   pat_width = patterns.shape[1]
@@ -400,19 +423,24 @@ def make_rollout_fn(
     key_tok = key_tok.reshape(prompts, f, nk, -1)
     key_ds = key_ds.reshape(key_ds.shape[0], prompts, f, nk, -1)
 
-    # 2. Prefill the prompts (each row of a group shares its prompt).
+    # 2. Prefill each prompt once and copy its cache to the rows of its group.
     lp = batch.prompt_ids.shape[1]
+    cache_len = cfg.cache_length(lp)
+    # Tokens a response may hold: the budget after the (padded) prompt, at most
+    # max_response_length. Every cache write of a live row stays below `cache_len`.
+    resp_limit = min(resp_len_max, cache_len - lp)
     logits, cache = decoding.prefill_prompt(
       params,
       model_cfg,
-      lp + buf_len,
-      rep(batch.prompt_ids),
-      rep(batch.prompt_positions),
-      rep(batch.prompt_valid),
-      rep(frame_tok),
-      rep(frame_ds, 1),
-      logits_at=jnp.full((b,), lp - 1, jnp.int32),  # left-padded: the last token is real
+      cache_len,
+      batch.prompt_ids,
+      batch.prompt_positions,
+      batch.prompt_valid,
+      frame_tok,
+      frame_ds,
+      logits_at=jnp.full((prompts,), lp - 1, jnp.int32),  # left-padded: the last token is real
     )
+    logits, cache = rep(logits), jax.tree.map(rep, cache)  # every cache entry is batch-major
     forced = batch.forced_tokens
     if forced is None:
       forced = jnp.full((b, 1), -1, jnp.int32)
@@ -491,7 +519,7 @@ def make_rollout_fn(
       is_end = token == cfg.im_end_id
       turn_len = length - s["turn_start"]
       action = active & ~is_end & (matched | (turn_len >= act_max))
-      too_long = length >= resp_len_max
+      too_long = length >= resp_limit
       can_call = s["turns"] < turns
       finished = active & is_end
       stop_reason = s["stop_reason"]
@@ -540,7 +568,7 @@ def make_rollout_fn(
       )
       obs_len = jnp.clip(obs_len, 0, obs_max)
       # An observation that does not fit ends the episode at max_length instead.
-      fits = s["length"] + obs_len < resp_len_max
+      fits = s["length"] + obs_len < resp_limit
       stop_reason = jnp.where(pending & ~fits, protocol.MAX_LENGTH, s["stop_reason"])
       active = s["active"] & ~(pending & ~fits)
       pending = pending & fits
@@ -692,4 +720,3 @@ def _prefill_rows(
     lambda c: c[0] * chunk < count, body, (jnp.zeros((), jnp.int32), cache, logits)
   )
   return logits, cache
-

@@ -95,16 +95,39 @@ class DecoderLayer(nn.Module):
     else:
       # Append this chunk at each row's own offset in the cache. The cache is in the
       # layout attention reads, so no step copies or transposes it.
-      write = lambda c, u, axis: jax.vmap(
-        lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=axis)
-      )(c, u.astype(c.dtype), write_slots)
-      kv = (write(kv[0], k, 2), write(kv[1], v, 1))
+      kv = (write_cache(kv[0], k, write_slots, 2), write_cache(kv[1], v, write_slots, 1))
       k, v = kv[0].astype(self.dtype), kv[1].astype(self.dtype)
       attn = layers.grouped_attention(q, k, v, cfg.head_dim**-0.5, **attend)
       attn = layers.heads_last(attn).reshape(b, t, -1).astype(x.dtype)
     x = x + layers.dense(cfg.hidden_size, "o_proj", bias=False, dtype=self.dtype)(attn)
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
     return x + layers.SwiGLU(cfg.intermediate_size, dtype=self.dtype, name="mlp")(h), kv
+
+
+def write_cache(cache: Array, chunk: Array, starts: Array, axis: int) -> Array:
+  """cache[b, ..., starts[b] + i, ...] = chunk[b, ..., i, ...] along `axis` (of a row).
+
+  A one-token chunk (a decode step) is a dynamic slice update: a live row always has
+  a free slot. A longer chunk (an observation padded to its maximum length) may run
+  past the end of a cache sized by a token budget, not by the worst case: its slots
+  past the end hold only padding (the rollout admits an observation only if its real
+  tokens fit) and are dropped, where a dynamic slice would shift the whole chunk back
+  over earlier keys.
+
+  Args:
+    cache: [B, ...] one cache array (k, v or valid), in its own dtype.
+    chunk: [B, ...] the chunk, the same shape but T along `axis + 1`.
+    starts: [B] int32 first slot per row.
+    axis: the slot axis within a row.
+  """
+  chunk = chunk.astype(cache.dtype)
+  t = chunk.shape[axis + 1]
+  if t == 1:
+    put = lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=axis)
+  else:
+    index = (slice(None),) * axis
+    put = lambda c, u, s: c.at[(*index, s + jnp.arange(t))].set(u, mode="drop")
+  return jax.vmap(put)(cache, chunk, starts)
 
 
 def scatter_visual(input_ids: Array, image_token_id: int, visual: Array) -> tuple[Array, Array]:
@@ -239,8 +262,7 @@ class Policy(nn.Module):
       write_slots = None
     else:
       write_slots = cache["end"]  # [B]
-      set_valid = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))
-      valid = set_valid(cache["valid"], token_valid, write_slots)  # [B, S]
+      valid = write_cache(cache["valid"], token_valid, write_slots, 0)  # [B, S]
       # Query t of row b sits at slot end_b + t and sees the valid slots up to it;
       # no row has a key past the longest row's end.
       end = write_slots + last.astype(write_slots.dtype)
@@ -288,11 +310,10 @@ class Policy(nn.Module):
       if new_cache_length is None:
         return out, None
       grow = new_cache_length - t
+      dtype = self.compute_dtype  # the cache holds keys in the dtype they are computed in
       new_cache = {
-        "k": tuple(jnp.pad(k.astype(jnp.float32), ((0, 0),) * 3 + ((0, grow),)) for k in new_k),
-        "v": tuple(
-          jnp.pad(v.astype(jnp.float32), ((0, 0),) * 2 + ((0, grow), (0, 0))) for v in new_v
-        ),
+        "k": tuple(jnp.pad(k.astype(dtype), ((0, 0),) * 3 + ((0, grow),)) for k in new_k),
+        "v": tuple(jnp.pad(v.astype(dtype), ((0, 0),) * 2 + ((0, grow), (0, 0))) for v in new_v),
         "valid": jnp.pad(token_valid, ((0, 0), (0, grow))),
         "end": last,
       }
@@ -301,12 +322,15 @@ class Policy(nn.Module):
     return out, new_cache
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> Cache:
+def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = None) -> Cache:
   """An empty KV cache for `batch` rows of up to `length` tokens.
 
   Per layer, k is [batch, num_kv_heads, head_dim, length] (keys transposed, see
-  `layers.grouped_attention`) and v is [batch, num_kv_heads, length, head_dim].
+  `layers.grouped_attention`) and v is [batch, num_kv_heads, length, head_dim], in
+  `dtype` (default: the model's compute dtype, bf16 under `model.dtype=bfloat16`:
+  the keys are computed in it, so a wider cache only costs memory).
   """
+  dtype = config.compute_dtype if dtype is None else dtype
   t = config.text
   k_shape = (batch, t.num_kv_heads, t.head_dim, length)
   v_shape = (batch, t.num_kv_heads, length, t.head_dim)

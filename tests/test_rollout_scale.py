@@ -1,0 +1,169 @@
+"""The rollout at paper scale: bf16 KV cache, a token budget, prompt prefix sharing."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import rollout_config
+from test_agent_rollout import (
+  BANNED,
+  CFG,
+  FRAME_GRID,
+  IM_END,
+  KEY_END,
+  KEY_GRID,
+  OBS_MAX,
+  PATTERNS,
+  PD,
+  SEARCH_END,
+  SEARCH_GRID,
+  TEXT_OBS,
+  host_fn,
+)
+
+from segresearch_jax import protocol
+from segresearch_jax.agent import rollout
+from segresearch_jax.models import decoding, policy
+
+PROMPT = [60, CFG.vision_start_token_id] + [CFG.image_token_id] * 4 + [CFG.vision_end_token_id]
+PROMPT = PROMPT + [61, CFG.vision_start_token_id] + [CFG.image_token_id] * 4
+PROMPT = PROMPT + [CFG.vision_end_token_id, 70, 71, 72]
+LP = len(PROMPT)
+
+
+def _rollout(group_size, **overrides):
+  rcfg = rollout_config(
+    group_size=group_size,
+    max_turns=3,
+    max_response_length=64,
+    max_action_length=16,
+    max_obs_length=OBS_MAX,
+    im_end_id=IM_END,
+    frame_grid=FRAME_GRID,
+    keyframe_grid=KEY_GRID,
+    search_grid=SEARCH_GRID,
+    banned_ids=BANNED,
+    **overrides,
+  )
+  return rcfg, rollout.make_rollout_fn(CFG, rcfg, PATTERNS, host_fn, (4, PD))
+
+
+def _batch(prompts, scripts=None, seed=0):
+  """`prompts` rows with the same text and different frames; scripted tokens per ROW."""
+  rng = np.random.default_rng(seed)
+  ids = np.array([PROMPT] * prompts)
+  mask = np.ones_like(ids)
+  pos, next_pos = policy.rope_index(ids, mask, [[FRAME_GRID] * 2] * prompts, CFG.image_token_id)
+  batch = rollout.PromptBatch(
+    prompt_ids=jnp.asarray(ids, jnp.int32),
+    prompt_valid=jnp.asarray(mask, bool),
+    prompt_positions=jnp.asarray(pos),
+    next_pos=jnp.asarray(next_pos),
+    frame_patches=jnp.asarray(rng.standard_normal((prompts, 2, 16, PD)), jnp.float32),
+    keyframe_patches=jnp.asarray(rng.standard_normal((prompts, 2, 36, PD)), jnp.float32),
+  )
+  if scripts is not None:
+    forced = np.full((len(scripts), max(map(len, scripts))), -1, np.int32)
+    for i, s in enumerate(scripts):
+      forced[i, : len(s)] = s
+    batch = batch.replace(forced_tokens=jnp.asarray(forced))
+  return batch
+
+
+def _repeat(batch, n):
+  """Each prompt repeated `n` times as prompts of their own (no sharing)."""
+  rep = lambda x: None if x is None else jnp.repeat(x, n, axis=0)
+  fields = ("prompt_ids", "prompt_valid", "prompt_positions", "next_pos")
+  fields += ("frame_patches", "keyframe_patches")
+  return batch.replace(**{f: rep(getattr(batch, f)) for f in fields})
+
+
+PARAMS = policy.init_params(CFG, jax.random.PRNGKey(0))
+KEYS = ("response_ids", "response_positions", "loss_mask", "stop_reason", "num_turns", "obs_kind")
+
+
+def _assert_same_episodes(a, b):
+  for key in KEYS:
+    np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_cache_takes_the_compute_dtype():
+  bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+  assert policy.init_cache(bf16, 2, 8)["k"][0].dtype == jnp.bfloat16
+  assert policy.init_cache(CFG, 2, 8)["v"][0].dtype == jnp.float32
+  ids = jnp.asarray([[5, 6, 7]], jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(3)[None, None], (1, 3, 3))
+  valid = jnp.ones((1, 3), bool)
+  params = policy.init_params(bf16, jax.random.PRNGKey(0))
+  _, cache = decoding.prefill_prompt(params, bf16, 8, ids, pos, valid)
+  assert {c.dtype for c in cache["k"] + cache["v"]} == {jnp.dtype(jnp.bfloat16)}
+  logits, cache = decoding.decode_step(params, bf16, cache, ids[:, 0], jnp.asarray([3]))
+  assert cache["k"][0].dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_a_chunk_running_past_the_cache_end_keeps_the_earlier_keys():
+  # 5 tokens, then a chunk of 6 slots with 2 real tokens written at slot 5 of an
+  # 8-slot cache: its padding runs past the end and must not shift over slots 0-4.
+  ids = jnp.asarray([[5, 6, 7, 8, 9]], jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(5)[None, None], (1, 3, 5))
+  _, cache = decoding.prefill_prompt(PARAMS, CFG, 8, ids, pos, jnp.ones((1, 5), bool))
+  nxt = jnp.asarray([[11, 12]], jnp.int32)
+  nxt_pos = jnp.broadcast_to(5 + jnp.arange(2)[None, None], (1, 3, 2))
+  exact, exact_cache = decoding.prefill(PARAMS, CFG, cache, nxt, nxt_pos, jnp.ones((1, 2), bool))
+  padded = jnp.pad(nxt, ((0, 0), (0, 4)))
+  padded_pos = jnp.pad(nxt_pos, ((0, 0), (0, 0), (0, 4)))
+  valid = jnp.arange(6)[None] < 2
+  out, out_cache = decoding.prefill(PARAMS, CFG, cache, padded, padded_pos, valid)
+  np.testing.assert_allclose(out[:, :2], exact, atol=1e-5)
+  assert int(out_cache["end"][0]) == 7
+  for a, b in zip(out_cache["k"], exact_cache["k"], strict=True):
+    np.testing.assert_allclose(a[..., :7], b[..., :7], atol=1e-6)  # slot 7: padding
+  np.testing.assert_array_equal(out_cache["valid"], exact_cache["valid"])
+
+
+def test_token_budget_stops_the_episode_at_max_length():
+  # Row 0 finishes early; row 1 never ends a turn by itself (cut at max_action_length,
+  # observed, and so on) and runs into the budget of 30 response slots.
+  scripts = [[10, *SEARCH_END, 11, IM_END], [10] * 70]
+  batch = _batch(1, scripts)
+  _, free_fn = _rollout(2)
+  rcfg, fn = _rollout(2, max_episode_tokens=LP + 30)
+  assert rcfg.cache_length(LP) == LP + 30
+  free = jax.device_get(free_fn(PARAMS, batch, jax.random.PRNGKey(1)))
+  out = jax.device_get(fn(PARAMS, batch, jax.random.PRNGKey(1)))
+  assert int(free.response_length[1]) > 30
+  assert [protocol.STOP_REASONS[int(r)] for r in out.stop_reason] == ["finished", "max_length"]
+  assert int(out.response_length[1]) == 30
+  # What fits in the budget is the same episode as with the default cache.
+  assert int(out.response_length[0]) == 1 + len(SEARCH_END) + len(TEXT_OBS) + 2
+  n = int(out.response_length[0])
+  np.testing.assert_array_equal(out.response_ids[0, :n], free.response_ids[0, :n])
+  np.testing.assert_allclose(out.logprobs[0], free.logprobs[0], atol=1e-5)
+  np.testing.assert_array_equal(out.response_ids[1, :30], free.response_ids[1, :30])
+
+
+def test_a_budget_without_room_for_a_response_is_refused():
+  rcfg, _ = _rollout(1, max_episode_tokens=LP)
+  try:
+    rcfg.cache_length(LP)
+  except ValueError as e:
+    assert "max_episode_tokens" in str(e)
+  else:
+    raise AssertionError("a budget of the prompt alone was accepted")
+
+
+def test_prefix_sharing_gives_the_episodes_of_one_prefill_per_row():
+  # 2 prompts x 4 sampled episodes (a scripted search and keyframe first, then free
+  # sampling) against the same 8 rows as prompts of their own, each prefilled by
+  # itself; prompt_index makes both runs draw from the same row streams.
+  scripts = [[10, *SEARCH_END, 12, *KEY_END], [11, *KEY_END], [], [13]] * 2
+  grouped = _batch(2, scripts)
+  _, fn = _rollout(4)
+  _, single_fn = _rollout(1)
+  shared = jax.device_get(fn(PARAMS, grouped, jax.random.PRNGKey(3)))
+  alone = _repeat(grouped, 4).replace(prompt_index=jnp.arange(8, dtype=jnp.int32))
+  alone = jax.device_get(single_fn(PARAMS, alone, jax.random.PRNGKey(3)))
+  assert int(shared.num_turns.sum()) >= 4 and int(shared.loss_mask.sum()) > 40
+  _assert_same_episodes(shared, alone)
