@@ -31,7 +31,7 @@ from segresearch_jax.agent import rollout
 from segresearch_jax.data import okvos as okvos_lib
 from segresearch_jax.data import pipeline
 from segresearch_jax.models import config as config_lib
-from segresearch_jax.models import policy, weights
+from segresearch_jax.models import layers, policy, weights
 from segresearch_jax.models import tokenizer as tokenizer_lib
 from segresearch_jax.rewards import scoring
 from segresearch_jax.rl import rows as rows_lib
@@ -341,12 +341,13 @@ def _plan_mesh_sizes(
   return sharding.mesh_shape(sizes, math.prod(sizes.values()))
 
 
-def run_plan(
+def plan_run(
   config: Any,
   mesh_override: str | Mapping[str, int] | None = None,
   num_devices: int | None = None,
-) -> str:
-  """The sharding and memory plan of a run config as text (`sharding.plan` of its numbers).
+  platform: str | None = None,
+) -> sharding.Plan:
+  """The sharding and memory plan of a run config (`sharding.plan` of its numbers).
 
   Abstract arrays only, so a large mesh plans on one CPU: `tools/plan.py` prints it
   and `train.py --config.dry_run=True` returns it.
@@ -355,6 +356,8 @@ def run_plan(
     config: the run config (configs/okvos.py).
     mesh_override: 'data:1,fsdp:16,tensor:4' or a dict; None uses `config.mesh`.
     num_devices: the device count a -1 axis fills; None = this machine's devices.
+    platform: the platform the run is planned for ('tpu', 'gpu', 'cpu'; None = this
+      machine's): `model.attention=auto` is its kernel.
 
   Raises:
     sharding.UnshardedParamError: a large parameter is replicated on a multi-device mesh.
@@ -371,7 +374,7 @@ def run_plan(
       f"batch_size x group_size = {rows} rows do not split into "
       f"{config.loss.mini_batches} mini-batches."
     )
-  p = sharding.plan(
+  return sharding.plan(
     model_cfg,
     sizes,
     rules,
@@ -383,7 +386,23 @@ def run_plan(
     remat=config.model.remat,
     image_patches=plan_image_patches(config, model_cfg),
     max_replicated_elements=config.mesh.max_replicated_elements,
+    fused_attention=layers.resolve_attention(config.model.attention, platform) != "xla_blocked",
   )
+
+
+def run_plan(
+  config: Any,
+  mesh_override: str | Mapping[str, int] | None = None,
+  num_devices: int | None = None,
+  platform: str | None = None,
+) -> str:
+  """`plan_run` as text, headed by the model and its compute dtype."""
+  model_cfg = plan_model_config(config)
+  p = plan_run(config, mesh_override, num_devices, platform)
   source = config.model.hf_dir or f"preset {config.model.preset}"
-  header = f"model: {model_cfg.family} ({source}), compute dtype {config.model.dtype}"
+  attention = layers.resolve_attention(config.model.attention, platform)
+  header = (
+    f"model: {model_cfg.family} ({source}), compute dtype {config.model.dtype}, "
+    f"remat {config.model.remat}, attention {attention}"
+  )
   return header + "\n" + sharding.format_plan(p)

@@ -85,8 +85,37 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )
 
 DEFAULT_MAX_REPLICATED_ELEMENTS = 2**20
-# The stacked decoder layers of a scanned model (see `_resolve`).
-_STACKED_LAYERS = r"(^|/)layers/"
+GIB = 1024**3
+# A program fits a chip when its peak is at most this share of the chip's HBM: the
+# rest is for the runtime, fragmentation and the rollout's buffers in between.
+FIT_FRACTION = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A TPU slice: its topology name for libtpu and the HBM of one chip (what one JAX
+  device sees: v4 runs its two cores as one megacore device)."""
+
+  topology: str
+  hbm_gib: float
+  chip_config: str = "default"
+
+  @property
+  def chips(self) -> int:
+    """Chips (JAX devices) of the slice: the product of the topology's dimensions."""
+    return math.prod(int(d) for d in self.topology.split(":")[1].split("x"))
+
+
+# The slices `tools/aot.py` compiles for and `tools/plan.py` plans for.
+TPU_TARGETS = {
+  "v5p-64": Target("v5p:2x4x4", 95.74),  # 32 chips
+  "v5p-8": Target("v5p:2x2x1", 95.74),  # 4 chips
+  "v4-32": Target("v4:2x2x4", 30.75, "megacore"),  # 16 chips
+  "v4-8": Target("v4:2x2x1", 30.75, "megacore"),  # 4 chips
+}
+
+# The stacked decoder layers and vision blocks of a scanned model (see `_resolve`).
+_STACKED_LAYERS = r"(^|/)(layers|blocks)/"
 
 
 # ----------------------------------------------------------------------------
@@ -269,11 +298,12 @@ def _resolve(
 ) -> _Resolved:
   """The spec of one array: first matching rule, unsplittable dimensions set to None.
 
-  Stacked decoder layers (`ModelConfig.scan_layers`: `layers/...` with a leading layer
-  axis) follow the rule of one layer; the layer axis is never split (the scan slices it).
+  Stacked decoder layers and vision blocks (`ModelConfig.scan_layers`: `layers/...`,
+  `visual/blocks/...` with a leading layer axis) follow the rule of one layer (block);
+  the layer axis is never split (the scan slices it).
   """
   if re.search(_STACKED_LAYERS, path) and len(shape) > 1:
-    one = _resolve(re.sub(_STACKED_LAYERS, r"\1layers_0/", path), shape[1:], rules, sizes)
+    one = _resolve(re.sub(_STACKED_LAYERS, r"\1\2_0/", path), shape[1:], rules, sizes)
     return _Resolved(PartitionSpec(None, *one.spec), one.rule, one.dropped)
   for pattern, entries in rules:
     if not re.search(pattern, path):
@@ -647,19 +677,28 @@ def _activation_estimate(
   remat: str,
   image_patches: Sequence[int],
   logits_chunk: int,
+  fused_attention: bool = False,
 ) -> tuple[int, str]:
   """Bytes of activations one device holds for one micro-batch's forward + backward."""
   t, v = model_cfg.text, model_cfg.vision
   r, n, e = rows_per_device, seq_len, compute_bytes
+  split = max(tensor, 1)
+  # Attention state per token and head: a fused kernel (splash, cuDNN) keeps the
+  # softmax statistics (fp32); the blocked XLA path materialises fp32 logits and the
+  # probabilities over all L keys.
+  scores = 2 * 4 if fused_attention else n * (4 + e)
   # Per token per decoder layer: 4 hidden-size vectors (input, norms, attention output
   # projection), q/k/v before and after norm + rope and the attention output
   # ((3 H + 3 K) head_dim), 4 intermediate vectors (gate, up, silu, product), and the
-  # attention logits (fp32) + probabilities over all L keys; the head-sized parts
-  # are split over tensor.
-  per_token = e * 4 * t.hidden_size + (
-    e * ((3 * t.num_heads + 3 * t.num_kv_heads) * t.head_dim + 4 * t.intermediate_size)
-    + t.num_heads * n * (4 + e)
-  ) / max(tensor, 1)
+  # attention scores; the head-sized parts are split over tensor.
+  per_token = (
+    e * 4 * t.hidden_size
+    + (
+      e * ((3 * t.num_heads + 3 * t.num_kv_heads) * t.head_dim + 4 * t.intermediate_size)
+      + t.num_heads * scores
+    )
+    / split
+  )
   layer = r * n * per_token
   if remat == "none":
     lm = t.num_layers * layer
@@ -667,9 +706,16 @@ def _activation_estimate(
   elif remat == "full":
     lm = t.num_layers * r * n * e * t.hidden_size + layer
     lm_text = "layers * r*L*D*e + r*L*per_token (one layer recomputed)"
+  elif remat == "dots":  # the matmul outputs kept: q/k/v/o, gate/up/down, and the input
+    saved = e * (2 * t.hidden_size + ((t.num_heads + 2 * t.num_kv_heads) * t.head_dim) / split)
+    saved += e * (2 * t.intermediate_size) / split
+    lm = t.num_layers * r * n * saved + layer
+    lm_text = "layers * r*L*e*(2D + ((H+2K)hd + 2I)/t) + r*L*per_token (one layer recomputed)"
   else:
-    raise ValueError(f"remat must be 'none' or 'full', got {remat!r}.")
-  mask = r * n * n  # The bool [B, L, L] attention mask, shared by the layers.
+    raise ValueError(f"remat must be 'none', 'full' or 'dots', got {remat!r}.")
+  # The bool [B, L, L] attention mask, shared by the layers (a fused kernel builds its
+  # mask per block).
+  mask = 0 if fused_attention else r * n * n
   # The LM head runs in sequence chunks under jax.checkpoint: one chunk's fp32 logits,
   # log-softmax and exp at a time.
   head = r * logits_chunk * t.vocab_size * 4 * 3 / max(tensor, 1)
@@ -677,19 +723,21 @@ def _activation_estimate(
   # and per-image attention logits + probabilities (Hv S^2).
   vision = 0
   for s in image_patches:
-    per_block = s * e * (8 * v.hidden_size + 2 * v.intermediate_size / max(tensor, 1))
-    per_block += v.num_heads * s * s * (4 + e)
+    per_block = s * e * (8 * v.hidden_size + 2 * v.intermediate_size / split)
+    per_block += v.num_heads * s * (2 * 4 if fused_attention else s * (4 + e))
     if remat == "none":
       vision += r * v.depth * per_block
     else:  # Block inputs kept, one block's working set recomputed.
       vision += r * (v.depth * s * e * v.hidden_size + per_block)
   total = int(lm + mask + head + vision)
   formula = (
-    f"remat={remat}: {lm_text} + r*L^2 (mask) + r*chunk*V*12/t (head) + vision; "
-    "per_token = e*4*D + (e*((3H+3K)*hd + 4I) + H*L*(4+e))/t; "
+    f"remat={remat}: {lm_text} + {'0' if fused_attention else 'r*L^2'} (mask) + "
+    "r*chunk*V*12/t (head) + vision; "
+    f"per_token = e*4*D + (e*((3H+3K)*hd + 4I) + H*{'8' if fused_attention else 'L*(4+e)'})/t; "
     f"r={r} rows/device, L={n}, e={e} bytes, t={tensor}, chunk={logits_chunk}, "
     f"vision over {len(image_patches)} images/row of {sum(image_patches)} patches "
-    "(per block e*S*(8Dv + 2Iv/t) + Hv*S^2*(4+e))"
+    f"(per block e*S*(8Dv + 2Iv/t) + {'Hv*S*8' if fused_attention else 'Hv*S^2*(4+e)'}); "
+    f"attention {'fused' if fused_attention else 'blocked XLA'}"
   )
   return total, formula
 
@@ -708,6 +756,7 @@ def plan(
   image_patches: Sequence[int] = (),
   logits_chunk: int = 256,
   max_replicated_elements: int = DEFAULT_MAX_REPLICATED_ELEMENTS,
+  fused_attention: bool = False,
 ) -> Plan:
   """Lays the model out on a mesh with abstract arrays only (no devices, no memory).
 
@@ -720,21 +769,25 @@ def plan(
     optimizer: the optax optimizer whose state is sized.
     micro_batches: gradient-accumulation steps per update.
     compute_dtype: activation dtype.
-    remat: 'none' (every layer's activations kept for the backward pass, what the
-      policy does today) or 'full' (per-layer rematerialisation).
+    remat: 'none' (every layer's activations kept for the backward pass), 'full'
+      (per-layer rematerialisation) or 'dots' (the matmul outputs kept).
     image_patches: patches of each image the training forward encodes for one row.
     logits_chunk: the chunk of the sequence the LM head runs on at once.
     max_replicated_elements: a parameter above this size must be split.
+    fused_attention: the attention is a fused kernel (splash, cuDNN) that keeps no
+      [L, L] logits or mask.
 
   Activation estimate: the residuals one device keeps for the backward pass of one
   micro-batch (r rows of L tokens, e bytes per value, t = tensor devices). Per decoder
   layer and token, e*4*D (hidden-size vectors) plus, split over tensor,
   e*((3H + 3K)*head_dim + 4I) (q/k/v before and after norm + rope, attention output;
-  gate, up, silu, product) and H*L*(4 + e) (fp32 attention logits and probabilities:
-  the policy materialises them). remat='none' keeps all layers; 'full' keeps each
-  layer's input (e*D per token) and one layer's working set. Plus the shared bool
-  [r, L, L] mask, one LM-head chunk (r*chunk*V/t fp32 logits, log-softmax, exp) and
-  the vision blocks per image of S patches (e*S*(8*Dv + 2*Iv/t) + Hv*S^2*(4 + e)).
+  gate, up, silu, product) and the attention scores: H*L*(4 + e) (fp32 logits and
+  probabilities, which the blocked XLA path materialises) or, fused, H*8 (fp32 softmax
+  statistics). remat='none' keeps all layers; 'full' keeps each layer's input (e*D
+  per token) and one layer's working set; 'dots' the matmul outputs. Plus, unfused, the
+  shared bool [r, L, L] mask, one LM-head chunk (r*chunk*V/t fp32 logits, log-softmax,
+  exp) and the vision blocks per image of S patches (e*S*(8*Dv + 2*Iv/t) plus
+  Hv*S^2*(4 + e), or Hv*S*8 fused).
 
   Raises:
     UnshardedParamError: a large parameter stays whole on every device.
@@ -786,6 +839,7 @@ def plan(
     remat,
     tuple(image_patches),
     logits_chunk,
+    fused_attention,
   )
   param_bytes_per_device = sum(p.bytes_per_device for p in params)
   return Plan(

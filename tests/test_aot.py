@@ -36,6 +36,23 @@ def test_verdict_line_is_what_scripts_read():
   assert _report(86.3).verdict().endswith("does not fit")
 
 
+def test_a_program_xla_refuses_for_lack_of_hbm_does_not_fit_with_its_numbers():
+  message = (
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    "temporaries (46.34G) exceeds available HBM (30.75G).\nmore detail"
+  )
+  error = aot.OutOfMemory(message, argument_bytes=aot.GIB)
+  assert error.temporaries() == int(46.34 * aot.GIB)
+  assert error.summary().startswith("Ran out of memory on HBM")
+  report = aot._refused_report("update", error, int(30.75 * aot.GIB), None)
+  assert not report.fits
+  assert report.verdict() == "update: 47.3 GiB of 30.8 GiB per chip (154%) does not fit"
+  assert "XLA refused to compile it" in report.table()
+  other = aot.OutOfMemory("RESOURCE_EXHAUSTED: Used 45.1G of 30.75G hbm. Exceeded.", 0)
+  assert other.temporaries() == int(45.1 * aot.GIB)
+  assert aot.OutOfMemory("RESOURCE_EXHAUSTED", 0).temporaries() == 0
+
+
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
 def test_tiny_update_compiles_for_a_v5p_slice_with_splash_attention():
   cmd = [

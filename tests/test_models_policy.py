@@ -378,6 +378,10 @@ def test_scanned_and_rematerialized_layers_match_transformers(cfg, hf_and_params
   params = weights.params_from_hf(tensors, scanned)
   assert "layers" in params and "layers_0" not in params
   assert params["layers"]["q_proj"]["kernel"].shape[0] == cfg.text.num_layers
+  # The vision blocks too (the tower's own scan; DeepStack taps / window and full
+  # attention per block inside it).
+  assert "blocks" in params["visual"] and "blocks_0" not in params["visual"]
+  assert params["visual"]["blocks"]["qkv"]["kernel"].shape[0] == cfg.vision.depth
   ids = np.array([_image_prompt(cfg, [5, 6, 7], [8, 9, 10, 11])])
   pixels = _pixels(cfg, 1)
   visual, deepstack = _encode(scanned, params, pixels)
@@ -409,7 +413,7 @@ def test_scanned_and_rematerialized_layers_match_transformers(cfg, hf_and_params
 def test_scanned_cache_decoding_matches_the_per_layer_model(cfg, hf_and_params):
   _, per_layer = hf_and_params
   scanned = dataclasses.replace(cfg, scan_layers=True)
-  params = weights.stack_layers(per_layer, cfg.text.num_layers)
+  params = weights.stack_layers(per_layer, cfg.text.num_layers, cfg.vision.depth)
   ids = jnp.asarray([[5, 6, 7, 8, 9, 10]])
   pos = jnp.broadcast_to(jnp.arange(6), (1, 3, 6))
   valid = jnp.ones((1, 6), bool)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -319,12 +320,15 @@ def _paper_config():
 
 def test_run_plan_reads_the_run_config():
   text = plan_lib().run_plan(_paper_config(), "data:1,fsdp:16,tensor:4")
-  assert text.startswith("model: qwen3_vl (preset qwen3_vl_4b), compute dtype bfloat16")
+  assert text.startswith(
+    "model: qwen3_vl (preset qwen3_vl_4b), compute dtype bfloat16, remat full, attention"
+  )
   # 16 prompts x 8 rollouts / 2 mini-batches; 2048 + 8192 tokens.
   assert "64 rows x 10240 tokens per update" in text
   assert "4 rows per device" in text
-  # The paper images: 6 frames of 448 px, per turn (6) an 864 px keyframe and a 256 px result.
-  assert "18 images/row of 23736 patches" in text
+  # The paper images: 6 frames of 448 px encoded once for a group's 8 rows (1 a row,
+  # rounded up), per turn (6) at most an 864 px keyframe and a 256 px result.
+  assert "13 images/row of 19816 patches" in text
 
   # The config's own rules come first; its threshold is read too.
   from configs import okvos
@@ -375,6 +379,29 @@ def test_plan_tool_exits_non_zero_on_a_replicated_large_tensor():
   )
   assert out.returncode == 1, out.stderr[-2000:]
   assert "fully replicated" in out.stderr and "embed_tokens/embedding" in out.stderr
+
+
+def test_plan_tool_for_a_tpu_slice_says_whether_it_fits_and_exits_1_when_not():
+  run = lambda *args: subprocess.run(
+    [sys.executable, "-m", "segresearch_jax.tools.plan", "--config=configs/okvos.py:paper", *args],
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  fits = run("--target=v5p-64")
+  assert fits.returncode == 0, fits.stderr[-2000:]
+  assert "attention splash" in fits.stdout and "32 device(s)" in fits.stdout
+  assert re.search(
+    r"^plan: [\d.]+ GiB of 95.7 GiB per chip \(\d+%\) fits \(v5p-64\)$", fits.stdout, re.M
+  )
+  # 64 rollouts a prompt, no rematerialisation: far above a v4 chip's 30.75 GiB.
+  over = run("--target=v4-32", "--config.rollout.group_size=64", "--config.model.remat=none")
+  assert over.returncode == 1
+  assert re.search(
+    r"^plan: [\d.]+ GiB of 30.8 GiB per chip \(\d+%\) does not fit", over.stdout, re.M
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -734,6 +761,13 @@ if __name__ == "__main__":
   print(json.dumps(_proof()))
 
 
+def specs_of_one_block(cfg):
+  """The partition specs of vision block 0 of the per-layer model."""
+  abstract = jax.eval_shape(functools.partial(policy.init_params, cfg), jax.random.PRNGKey(0))
+  mesh = sharding.abstract_mesh({"data": 1, "fsdp": 2, "tensor": 2})
+  return sharding.param_specs(abstract, sharding.DEFAULT_RULES, mesh)["visual"]["blocks_0"]
+
+
 def test_stacked_decoder_layers_follow_one_layers_rule_and_never_split_the_layer_axis():
   import dataclasses
 
@@ -744,3 +778,6 @@ def test_stacked_decoder_layers_follow_one_layers_rule_and_never_split_the_layer
   assert specs["layers"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")
   assert specs["layers"]["o_proj"]["kernel"] == P(None, "tensor", "fsdp")
   assert specs["layers"]["input_layernorm"]["weight"] == P(None)
+  # The vision blocks stack too, under the rule of one block.
+  blocks = specs["visual"]["blocks"]
+  assert blocks["qkv"]["kernel"] == P(None, *specs_of_one_block(TINY)["qkv"]["kernel"])

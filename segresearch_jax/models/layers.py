@@ -401,12 +401,12 @@ _HEAD_AXIS = "tensor"
 _SPLASH_BLOCKS = (512, 256, 128)
 
 
-def resolve_attention(implementation: str) -> str:
-  """`auto` -> the kernel of the platform being traced for: splash on TPU, cuDNN on
-  GPU, the blocked XLA implementation (the reference) elsewhere."""
+def resolve_attention(implementation: str, platform: str | None = None) -> str:
+  """`auto` -> the kernel of `platform` (default: the platform being traced for):
+  splash on TPU, cuDNN on GPU, the blocked XLA implementation (the reference) elsewhere."""
   if implementation != "auto":
     return implementation
-  return {"tpu": "splash", "gpu": "cudnn"}.get(jax.default_backend(), "xla_blocked")
+  return {"tpu": "splash", "gpu": "cudnn"}.get(platform or jax.default_backend(), "xla_blocked")
 
 
 def self_attention(

@@ -164,8 +164,9 @@ class Policy(nn.Module):
   """The policy. Methods: `encode_images`, `__call__` (a chunk), `logits`.
 
   Computes in `dtype` when given, else in the config's `dtype`; parameters are fp32.
-  With `config.scan_layers` the decoder layers are one module `layers` whose
-  parameters carry a leading layer axis (`weights.stack_layers` converts).
+  With `config.scan_layers` the decoder layers are one module `layers` and the
+  vision blocks one module `visual/blocks`, whose parameters carry a leading layer
+  (block) axis (`weights.stack_layers` converts).
   """
 
   config: ModelConfig
@@ -181,7 +182,7 @@ class Policy(nn.Module):
     towers = {"qwen3_vl": qwen3_vl.VisionTower, "qwen2_5_vl": qwen2_5_vl.VisionTower}
     if cfg.family not in towers:
       raise ValueError(f"Unknown model family {cfg.family!r}; expected one of {sorted(towers)}.")
-    self.visual = towers[cfg.family](cfg.vision, dtype, cfg.remat, cfg.attention)
+    self.visual = towers[cfg.family](cfg.vision, dtype, cfg.remat, cfg.attention, cfg.scan_layers)
     self.embed_tokens = nn.Embed(
       cfg.text.vocab_size,
       cfg.text.hidden_size,

@@ -58,19 +58,20 @@ def vision_grid_constants(vision: VisionConfig, grid_h: int, grid_w: int) -> dic
 
 
 class VisionBlock(nn.Module):
+  """One block; `grid_hw` is the patch grid of the images (for window attention).
+
+  `full` (a bool, or under the tower's scan a traced bool: then both attentions are
+  compiled and `lax.cond` runs one) picks full attention over window attention.
+  """
+
   config: VisionConfig
   dtype: Any
   attention: str = "xla_blocked"  # see `layers.self_attention`
+  grid_hw: tuple[int, int] | None = None
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, grid_hw: tuple[int, int] | None) -> Array:
-    """`grid_hw` is the patch grid for window attention, None for full attention
-    (static: the window layout is host-side constants)."""
+  def __call__(self, x: Array, cos: Array, sin: Array, full: Any = True) -> Array:
     cfg = self.config
-    windows = None
-    if grid_hw is not None:
-      const = vision_grid_constants(cfg, *grid_hw)
-      windows = (const["window_index"], const["window_inverse"])
     n, p, d = x.shape  # [images, patches, width]
     h = layers.RMSNorm(1e-6, self.dtype, name="norm1")(x)
     qkv = layers.dense(3 * d, "qkv", bias=True, dtype=self.dtype)(h)
@@ -78,59 +79,82 @@ class VisionBlock(nn.Module):
     q = layers.apply_rotary(qkv[:, :, 0], cos, sin)
     k = layers.apply_rotary(qkv[:, :, 1], cos, sin)
     v = qkv[:, :, 2]
-    fused = layers.resolve_attention(self.attention) != "xla_blocked"
-    if windows is None and not fused:
-      attn = layers.attention(q, k, v, None, cfg.head_dim**-0.5)
-    elif windows is None:
-      attn = layers.self_attention(
-        q, k, v, cfg.head_dim**-0.5, causal=False, key_valid=None, implementation=self.attention
-      )
-    elif fused:
-      index, inverse = windows
-      w, slots = index.shape
-      group = lambda t: t[:, np.maximum(index, 0)].reshape(n * w, slots, *t.shape[2:])
-      key_valid = jnp.asarray(np.broadcast_to(index >= 0, (n, w, slots)).reshape(n * w, slots))
-      attn = layers.self_attention(
-        group(q),
-        group(k),
-        group(v),
-        cfg.head_dim**-0.5,
-        causal=False,
-        key_valid=key_valid,
-        implementation=self.attention,
-      )
-      attn = attn.reshape(n, w * slots, *attn.shape[2:])[:, inverse]
+    full_fn = functools.partial(_full_attention, cfg, self.attention)
+    if self.grid_hw is None or full is True:
+      attn = full_fn(q, k, v)
     else:
-      index, inverse = windows  # [W, S] patch per slot (-1 pad), [P] slot per patch
-      w, slots = index.shape
-      # Windows become the batch axis; padding slots are masked keys.
-      group = lambda t: t[:, np.maximum(index, 0)].reshape(n * w, slots, *t.shape[2:])
-      key_valid = jnp.asarray(np.broadcast_to(index >= 0, (n, w, slots)).reshape(n * w, slots))
-      attn = layers.grouped_attention(
-        layers.heads_first(group(q), cfg.num_heads),
-        layers.keys_last(group(k)),
-        group(v).transpose(0, 2, 1, 3),
-        cfg.head_dim**-0.5,
-        key_valid=key_valid,
-      )
-      attn = layers.heads_last(attn)  # [n * w, slots, heads, head_dim]
-      attn = attn.reshape(n, w * slots, *attn.shape[2:])[:, inverse]
+      window_fn = functools.partial(_window_attention, cfg, self.attention, tuple(self.grid_hw))
+      if full is False:
+        attn = window_fn(q, k, v)
+      else:
+        attn = jax.lax.cond(full, full_fn, window_fn, q, k, v)
     attn = attn.reshape(n, p, d)
     x = x + layers.dense(d, "proj", bias=True, dtype=self.dtype)(attn)
     h = layers.RMSNorm(1e-6, self.dtype, name="norm2")(x)
     return x + layers.SwiGLU(cfg.intermediate_size, bias=True, dtype=self.dtype, name="mlp")(h)
 
 
+def _full_attention(cfg: VisionConfig, attention: str, q: Array, k: Array, v: Array) -> Array:
+  """Every patch of an image attends to every patch of it. [N, P, H, hd]"""
+  if layers.resolve_attention(attention) == "xla_blocked":
+    return layers.attention(q, k, v, None, cfg.head_dim**-0.5)
+  return layers.self_attention(
+    q, k, v, cfg.head_dim**-0.5, causal=False, key_valid=None, implementation=attention
+  )
+
+
+def _window_attention(
+  cfg: VisionConfig, attention: str, grid_hw: tuple[int, int], q: Array, k: Array, v: Array
+) -> Array:
+  """Attention inside each window of `grid_hw` (host-side layout constants). [N, P, H, hd]"""
+  const = vision_grid_constants(cfg, *grid_hw)
+  index, inverse = const["window_index"], const["window_inverse"]  # [W, S] (-1 pad), [P]
+  n = q.shape[0]
+  w, slots = index.shape
+  # Windows become the batch axis; padding slots are masked keys.
+  group = lambda t: t[:, np.maximum(index, 0)].reshape(n * w, slots, *t.shape[2:])
+  key_valid = jnp.asarray(np.broadcast_to(index >= 0, (n, w, slots)).reshape(n * w, slots))
+  if layers.resolve_attention(attention) == "xla_blocked":
+    attn = layers.grouped_attention(
+      layers.heads_first(group(q), cfg.num_heads),
+      layers.keys_last(group(k)),
+      group(v).transpose(0, 2, 1, 3),
+      cfg.head_dim**-0.5,
+      key_valid=key_valid,
+    )
+    attn = layers.heads_last(attn)  # [n * w, slots, heads, head_dim]
+  else:
+    attn = layers.self_attention(
+      group(q),
+      group(k),
+      group(v),
+      cfg.head_dim**-0.5,
+      causal=False,
+      key_valid=key_valid,
+      implementation=attention,
+    )
+  return attn.reshape(n, w * slots, *attn.shape[2:])[:, inverse]
+
+
+def _scanned_block(block: VisionBlock, x, full, cos, sin):
+  """One step of the scanned tower; `full` is this block's attention kind."""
+  return block(x, cos, sin, full), None
+
+
 class VisionTower(nn.Module):
   """Patches `[N, P, C*T*p*p]` of N same-size images -> merged tokens (no DeepStack).
 
   `remat` and `attention` as in `ModelConfig` (per block; the parameters are the same).
+  With `scan` the blocks are one module `blocks` whose parameters carry a leading
+  block axis, run under one `lax.scan` (`weights.stack_layers` converts); each step
+  picks its attention (full or windows) with `lax.cond`.
   """
 
   config: VisionConfig
   dtype: Any
   remat: str = "none"
   attention: str = "xla_blocked"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, patches: Array, grid_hw: tuple[int, int]) -> tuple[Array, Array]:
@@ -141,12 +165,23 @@ class VisionTower(nn.Module):
       patches.astype(self.dtype)
     )
     cos, sin = jnp.asarray(const["cos"]), jnp.asarray(const["sin"])
-    block = layers.rematerialized(VisionBlock, self.remat, static_argnums=(4,))
-    for i in range(cfg.depth):
-      full = i in cfg.fullatt_block_indexes
-      x = block(cfg, self.dtype, self.attention, name=f"blocks_{i}")(
-        x, cos, sin, None if full else tuple(grid_hw)
+    grid = tuple(grid_hw)
+    if self.scan:
+      full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)  # [depth]
+      block = layers.rematerialized(VisionBlock, self.remat, scanned=True)
+      scan = nn.scan(
+        _scanned_block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast),
+        length=cfg.depth,
       )
+      x, _ = scan(block(cfg, self.dtype, self.attention, grid, name="blocks"), x, full, cos, sin)
+    else:
+      block = layers.rematerialized(VisionBlock, self.remat, static_argnums=(4,))
+      for i in range(cfg.depth):
+        full = bool(i in cfg.fullatt_block_indexes)
+        x = block(cfg, self.dtype, self.attention, grid, name=f"blocks_{i}")(x, cos, sin, full)
     merged = PatchMerger(cfg, self.dtype, name="merger")(x)
     return merged, jnp.zeros((0,) + merged.shape, merged.dtype)
 

@@ -106,16 +106,28 @@ class PatchMerger(nn.Module):
     return layers.dense(cfg.out_hidden_size, "linear_fc2", bias=True, dtype=self.dtype)(x)
 
 
+def _tapped_block(block: VisionBlock, carry, tap, cos, sin):
+  """One step of the scanned tower: carry (hidden, DeepStack taps); the block's output
+  is written to tap slot `tap` (the last, unused slot for blocks that are not tapped).
+  The write is linear, so the backward pass keeps no copy of the taps per block."""
+  x, taps = carry
+  x = block(x, cos, sin)
+  return (x, jax.lax.dynamic_update_index_in_dim(taps, x, tap, 0)), None
+
+
 class VisionTower(nn.Module):
   """Patches `[N, P, C*T*p*p]` of N same-size images -> merged tokens + DeepStack features.
 
   `remat` and `attention` as in `ModelConfig` (per block; the parameters are the same).
+  With `scan` the blocks are one module `blocks` whose parameters carry a leading
+  block axis, run under one `lax.scan` (`weights.stack_layers` converts).
   """
 
   config: VisionConfig
   dtype: Any
   remat: str = "none"
   attention: str = "xla_blocked"
+  scan: bool = False
 
   @nn.compact
   def __call__(self, patches: Array, grid_hw: tuple[int, int]) -> tuple[Array, Array]:
@@ -134,12 +146,35 @@ class VisionTower(nn.Module):
     x = x + pos.astype(x.dtype)
     cos, sin = jnp.asarray(const["cos"]), jnp.asarray(const["sin"])
     deepstack = []
-    block = layers.rematerialized(VisionBlock, self.remat)
-    for i in range(cfg.depth):
-      x = block(cfg, self.dtype, self.attention, name=f"blocks_{i}")(x, cos, sin)
-      if i in cfg.deepstack_visual_indexes:
-        j = cfg.deepstack_visual_indexes.index(i)
-        deepstack.append(PatchMerger(cfg, True, self.dtype, name=f"deepstack_merger_{j}")(x))
+    block = layers.rematerialized(VisionBlock, self.remat, scanned=self.scan)
+    taps = cfg.deepstack_visual_indexes
+    if self.scan:
+      tap_of = np.full(cfg.depth, len(taps), np.int32)  # [depth] tap slot of each block
+      tap_of[list(taps)] = np.arange(len(taps))
+      scan = nn.scan(
+        _tapped_block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast),
+        length=cfg.depth,
+      )
+      tapped = jnp.zeros((len(taps) + 1, *x.shape), x.dtype)  # [taps + 1, N, P, D]
+      (x, tapped), _ = scan(
+        block(cfg, self.dtype, self.attention, name="blocks"),
+        (x, tapped),
+        jnp.asarray(tap_of),
+        cos,
+        sin,
+      )
+      features = [tapped[j] for j in range(len(taps))]
+    else:
+      features = [None] * len(taps)
+      for i in range(cfg.depth):
+        x = block(cfg, self.dtype, self.attention, name=f"blocks_{i}")(x, cos, sin)
+        if i in taps:
+          features[taps.index(i)] = x
+    for j, tap in enumerate(features):
+      deepstack.append(PatchMerger(cfg, True, self.dtype, name=f"deepstack_merger_{j}")(tap))
     merged = PatchMerger(cfg, False, self.dtype, name="merger")(x)
     if deepstack:
       return merged, jnp.stack(deepstack)

@@ -39,24 +39,37 @@ _LEAF = {
 }
 
 
-def stack_layers(params: Any, num_layers: int) -> Any:
+def stack_layers(params: Any, num_layers: int, vision_depth: int | None = None) -> Any:
   """Per-layer decoder parameters `layers_0 .. layers_{n-1}` -> one `layers` subtree
-  with a leading layer axis (the layout of `ModelConfig.scan_layers`)."""
+  with a leading layer axis, and (given `vision_depth`) the vision blocks
+  `visual/blocks_0 ..` -> `visual/blocks`: the layout of `ModelConfig.scan_layers`."""
   params = dict(params)
   per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
   params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  if vision_depth:
+    visual = dict(params["visual"])
+    blocks = [visual.pop(f"blocks_{i}") for i in range(vision_depth)]
+    visual["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    params["visual"] = visual
   return params
 
 
 def unstack_layers(params: Any) -> Any:
-  """Inverse of `stack_layers`; parameters without a `layers` subtree pass through."""
-  if "layers" not in params:
-    return params
-  params = dict(params)
-  stacked = params.pop("layers")
-  n = jax.tree.leaves(stacked)[0].shape[0]
-  for i in range(n):
-    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  """Inverse of `stack_layers`; parameters without stacked subtrees pass through."""
+
+  def split(tree: Any, name: str) -> Any:
+    if name not in tree:
+      return tree
+    tree = dict(tree)
+    stacked = tree.pop(name)
+    for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+      tree[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return tree
+
+  params = split(params, "layers")
+  if "visual" in params:
+    params = dict(params)
+    params["visual"] = split(params["visual"], "blocks")
   return params
 
 
@@ -147,7 +160,7 @@ def params_from_hf(
   With `cfg.scan_layers` the decoder layers come stacked (`stack_layers`)."""
   if cfg.scan_layers:
     per_layer = params_from_hf(tensors, dataclasses.replace(cfg, scan_layers=False), dtype)
-    return stack_layers(per_layer, cfg.text.num_layers)
+    return stack_layers(per_layer, cfg.text.num_layers, cfg.vision.depth)
   shapes = jax.eval_shape(lambda: policy.init_params(cfg, jax.random.PRNGKey(0)))
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
   out, used, missing, bad_shape = {}, set(), [], []

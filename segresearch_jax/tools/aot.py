@@ -21,7 +21,9 @@ Any `--config.*` override works, e.g. `--config.model.remat=full` or
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import sys
 import time
 import types
@@ -39,28 +41,10 @@ from segresearch_jax.models import config as config_lib
 from segresearch_jax.models import policy
 from segresearch_jax.rl import rows as rows_lib
 
-GIB = 1024**3
-# A program fits when XLA's peak per chip is at most this share of the chip's HBM:
-# the rest is for the runtime, fragmentation and the rollout's buffers in between.
-FIT_FRACTION = 0.9
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-  """A TPU slice: its topology name for libtpu and the HBM of one chip (what one JAX
-  device sees: v4 runs its two cores as one megacore device)."""
-
-  topology: str
-  hbm_gib: float
-  chip_config: str = "default"
-
-
-TARGETS = {
-  "v5p-64": Target("v5p:2x4x4", 95.74),  # 32 chips
-  "v5p-8": Target("v5p:2x2x1", 95.74),  # 4 chips
-  "v4-32": Target("v4:2x2x4", 30.75, "megacore"),  # 16 chips
-  "v4-8": Target("v4:2x2x1", 30.75, "megacore"),  # 4 chips
-}
+GIB = sharding.GIB
+FIT_FRACTION = sharding.FIT_FRACTION
+Target = sharding.Target
+TARGETS = sharding.TPU_TARGETS
 
 _FLAGS = {}
 
@@ -145,6 +129,9 @@ class Report:
   flops: float
   hbm_bytes: int
   plan_bytes: int | None
+  # Set when XLA refused to compile the program for lack of HBM (its message): the
+  # temporaries are then the figure XLA named and the total a lower bound.
+  refused: str = ""
 
   @property
   def total(self) -> int:
@@ -154,10 +141,20 @@ class Report:
 
   @property
   def fits(self) -> bool:
-    return self.total <= FIT_FRACTION * self.hbm_bytes
+    return not self.refused and self.total <= FIT_FRACTION * self.hbm_bytes
 
   def table(self) -> str:
     g = lambda n: f"{n / GIB:8.2f} GiB"
+    if self.refused:
+      lines = [
+        f"{self.name} per chip: XLA refused to compile it ({self.refused})",
+        f"  arguments    {g(self.arguments)}  (the sharded inputs)",
+        f"  temporaries  {g(self.temporaries)}  (as XLA reported them)",
+        f"  total       >{g(self.total)}  of {g(self.hbm_bytes).strip()} HBM",
+      ]
+      if self.plan_bytes is not None:
+        lines.append(f"  tools.plan   {g(self.plan_bytes)}")
+      return "\n".join(lines)
     lines = [
       f"{self.name} per chip (XLA memory analysis):",
       f"  arguments    {g(self.arguments)}",
@@ -178,6 +175,61 @@ class Report:
       f"{self.name}: {self.total / GIB:.1f} GiB of {self.hbm_bytes / GIB:.1f} GiB per chip "
       f"({share:.0f}%) {'fits' if self.fits else 'does not fit'}"
     )
+
+
+class OutOfMemory(Exception):
+  """XLA refused to compile a program for a target: it needs more HBM than a chip has."""
+
+  def __init__(self, message: str, argument_bytes: int):
+    super().__init__(message)
+    self.message = message
+    self.argument_bytes = argument_bytes
+
+  def temporaries(self) -> int:
+    """The bytes XLA named (its temporaries or its total use); 0 when it named none."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    for pattern in (
+      r"required for HLO temporaries \(([\d.]+)([KMGT]?)\)",
+      r"Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm",
+    ):
+      match = re.search(pattern, self.message)
+      if match:
+        return int(float(match.group(1)) * units[match.group(2)])
+    return 0
+
+  def summary(self) -> str:
+    """XLA's first line, without the status prefix."""
+    line = self.message.strip().splitlines()[0] if self.message.strip() else "out of memory"
+    return line.split("RESOURCE_EXHAUSTED: ")[-1][:240]
+
+
+def _out_of_memory(error: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(error) or "Ran out of memory" in str(error)
+
+
+def _sharded_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded abstract arrays."""
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(tree)
+  )
+
+
+def _refused_report(
+  name: str, error: OutOfMemory, hbm_bytes: int, plan_bytes: int | None
+) -> Report:
+  return Report(
+    name=name,
+    arguments=error.argument_bytes,
+    outputs=0,
+    aliased=0,
+    temporaries=error.temporaries(),
+    code=0,
+    flops=float("nan"),
+    hbm_bytes=hbm_bytes,
+    plan_bytes=plan_bytes,
+    refused=error.summary(),
+  )
 
 
 def _report(name: str, compiled: Any, hbm_bytes: int, plan_bytes: int | None) -> Report:
@@ -201,7 +253,8 @@ def compile_update(config: Any, devices: Sequence[Any]) -> tuple[Any, dict[str, 
   """Lowers and compiles the trainer's update step for `devices` from abstract arrays.
 
   Returns:
-    (the compiled program, facts about it: mesh sizes, rows, model config).
+    (the compiled program, or None when XLA refused it for lack of HBM; facts about
+    it: mesh sizes, rows, model config, the refusal (an `OutOfMemory`) or None).
   """
   from segresearch_jax import steps
   from segresearch_jax.rl import update as update_lib
@@ -231,8 +284,15 @@ def compile_update(config: Any, devices: Sequence[Any]) -> tuple[Any, dict[str, 
   with jax.set_mesh(mesh):
     lowered = jitted.lower(state, batch, rng)
     lowered_s = time.perf_counter() - start
-    compiled = lowered.compile()
+    refused = None
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # XLA's error type differs between jax versions
+      if not _out_of_memory(e):
+        raise
+      compiled, refused = None, OutOfMemory(str(e), _sharded_bytes((state, batch)))
   facts = {
+    "refused": refused,
     "mesh": dict(mesh.shape),
     "rows": rows,
     "model_cfg": model_cfg,
@@ -243,25 +303,8 @@ def compile_update(config: Any, devices: Sequence[Any]) -> tuple[Any, dict[str, 
 
 
 def plan_bytes(config: Any, facts: dict[str, Any]) -> int:
-  """`sharding.plan`'s per-device total for the same program (what `tools/plan` prints)."""
-  from segresearch_jax.rl import update as update_lib
-
-  optimizer = update_lib.make_optimizer(update_lib.OptimizerConfig.from_config(config))
-  model_cfg = facts["model_cfg"]
-  p = sharding.plan(
-    model_cfg,
-    facts["mesh"],
-    sharding.rules_from_config(config.mesh),
-    facts["rows"],
-    config.rollout.max_prompt_length + config.rollout.max_response_length,
-    optimizer,
-    micro_batches=config.loss.micro_batches,
-    compute_dtype=model_cfg.compute_dtype,
-    remat=model_cfg.remat,
-    image_patches=components.plan_image_patches(config, model_cfg),
-    max_replicated_elements=config.mesh.max_replicated_elements,
-  )
-  return p.total_bytes_per_device
+  """`tools/plan`'s per-device total for the same program and mesh, on TPU."""
+  return components.plan_run(config, facts["mesh"], platform="tpu").total_bytes_per_device
 
 
 def run(config: Any, target_name: str) -> list[Report]:
@@ -288,8 +331,17 @@ def run(config: Any, target_name: str) -> list[Report]:
     f"{config.loss.micro_batches} micro-batches; dtype {m.dtype}, remat {m.remat}, "
     f"scan_layers {m.scan_layers}, attention {m.attention}"
   )
-  print("update: traced and lowered in {:.0f} s, compiled in {:.0f} s".format(*facts["seconds"]))
-  reports = [_report("update", compiled, int(target.hbm_gib * GIB), estimate)]
+  verb = "refused by XLA after" if compiled is None else "compiled in"
+  print(
+    "update: traced and lowered in {:.0f} s, {} {:.0f} s".format(
+      facts["seconds"][0], verb, facts["seconds"][1]
+    )
+  )
+  hbm = int(target.hbm_gib * GIB)
+  if compiled is None:
+    reports = [_refused_report("update", facts["refused"], hbm, estimate)]
+  else:
+    reports = [_report("update", compiled, hbm, estimate)]
   for r in reports:
     print(r.table())
   for r in reports:
