@@ -305,10 +305,13 @@ def plan_model_config(config: Any) -> config_lib.ModelConfig:
   return config_lib.get_preset(config.model.preset)
 
 
-def plan_image_patches(config: Any, model_cfg: config_lib.ModelConfig) -> tuple[int, ...]:
+def plan_image_patches(
+  config: Any, model_cfg: config_lib.ModelConfig, row_devices: int = 1
+) -> tuple[int, ...]:
   """Patches of the images the update encodes for one trajectory (`steps.training_inputs`):
-  its share of the shown frames (encoded once per group of rows that share them), and
-  at most one keyframe and one image_search result per turn (`rows.fit_rows`)."""
+  its share of the shown frames (encoded once for the rows of a group on one of the
+  `row_devices` devices: `rows.shared_frame_rows`), and at most one keyframe and one
+  image_search result per turn (`rows.fit_rows`)."""
   v = model_cfg.vision
   factor = v.patch_size * v.spatial_merge_size
 
@@ -318,7 +321,12 @@ def plan_image_patches(config: Any, model_cfg: config_lib.ModelConfig) -> tuple[
     return side * side
 
   turns = config.rollout.max_turns
-  shared = rows_lib.shared_frame_rows(config.rollout.group_size, config.loss.micro_batches)
+  shared = rows_lib.shared_frame_rows(
+    config.rollout.group_size,
+    config.loss.micro_batches,
+    rows=config.batch_size * config.rollout.group_size // config.loss.mini_batches,
+    row_devices=row_devices,
+  )
   return (
     (patches(config.data.frame_size),) * -(-config.data.num_frames // shared)
     + (patches(config.data.keyframe_size),) * turns
@@ -384,7 +392,7 @@ def plan_run(
     micro_batches=config.loss.micro_batches,
     compute_dtype=config.model.dtype,
     remat=config.model.remat,
-    image_patches=plan_image_patches(config, model_cfg),
+    image_patches=plan_image_patches(config, model_cfg, sizes["data"] * sizes["fsdp"]),
     max_replicated_elements=config.mesh.max_replicated_elements,
     fused_attention=layers.resolve_attention(config.model.attention, platform) != "xla_blocked",
   )

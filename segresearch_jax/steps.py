@@ -147,12 +147,14 @@ def make_logprob_fn(model_cfg, rcfg: rollout.RolloutConfig, group: int = 1):
   return logprob_fn
 
 
-def make_update(config, model_cfg, rcfg, *, sft: bool = False):
+def make_update(config, model_cfg, rcfg, *, sft: bool = False, row_devices: int | None = None):
   """(optimizer, update_fn) for GRPO or the supervised warm start; see `jit_update`.
 
   The warm-up counts training steps, as the official schedule (stepped once per step)
   does; a GRPO step applies `loss.mini_batches` updates, a warm-start step one
-  (`update.OptimizerConfig.from_config`).
+  (`update.OptimizerConfig.from_config`). `row_devices` is the data x fsdp size of
+  the mesh the update runs on (None: `config.mesh` over this machine's devices); it
+  decides which rows can share one encoding of their frames (`rows.shared_frame_rows`).
   """
   optim_cfg = update_lib.OptimizerConfig.from_config(config, sft=sft)
   schedule = optim_cfg.schedule()
@@ -161,14 +163,19 @@ def make_update(config, model_cfg, rcfg, *, sft: bool = False):
   if sft:  # Cross-entropy on the expert tokens: no KL or entropy term.
     loss_cfg = dataclasses.replace(loss_cfg, kl_coef=0.0, entropy_coef=0.0)
   base_loss = losses.sft_loss if sft else losses.grpo_loss
+  shared = 1
+  if not sft:
+    if row_devices is None:
+      sizes = sharding.mesh_shape(config.mesh, jax.device_count())
+      row_devices = sizes["data"] * sizes["fsdp"]
+    shared = rows_lib.shared_frame_rows(
+      config.rollout.group_size,
+      config.loss.micro_batches,
+      rows=config.batch_size * config.rollout.group_size // config.loss.mini_batches,
+      row_devices=row_devices,
+    )
   update_fn = update_lib.make_update_fn(
-    make_logprob_fn(
-      model_cfg,
-      rcfg,
-      1
-      if sft
-      else rows_lib.shared_frame_rows(config.rollout.group_size, config.loss.micro_batches),
-    ),
+    make_logprob_fn(model_cfg, rcfg, shared),
     optimizer,
     loss_cfg,
     micro_batches=config.loss.micro_batches,

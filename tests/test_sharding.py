@@ -600,6 +600,15 @@ def test_fit_rows_keeps_the_used_tokens_and_images():
   assert shape.union(floor) == floor
 
 
+def test_rows_share_frames_only_within_a_group_and_a_device():
+  # The paper's update: 8 rows a prompt, 64 rows over 32 devices (2 a device).
+  assert rows_lib.shared_frame_rows(8, 1, rows=64, row_devices=32) == 2
+  assert rows_lib.shared_frame_rows(8, 1, rows=64, row_devices=1) == 8
+  assert rows_lib.shared_frame_rows(8, 2, rows=64, row_devices=4) == 4  # strided micro-batches
+  assert rows_lib.shared_frame_rows(8, 3) == 1  # a group does not split into runs
+  assert rows_lib.shared_frame_rows(8, 1, rows=16, row_devices=32) == 1  # fewer rows than devices
+
+
 def test_fitted_rows_with_frames_encoded_once_per_group_give_the_same_logprobs():
   """The update's inputs after `fit_rows`, the shown frames encoded once for each pair
   of rows that share them (a group), give the log-probs of the whole padded rows."""

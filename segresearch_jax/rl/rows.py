@@ -13,6 +13,7 @@ returned them (an `agent.rollout.RolloutOutput`); both are read by field name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -254,15 +255,27 @@ def fit_rows(
   return fitted, shape
 
 
-def shared_frame_rows(group_size: int, micro_batches: int) -> int:
-  """Consecutive rows of an update micro-batch that repeat one prompt's shown frames.
+def shared_frame_rows(
+  group_size: int, micro_batches: int, rows: int | None = None, row_devices: int = 1
+) -> int:
+  """Consecutive rows of an update micro-batch that repeat one prompt's shown frames
+  on one device, so that the update encodes those frames once for them.
 
   A GRPO batch holds each prompt's `group_size` rows consecutively and a mini-batch
   whole groups (`split_mini_batches`); micro-batches are strided (rows i, i + m, ...:
   `update.make_update_fn`), so when m divides the group, runs of group / m rows of a
-  micro-batch share a prompt; otherwise no two neighbours need to.
+  micro-batch share a prompt (otherwise no two neighbours need to). Over `row_devices`
+  (data x fsdp) each device holds a block of rows / m / row_devices of them: sharing
+  within a device's block needs no communication, sharing across devices would
+  gather the frames' features instead, so the runs are cut to what fits a block.
   """
-  return 1 if group_size % micro_batches else group_size // micro_batches
+  if group_size % micro_batches:
+    return 1
+  run = group_size // micro_batches
+  if rows is None:
+    return run
+  per_device = rows // micro_batches // max(row_devices, 1)
+  return math.gcd(run, per_device) if per_device else 1
 
 
 def split_mini_batches(rows: TrainingRows, count: int) -> list[TrainingRows]:

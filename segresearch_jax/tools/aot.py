@@ -264,7 +264,9 @@ def compile_update(config: Any, devices: Sequence[Any]) -> tuple[Any, dict[str, 
   mesh = sharding.make_mesh(config.mesh, devices)
   rows = config.batch_size * config.rollout.group_size // config.loss.mini_batches
   sharding.check_batch_divisible(rows, mesh, "update batch", config.loss.micro_batches)
-  optimizer, update_fn = steps.make_update(config, model_cfg, rcfg)
+  optimizer, update_fn = steps.make_update(
+    config, model_cfg, rcfg, row_devices=mesh.shape["data"] * mesh.shape["fsdp"]
+  )
 
   rules = sharding.rules_from_config(config.mesh)
   abstract_params = jax.eval_shape(lambda: policy.init_params(model_cfg, jax.random.PRNGKey(0)))
