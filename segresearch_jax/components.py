@@ -241,8 +241,15 @@ class Components:
   eval_dataset: Callable[[], tuple[Iterable[dict[str, Any]], okvos_lib.OkvosDataSource]]
 
 
-def build_components(config, tokenizer, model_cfg: config_lib.ModelConfig) -> Components:
-  """Data, search, bridge, rollout runners and scorers of a run (shared with evaluate)."""
+def build_components(
+  config, tokenizer, model_cfg: config_lib.ModelConfig, mesh: Any = None
+) -> Components:
+  """Data, search, bridge, rollout runners and scorers of a run (shared with evaluate).
+
+  With the training `mesh`, the training rollouts run on this process's devices of it
+  (`sharding.rollout_mesh`; give them `sharding.rollout_params`); evaluation runs on
+  one device.
+  """
   shapes = episodes_lib.EpisodeShapes.from_config(config, model_cfg)
   encoder = episodes_lib.PromptEncoder(tokenizer, model_cfg, shapes)
   okvos_dir, kb_dir = pipeline.resolve_data(config.data, config.workdir, config.seed)
@@ -270,7 +277,14 @@ def build_components(config, tokenizer, model_cfg: config_lib.ModelConfig) -> Co
     bridge=bridge,
     rcfg=rcfg,
     mask_cache_dir=mask_cache_dir,
-    runner=episodes_lib.Runner(model_cfg, rcfg, shapes, tokenizer, bridge),
+    runner=episodes_lib.Runner(
+      model_cfg,
+      rcfg,
+      shapes,
+      tokenizer,
+      bridge,
+      mesh=None if mesh is None else sharding.rollout_mesh(mesh),
+    ),
     eval_runner=episodes_lib.Runner(model_cfg, eval_rcfg, shapes, tokenizer, eval_bridge),
     scorer=scoring.Scorer(config, config.rollout.group_size, model_cfg.coord_convention, mask=True),
     eval_scorer=scoring.Scorer(config, 1, model_cfg.coord_convention),

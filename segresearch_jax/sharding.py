@@ -543,6 +543,77 @@ def local_copy(tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
+# ----------------------------------------------------------------------------
+# The rollout's layout.
+# ----------------------------------------------------------------------------
+
+
+def rollout_mesh(mesh: Mesh) -> Mesh:
+  """This process's devices of `mesh` as the rollout's (data=1, fsdp, tensor) mesh.
+
+  The rollout calls its host (search, tokenisation) once per turn for its own rows,
+  so each process runs its share of the rows on its own devices: rows over the
+  data x fsdp devices of this process, weights and KV heads over `tensor`. A device
+  keeps its tensor coordinate, so a parameter's tensor shards are where the training
+  layout already put them (`rollout_params` gathers only over fsdp and data).
+
+  Raises:
+    ValueError: a tensor group spans processes (`mesh.tensor` above the devices of
+      one process).
+  """
+  tensor = mesh.shape["tensor"]
+  me = jax.process_index()
+  groups = [tuple(g) for g in np.asarray(mesh.devices).reshape(-1, tensor)]  # data x fsdp
+  local = [g for g in groups if all(d.process_index == me for d in g)]
+  if not local or any(any(d.process_index == me for d in g) for g in set(groups) - set(local)):
+    raise ValueError(
+      f"mesh.tensor={tensor} spans devices of several processes; the rollout runs on "
+      "each process's own devices: use a tensor axis of at most "
+      f"{jax.local_device_count()} devices."
+    )
+  devices = np.asarray(local).reshape(1, len(local), tensor)
+  return Mesh(devices, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def rollout_spec(spec: PartitionSpec) -> PartitionSpec:
+  """A parameter's rollout layout: its training `spec` without the batch axes (data,
+  fsdp), so only its tensor split remains."""
+  kept = []
+  for entry in spec:
+    axes = tuple(a for a in _entry_axes(entry) if a not in BATCH_AXES)
+    kept.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*kept)
+
+
+def rollout_params(params: Any, mesh: Mesh) -> Any:
+  """The training parameters laid out for the rollout on `mesh` (`rollout_mesh`).
+
+  Each parameter keeps its tensor split and is gathered over data and fsdp on the
+  devices (one jitted program over the training mesh: the collectives run over the
+  chips' links, never through host memory), then each process takes the copies on
+  its own devices as arrays of its rollout mesh. A collective: every process calls
+  it together.
+
+  Args:
+    params: parameters sharded by `param_shardings` on the training mesh.
+    mesh: this process's rollout mesh.
+  """
+  specs = jax.tree.map(lambda x: rollout_spec(x.sharding.spec), params)
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  train_mesh = jax.tree.leaves(params)[0].sharding.mesh
+  gathered = jax.jit(
+    lambda p: p,
+    out_shardings=jax.tree.map(lambda s: NamedSharding(train_mesh, s), specs, is_leaf=is_spec),
+  )(params)
+
+  def local(x, spec):
+    shards = {s.device: s.data for s in x.addressable_shards}
+    arrays = [shards[d] for d in mesh.devices.flat]
+    return jax.make_array_from_single_device_arrays(x.shape, NamedSharding(mesh, spec), arrays)
+
+  return jax.tree.map(local, gathered, specs, is_leaf=lambda x: isinstance(x, jax.Array))
+
+
 def process_mean(metrics: Mapping[str, float]) -> dict[str, float]:
   """Per-process scalar means -> their mean over processes (equal-sized shares).
 

@@ -250,7 +250,7 @@ def train(config) -> dict:
     + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
   )
   with sharding.main_process_first("components"):  # Synthetic data and mask cache files.
-    c = components_lib.build_components(config, tokenizer, model_cfg)
+    c = components_lib.build_components(config, tokenizer, model_cfg, mesh)
   n, rcfg, runner = config.rollout.group_size, c.rcfg, c.runner
   train_ds, train_source = components_lib.make_dataset(
     config,
@@ -317,7 +317,9 @@ def train(config) -> dict:
       steps.make_logprob_fn(model_cfg, rcfg), out_shardings=sharding.batch_sharding(mesh)
     )
     ref = (initial, lambda p, mb: ref_fn(p, mb)[0])
-  control_params = sharding.local_copy(initial) if config.eval.frozen_control else None
+  # The rollouts' parameters: regathered on device over this process's devices.
+  rollout_params = lambda p: sharding.rollout_params(p, runner.mesh)
+  control_params = rollout_params(initial) if config.eval.frozen_control else None
 
   # 3. GRPO steps.
   writer.start(start)
@@ -333,7 +335,7 @@ def train(config) -> dict:
       data_iter,
       runner,
       c.scorer,
-      sharding.local_copy(state.params),
+      rollout_params(state.params),
       step_rng,
     )
     t_rollout = time.time() - t0

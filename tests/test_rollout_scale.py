@@ -1,6 +1,10 @@
 """The rollout at paper scale: bf16 KV cache, a token budget, prompt prefix sharing."""
 
 import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +171,50 @@ def test_prefix_sharing_gives_the_episodes_of_one_prefill_per_row():
   alone = jax.device_get(single_fn(PARAMS, alone, jax.random.PRNGKey(3)))
   assert int(shared.num_turns.sum()) >= 4 and int(shared.loss_mask.sum()) > 40
   _assert_same_episodes(shared, alone)
+
+
+MESH_CHILD = """
+import jax, numpy as np
+from segresearch_jax import sharding
+from segresearch_jax.models import policy
+import test_rollout_scale as t
+
+mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+rules = sharding.normalize_rules(sharding.DEFAULT_RULES)
+params = jax.device_put(t.PARAMS, sharding.param_shardings(t.PARAMS, rules, mesh))
+local = sharding.rollout_mesh(mesh)
+assert dict(local.shape) == {"data": 1, "fsdp": 4, "tensor": 2}, local.shape
+placed = sharding.rollout_params(params, local)
+for leaf, trained in zip(jax.tree.leaves(placed), jax.tree.leaves(params)):
+  assert leaf.sharding.mesh == local and len(leaf.devices()) == 8
+  assert not {"data", "fsdp"} & set(jax.tree.leaves(tuple(leaf.sharding.spec)))
+  assert tuple(leaf.sharding.spec) == tuple(
+    sharding.rollout_spec(trained.sharding.spec)), (leaf.sharding, trained.sharding)
+  np.testing.assert_array_equal(np.asarray(leaf), np.asarray(trained))
+split = [x for x in jax.tree.leaves(placed) if "tensor" in jax.tree.leaves(tuple(x.sharding.spec))]
+assert len(split) >= 4, len(split)
+scripts = [[10, *t.SEARCH_END, 12, *t.KEY_END], [11, *t.KEY_END], [], [13]] * 2
+batch = t._batch(2, scripts)
+rcfg, fn = t._rollout(4)
+import segresearch_jax.agent.rollout as rollout
+sharded_fn = rollout.make_rollout_fn(t.CFG, rcfg, t.PATTERNS, t.host_fn, (4, t.PD), mesh=local)
+one = jax.device_get(fn(t.PARAMS, batch, jax.random.PRNGKey(3)))
+out = sharded_fn(placed, batch, jax.random.PRNGKey(3))
+assert len(out.response_ids.devices()) == 8
+t._assert_same_episodes(jax.device_get(out), one)
+print("OK", int(one.num_turns.sum()), int(one.loss_mask.sum()))
+"""
+
+
+def test_rollout_over_eight_devices_equals_one_device():
+  # Parameters in the training layout over data 2 x fsdp 2 x tensor 2, regathered on
+  # device for the rollout (tensor splits kept); rows over 4 devices, KV heads over 2.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env["PYTHONPATH"] = os.pathsep.join(
+    [str(pathlib.Path(__file__).parent), env.get("PYTHONPATH", "")]
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", MESH_CHILD], env=env, capture_output=True, text=True, timeout=600
+  )
+  assert done.returncode == 0, done.stderr[-4000:]
+  assert done.stdout.startswith("OK")

@@ -370,13 +370,19 @@ class Runner:
     shapes: EpisodeShapes,
     tokenizer: Any,
     bridge: Any,
+    mesh: Any = None,
   ):
+    """`mesh`: this process's rollout mesh (`sharding.rollout_mesh`); the parameters
+    passed to each call are then laid out on it (`sharding.rollout_params`)."""
     self.cfg = cfg
     self.tokenizer = tokenizer
     self.bridge = bridge
+    self.mesh = mesh
     host_fn = rollout.bridge_host_fn(bridge, shapes.image_cfg, shapes.search_size)
     patterns = rollout.stop_patterns(tokenizer, protocol.STOP_STRINGS)
-    self.fn = rollout.make_rollout_fn(model_cfg, cfg, patterns, host_fn, shapes.search_patch_shape)
+    self.fn = rollout.make_rollout_fn(
+      model_cfg, cfg, patterns, host_fn, shapes.search_patch_shape, mesh=mesh
+    )
 
   def __call__(
     self,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from segresearch_jax import protocol
+from segresearch_jax import protocol, sharding
 from segresearch_jax.models import decoding, policy
 from segresearch_jax.models.config import ModelConfig
 
@@ -360,6 +360,7 @@ def make_rollout_fn(
   stop_token_patterns: np.ndarray,
   host_fn: HostFn,
   search_patch_shape: tuple[int, int],
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[..., RolloutOutput]:
   """Builds the jitted episode runner.
 
@@ -373,6 +374,11 @@ def make_rollout_fn(
       float32[B, Ps, patch_dim]). Rows not pending are ignored. It must not raise:
       failures are observations.
     search_patch_shape: (Ps, patch_dim) of one image_search result.
+    mesh: this process's rollout mesh (`sharding.rollout_mesh`) and the parameters
+      laid out on it (`sharding.rollout_params`): the rows (and their KV cache) go
+      over its data x fsdp devices, the KV heads over `tensor` (where they divide).
+      The prompts' vision encoding and prefill run replicated over the row devices
+      (once per prompt, not per row). None = wherever the parameters are.
 
   Returns:
     `rollout(params, batch, rng) -> RolloutOutput` with `batch` a `PromptBatch` (rows
@@ -406,6 +412,24 @@ def make_rollout_fn(
 
   def _grid_of(num_patches: int) -> tuple[int, int]:
     return patch_grids[num_patches]
+
+  def row_layout(tree):
+    """Rows over the mesh's data x fsdp devices, KV heads over `tensor` (each where
+    it divides); a no-op without a mesh."""
+    if mesh is None:
+      return tree
+    sizes = dict(mesh.shape)
+    rows = sizes["data"] * sizes["fsdp"]
+    heads = model_cfg.text.num_kv_heads % sizes["tensor"] == 0 and sizes["tensor"] > 1
+
+    def put(x):
+      spec = [sharding.BATCH_AXES if x.shape[0] % rows == 0 else None]
+      if x.ndim == 4 and heads:  # k [B, Hkv, D, S] and v [B, Hkv, S, D]
+        spec.append("tensor")
+      named = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+      return jax.lax.with_sharding_constraint(x, named)
+
+    return jax.tree.map(put, tree)
 
   def rollout(params, batch, rng):
     prompts, f = batch.frame_patches.shape[:2]
@@ -441,6 +465,7 @@ def make_rollout_fn(
       logits_at=jnp.full((prompts,), lp - 1, jnp.int32),  # left-padded: the last token is real
     )
     logits, cache = rep(logits), jax.tree.map(rep, cache)  # every cache entry is batch-major
+    logits, cache = row_layout(logits), row_layout(cache)
     forced = batch.forced_tokens
     if forced is None:
       forced = jnp.full((b, 1), -1, jnp.int32)
@@ -550,7 +575,8 @@ def make_rollout_fn(
         active=active,
         step=s["step"] + 1,
       )
-      return jax.lax.cond(jnp.any(pending), lambda s: observe(s, pending), lambda s: s, s)
+      s = jax.lax.cond(jnp.any(pending), lambda s: observe(s, pending), lambda s: s, s)
+      return dict(s, cache=row_layout(s["cache"]), logits=row_layout(s["logits"]))
 
     def observe(s, pending):
       # 6. One host call serves every waiting row.
@@ -658,7 +684,17 @@ def make_rollout_fn(
       search_patches=s["search_patches"],
     )
 
-  return jax.jit(rollout)
+  if mesh is None:
+    return jax.jit(rollout)
+  jitted = jax.jit(rollout)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def run(params, batch, rng):
+    # The prompt batch is small next to the cache: every row device gets all of it.
+    return jitted(params, jax.device_put(batch, replicated), jax.device_put(rng, replicated))
+
+  run.lower = jitted.lower  # ahead-of-time compilation (`tools.aot`)
+  return run
 
 
 def _prefill_rows(
