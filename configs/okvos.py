@@ -63,14 +63,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.reasonvos_dir = ""
   c.data.revos_dir = ""
   c.data.synthetic_dir = ""  # Where the synthetic set is built and cached; empty = under workdir.
-  c.data.synthetic_train = 192  # Samples per split of the synthetic set (disjoint entities).
+  # Samples per split of the synthetic set (disjoint entities; 96 train teams, 24 test).
+  c.data.synthetic_train = 384
   c.data.synthetic_test = 32
   c.data.train_split = "train"
   c.data.eval_split = "test"
-  c.data.num_frames = 6
-  c.data.frame_size = 96  # Shown frames are resized to this square (448 in the paper).
-  c.data.keyframe_size = 128  # The high-res keyframe observation (864 in the paper).
-  c.data.search_image_size = 64  # image_search results (256 in the paper).
+  # The synthetic videos: 3 frames of a 2 x 2 board, one pair of emblems a frame. At 32
+  # pixels each cell is one 16-pixel patch and a frame one merged vision token of the
+  # embedded policy (448 / 864 / 256 pixels in the paper).
+  c.data.num_frames = 3
+  c.data.frame_size = 32  # Shown frames are resized to this square.
+  c.data.keyframe_size = 32  # The high-res keyframe observation.
+  c.data.search_image_size = 32  # image_search results.
   c.data.min_pixels = 0  # Image processor minimum; -1 = the family's (Qwen3-VL: 65536).
   c.data.on_error = "skip"  # skip (and count) | raise, for broken samples.
   # A run stops when more than this share of the samples it has read were broken
@@ -179,7 +183,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Supervised warm start on the synthetic expert trajectories (search -> keyframe
   # -> answer), for a policy that starts from random weights.
   c.sft = ml_collections.ConfigDict()
-  c.sft.steps = 160
+  c.sft.steps = 400
   c.sft.lr = 2e-3
   c.sft.batch_size = 8
   c.sft.warmup_steps = 10

@@ -25,6 +25,10 @@ def corpus(paths):
   return [json.loads(line) for line in open(paths.text_corpus, encoding="utf-8")]
 
 
+def images(paths):
+  return [json.loads(line) for line in open(paths.image_corpus, encoding="utf-8")]
+
+
 def test_raw_layout_is_read_by_the_real_reader(built):
   for split in ("train", "test"):
     examples = list(okvos.iter_raw_examples(built.okvos_dir, split))
@@ -46,8 +50,9 @@ def test_masks_match_the_rendered_object_colour(built):
   colour_of = {}
   for record in corpus(built):
     title, _, body = record["contents"].partition("\n")
-    if "play under a" in body:
-      colour_of[title] = body.split("play under a ")[1].split()[0]
+    if "head coach of the " in body:
+      team, _, emblem = body.split("head coach of the ")[1].partition(", whose emblem is a ")
+      colour_of[team] = emblem.split()[0]
   for e, row in zip(okvos.iter_raw_examples(built.okvos_dir, "test"), rows(built, "test")):
     team = json.loads(row["entities"])[int(row["oid"])]
     want = np.asarray(synthetic.COLOURS[colour_of[team]], float)
@@ -96,13 +101,21 @@ def test_every_search_query_is_answerable_from_the_kb(built):
       if row["ability"] == "in-video":
         continue
       assert [c["query"] for c in chain] == row["steps"]
+      entities = json.loads(row["entities"])
+      oid = int(row["oid"])
+      ref = entities[synthetic.partner(oid) if row["ability"] == "relational" else oid]
+      if chain[0]["tool"] == "image_search":
+        # Named team: its picture answers in one search; its own document does not
+        # describe the emblem (the text route needs a second hop, via the coach).
+        assert chain[0]["query"] == ref and len(chain) == 1
+        assert images(built)[chain[0]["doc_id"]]["name"] == ref
+        team_doc = next(d for d in docs if d["contents"].startswith(ref + "\n"))
+        assert "emblem" not in team_doc["contents"]
+        continue
       # Each step's document contains its answer; the last answer is the emblem of
       # the target (one-/multi-hop) or of the reference object (relational).
       for c in chain:
         assert c["answer"] in docs[c["doc_id"]]["contents"], (row["id"], c)
-      entities = json.loads(row["entities"])
-      target = entities[int(row["oid"])]
-      ref = entities[int(row["oid"]) + 1] if row["ability"] == "relational" else target
       assert ref in docs[chain[-1]["doc_id"]]["contents"], row["id"]
       # The question's key fact (cup or institute) is what the first document is about.
       expression = row["question"].split("'")[1]
@@ -115,11 +128,15 @@ def test_bm25_retrieves_every_reference_document(built):
   del bm25s
   from segresearch_jax.search import local_kb
 
-  kb = local_kb.LocalKnowledgeBase.from_files(built.text_corpus, method="bm25")
+  kb = local_kb.LocalKnowledgeBase.from_files(built.text_corpus, built.image_corpus, method="bm25")
   docs = corpus(built)
   for split in ("train", "test"):
     for row in rows(built, split):
       for c in json.loads(row["reference_chain"]):
+        if c["tool"] == "image_search":
+          got = [r.name for r in kb.image_search(c["query"], 1)]
+          assert got == [images(built)[c["doc_id"]]["name"]], (row["id"], c["query"], got)
+          continue
         title, text = docs[c["doc_id"]]["contents"].split("\n", 1)
         got = [(r.title, r.text) for r in kb.text_search(c["query"], 2)]
         assert (title, text) in got, (row["id"], c["query"], got)
@@ -137,11 +154,37 @@ def test_deterministic_and_cached(built, tmp_path):
   assert rows(changed, "train") != rows(built, "train")
 
 
-def test_guessing_without_search_is_rarely_right(built):
-  """Every video holds 4-5 distinct emblems of KB teams: a blind pick is right <= 1/4."""
+def test_identity_decides_frames_and_cells(built):
+  """Each shown frame holds one pair of distinctly coloured emblems; the target is on
+  screen in only some shown frames, with a look-alike pair in the others, and its box
+  depends only on its cell of the board."""
+  boxes = set()
+  for split in ("train", "test"):
+    examples = okvos.iter_raw_examples(built.okvos_dir, split)
+    for e, row in zip(examples, rows(built, split)):
+      entities = json.loads(row["entities"])
+      assert len(entities) % 2 == 0 and 4 <= len(entities) <= 2 * synthetic.PAIRS
+      assert len(set(entities)) == len(entities)
+      masks = pathlib.Path(built.okvos_dir) / split / "Annotations" / row["video"]
+      per_object = [
+        okvos.read_video_masks(masks / str(oid))[1].any(axis=(1, 2)) for oid in range(len(entities))
+      ]
+      on_screen = np.stack(per_object)  # [objects, frames]
+      assert (on_screen.sum(axis=0) == 2).all()  # one pair per frame
+      oid = int(row["oid"])
+      assert (on_screen[oid] == on_screen[synthetic.partner(oid)]).all()
+      shown = e["ground_truth"]
+      assert 0 < len(shown) < len(e["frame_numbers"])  # present in some frames only
+      for v in shown.values():
+        boxes.add(tuple(v["bbox_2d"]))
+  assert len(boxes) <= 4  # the default 2 x 2 board
+
+
+def test_searches_name_the_tool_that_answers_fastest(built):
+  """Named-team questions go through image_search (one search), the rest through text."""
+  kinds = {"text_search": 0, "image_search": 0}
   for split in ("train", "test"):
     for row in rows(built, split):
-      entities = json.loads(row["entities"])
-      assert 4 <= len(entities) == len(set(entities))
-      masks = pathlib.Path(built.okvos_dir) / split / "Annotations" / row["video"]
-      assert len(list(masks.iterdir())) == len(entities)
+      for c in json.loads(row["reference_chain"]):
+        kinds[c["tool"]] += 1
+  assert kinds["text_search"] > 0 and kinds["image_search"] > 0

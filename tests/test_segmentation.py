@@ -15,7 +15,7 @@ SAM2_TINY = "configs/sam2.1/sam2.1_hiera_t.yaml"
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
   return synthetic.build(
-    tmp_path_factory.mktemp("syn"), num_train=3, num_test=1, frames=(5, 6), size=(96, 72)
+    tmp_path_factory.mktemp("syn"), num_train=8, num_test=1, frames=(5, 6), size=(96, 72)
   )
 
 
@@ -231,11 +231,14 @@ def test_segment_video_validates_input():
 
 
 def test_weight_free_video_tracks_the_target_both_ways(syn):
-  js = []
-  for index in range(3):
+  js, tracked = [], 0
+  for index in range(8):
     frames, numbers, gts = full_video(syn.okvos_dir, index)
-    present = [i for i, m in enumerate(gts) if m.sum() >= 60]
-    key = present[len(present) // 2]
+    inner = [i for i, m in enumerate(gts) if m.sum() >= 60 and 0 < i < len(gts) - 1]
+    if not inner or tracked == 3:
+      continue  # the target is on screen only in the first or last frame
+    tracked += 1
+    key = inner[len(inner) // 2]
     stats = okvos.mask_stats(gts[key])
     masks = video.segment_video(
       frames, key, stats["bbox_2d"], stats["point_2d"], video.WeightFreeVideoSegmenter()
@@ -243,7 +246,7 @@ def test_weight_free_video_tracks_the_target_both_ways(syn):
     assert masks.shape == gts.shape
     assert key not in (0, len(frames) - 1) or len(frames) <= 2  # both directions exercised
     js.extend(segmenters.mask_ious(masks[i : i + 1], gts[i])[0] for i in range(len(gts)))
-  assert np.mean(js) > 0.85, np.round(js, 2)
+  assert tracked == 3 and np.mean(js) > 0.85, np.round(js, 2)
 
 
 @pytest.mark.slow

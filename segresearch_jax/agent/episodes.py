@@ -226,17 +226,17 @@ def expert_turns(sample: Mapping[str, Any]) -> list[str]:
   turns = []
   learned = None
   for step in chain:
-    if step["tool"] != "text_search":
-      raise ValueError(f"Expert chains use text_search only, got {step['tool']!r}.")
+    if step["tool"] not in ("text_search", "image_search"):
+      raise ValueError(f"Expert chains search with text_search or image_search, got {step!r}.")
     known = f"It is {learned}. " if learned else ""
-    call = json.dumps({"name": "text_search", "query": step["query"]})
+    call = json.dumps({"name": step["tool"], "query": step["query"]})
     turns.append(f"<thinking> {known}I search. </thinking> <search> {call} </search>")
     learned = step["answer"]
   if ability == "in-video":
     match = _IN_VIDEO.search(sample["question"])
     target = f"the {match.group(1)}" if match else "the target"
   elif ability == "relational":
-    target = f"left of the {learned}"
+    target = f"the one shown with the {learned}"
   else:
     target = f"the {learned}"
   frame = _keyframe_choice(gt, shown)

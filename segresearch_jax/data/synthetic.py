@@ -5,24 +5,32 @@ data made here, written in the SAME raw layout as OK-VOS (docs/method.md §4.1) 
 (`okvos.py`) ingests it unchanged, plus a knowledge base in the official format
 (`text_corpus.jsonl`, `image_corpus.jsonl`, `images/`).
 
-The world: fictional teams, each with an emblem (a coloured shape) that appears as a
-moving object in videos. Videos hold 4-5 objects of distinct colour+shape moving in
-overlapping lanes, so they partly occlude one another; the target may enter late or
-leave early. Queries come in the four abilities:
+The world: fictional teams, each with an emblem (a coloured shape). A video holds
+three pairs of emblems (six teams, six distinct colours); each frame shows ONE pair,
+each object filling one cell of a small board (2 x 2 by default), and each pair is on
+screen in a third of the shown frames. So the target's identity decides everything the reward's
+accuracy terms score: which frames are right (only its pair's frames are ground-truth
+keys) and, inside such a frame, which of the two objects the box and point must
+cover. Without that identity a policy is right about 1 time in 6. Boxes depend only
+on the cell, so a policy that finds the object can name its box exactly.
+
+Queries come in the four abilities:
 
 - in-video: "the blue triangle" (no search needed).
 - one-hop: "the emblem of the team that won the 2031 Glimmer Cup"; one KB document
-  (the cup) names the team AND describes its emblem.
+  (the cup) names the team AND describes its emblem. Or "the emblem of the Zarnok
+  Falcons": one image_search returns the team's emblem picture, while the text route
+  takes two hops (the team's document names its coach, the coach's document its
+  emblem).
 - multi-hop: "the emblem of the team coached by the founder of the Velora Institute":
   the institute's document names a person, the person's document names the team
   and its emblem.
-- relational: "the object just left of the emblem of <one-hop phrase>": the reference
-  object needs search, the target is its left neighbour lane.
+- relational: "the object shown with the emblem of <one-hop phrase>": the reference
+  object needs search, the target is the other member of its pair.
 
-Every object in a video is some team's emblem, and the KB has documents for all of
-them, so without search a guess is right about 1 in 4-5 times. Each search sample
-stores its reference chain (queries and the document ids that answer them) in the
-parquet column `reference_chain` (JSON) for a supervised warm start.
+Each search sample stores its reference chain (tool, query, the id of the text
+document or image that answers it, and the fact it reveals) in the parquet column
+`reference_chain` (JSON) for a supervised warm start.
 
 Train and test use disjoint entities and facts (names, cups, institutes): the test
 knowledge cannot be memorised in training, the paper's premise. Output is a pure
@@ -40,7 +48,7 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 1
+VERSION = 2
 COLOURS = {
   "red": (220, 40, 40),
   "green": (40, 170, 60),
@@ -52,7 +60,9 @@ COLOURS = {
   "white": (245, 245, 245),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-ABILITY_CYCLE = ("in-video", "one-hop", "multi-hop", "relational")
+# Query kinds in turn: the four abilities, one-hop both by text and by picture.
+QUERY_CYCLE = ("in-video", "one-hop", "multi-hop", "relational", "one-hop-image")
+PAIRS = 3  # Pairs of objects per video (fewer when a split has too few colours).
 _SYLLABLES = (
   "zar nok vel ora mir ta quel bran dor fen lis kor ath ul vex imo sar pel tun gri "
   "hal obe ryn cas dru emi fal gor hin jas kel lum nar osk pry qua"
@@ -88,6 +98,7 @@ class Team:
   person_doc: int = -1
   institute_doc: int = -1
   team_doc: int = -1
+  image_doc: int = -1  # id in the image corpus
 
   @property
   def emblem(self) -> str:
@@ -112,18 +123,19 @@ def _unique_words(rng: np.random.Generator, n: int, parts: int) -> list[str]:
 def make_teams(rng: np.random.Generator, counts: list[int], year0: int) -> list[list[Team]]:
   """Teams for each split: names, cups, coaches and institutes unique across ALL splits.
 
-  Emblems (colour+shape) are unique within a split, so every object in a video is
-  told apart by appearance; they may repeat across splits (appearance is not
-  knowledge, the facts are).
+  Emblems (colour+shape) are unique within a split up to the 40 there are, then
+  repeat; a video only ever shows emblems of distinct colours, so its objects are
+  always told apart by appearance. Emblems repeat across splits (appearance is not
+  knowledge, the facts are). Many teams make the facts too many to memorise: the
+  policy has to read them from the retrieved documents.
   """
   emblems = [(c, s) for c in COLOURS for s in SHAPES]
-  if max(counts) > len(emblems):
-    raise ValueError(f"At most {len(emblems)} teams per split, asked for {max(counts)}.")
   total = sum(counts)
   words = _unique_words(rng, 4 * total, 2)
   out, i = [], 0
   for n in counts:
-    emblem_order = rng.permutation(len(emblems))[:n]
+    rounds = -(-n // len(emblems))
+    emblem_order = np.concatenate([rng.permutation(len(emblems)) for _ in range(rounds)])
     teams = []
     for j in range(n):
       colour, shape = emblems[emblem_order[j]]
@@ -158,9 +170,7 @@ def add_documents(teams: list[Team], corpus: list[dict]) -> None:
     return len(corpus) - 1
 
   for t in teams:
-    t.team_doc = add(
-      t.name, f"The {t.name} play under a {t.emblem} emblem. They are coached by {t.coach}."
-    )
+    t.team_doc = add(t.name, f"The {t.name} are a club coached by {t.coach}.")
     t.cup_doc = add(
       _title(t.cup),
       f"{_sentence(t.cup)} was won by the {t.name}, whose emblem is a {t.emblem}.",
@@ -184,7 +194,7 @@ def render_emblem(colour: str, shape: str, size: int) -> Image.Image:
   if shape == "circle":
     draw.ellipse([0, 0, s, s], fill=fill)
   elif shape == "square":
-    draw.rectangle([s * 0.1, s * 0.1, s * 0.9, s * 0.9], fill=fill)
+    draw.rectangle([0, 0, s, s], fill=fill)
   elif shape == "triangle":
     draw.polygon([(s / 2, 0), (s, s), (0, s)], fill=fill)
   elif shape == "diamond":
@@ -202,58 +212,67 @@ def render_emblem(colour: str, shape: str, size: int) -> Image.Image:
 # ----------------------------------------------------------------------------
 
 
+def cell_box(cell: int, width: int, height: int, grid: int) -> tuple[int, int, int]:
+  """(x0, y0, size) of the square sprite drawn in `cell` (row-major on a grid x grid board)."""
+  cw, ch = width // grid, height // grid
+  size = max(6, int(min(cw, ch) * 0.8))
+  row, col = divmod(cell, grid)
+  return col * cw + (cw - size) // 2, row * ch + (ch - size) // 2, size
+
+
+def frame_schedule(
+  rng: np.random.Generator, num_frames: int, num_pairs: int, target_pair: int
+) -> np.ndarray:
+  """Which pair of objects each frame shows: int [num_frames].
+
+  The frames the evaluation shows (`okvos.sample_frame_indices` without an anchor)
+  are dealt to the pairs in turn, the target's pair first, so every pair (and so
+  the target) is on screen in some shown frames and absent from the others; frames
+  never shown get a random pair.
+  """
+  from segresearch_jax.data import okvos  # The reader's own sampling rule.
+
+  shown = okvos.sample_frame_indices(num_frames, 6)
+  order = [target_pair] + [p for p in rng.permutation(num_pairs) if p != target_pair]
+  pairs = rng.integers(0, num_pairs, size=num_frames)
+  for k, f in enumerate(rng.permutation(shown)):
+    pairs[f] = order[k % num_pairs]
+  return pairs
+
+
 def render_video(
   rng: np.random.Generator,
   teams: list[Team],
-  num_frames: int,
+  schedule: np.ndarray,
   width: int,
   height: int,
-  absent_target: int | None,
+  grid: int,
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
-  """Renders a video of the teams' emblems moving in left-to-right lanes.
+  """Renders a video whose frame f shows the two emblems of pair `schedule[f]`.
 
-  Lane i is centred at (i + 0.5) / n of the width; objects jitter horizontally by up
-  to 0.3 of a lane and move vertically, so neighbours overlap and occlude one another
-  (z-order is random per video). `absent_target`, when set, is an object index that
-  is off-screen in a run of frames at the start or end.
+  Objects 2p and 2p + 1 form pair p. Each frame puts its pair in two random
+  distinct cells of the board (they never overlap), so every object is either
+  fully visible or absent, and its box depends only on its cell.
 
   Returns:
     frames: uint8 [H, W, 3] per frame; masks[obj][frame]: bool [H, W] visible pixels.
   """
   n = len(teams)
-  lane_w = width / n
-  size = int(rng.integers(int(lane_w * 0.8), int(lane_w * 1.1) + 1))
-  size = max(12, min(size, height // 2))
+  size = cell_box(0, width, height, grid)[2]
   sprites = [np.asarray(render_emblem(t.colour, t.shape, size))[..., 3] > 0 for t in teams]
-  z_order = rng.permutation(n)
-  phase = rng.uniform(0, 2 * np.pi, size=(n, 2))
-  speed = rng.uniform(0.3, 0.8, size=(n, 2))
-  visible = np.ones((n, num_frames), dtype=bool)
-  if absent_target is not None:
-    gap = int(rng.integers(1, max(2, num_frames // 3) + 1))
-    if rng.random() < 0.5:
-      visible[absent_target, :gap] = False
-    else:
-      visible[absent_target, num_frames - gap :] = False
   background = rng.integers(70, 110, size=3)
   noise_rng = np.random.default_rng(rng.integers(1 << 31))
   frames, masks = [], [[] for _ in range(n)]
-  for f in range(num_frames):
+  for pair in schedule:
     canvas = np.empty((height, width, 3), dtype=np.uint8)
     canvas[:] = background
     canvas = np.clip(canvas + noise_rng.integers(-8, 9, size=canvas.shape), 0, 255).astype(np.uint8)
     owner = np.full((height, width), -1, dtype=np.int32)
-    for i in z_order:  # Back to front; later objects occlude earlier ones.
-      if not visible[i, f]:
-        continue
-      cx = (i + 0.5) * lane_w + 0.3 * lane_w * np.sin(speed[i, 0] * f + phase[i, 0])
-      cy = height / 2 + (height / 2 - size / 2) * 0.9 * np.sin(speed[i, 1] * f + phase[i, 1])
-      x0, y0 = int(round(cx - size / 2)), int(round(cy - size / 2))
+    for i, cell in zip((2 * pair, 2 * pair + 1), rng.choice(grid * grid, 2, replace=False)):
+      x0, y0, _ = cell_box(int(cell), width, height, grid)
       ys, xs = np.nonzero(sprites[i])
-      ys, xs = ys + y0, xs + x0
-      keep = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
-      owner[ys[keep], xs[keep]] = i
-      canvas[ys[keep], xs[keep]] = COLOURS[teams[i].colour]
+      owner[ys + y0, xs + x0] = i
+      canvas[ys + y0, xs + x0] = COLOURS[teams[i].colour]
     frames.append(canvas)
     for i in range(n):
       masks[i].append(owner == i)
@@ -282,25 +301,43 @@ def _question(expression: str) -> str:
   return f"Please find '{expression}' in the provided video."
 
 
-def make_query(ability: str, teams: list[Team], target: int, rng: np.random.Generator) -> dict:
-  """The expression, reference search steps and reference chain for one sample.
+def partner(index: int) -> int:
+  """The object shown together with object `index` (its pair's other member)."""
+  return index ^ 1
 
-  For relational samples `target` must have a right neighbour (the reference object).
+
+def make_query(kind: str, teams: list[Team], target: int) -> dict:
+  """The ability, expression, reference search steps and reference chain of one sample.
+
+  `kind` is an ability, or "one-hop-image": a one-hop question naming the team, whose
+  picture (image_search) identifies it at once while the text route takes two hops
+  (the team's own document does not describe its emblem).
   """
   t = teams[target]
-  if ability == "in-video":
-    return {"expression": f"the {t.emblem}", "steps": [], "chain": []}
-  if ability == "one-hop":
+  if kind == "in-video":
+    return {"ability": kind, "expression": f"the {t.emblem}", "steps": [], "chain": []}
+  if kind == "one-hop":
     q = f"Which team won {t.cup}?"
     return {
+      "ability": kind,
       "expression": f"the emblem of the team that won {t.cup}",
       "steps": [q],
       "chain": [{"tool": "text_search", "query": q, "doc_id": t.cup_doc, "answer": t.emblem}],
     }
-  if ability == "multi-hop":
+  if kind == "one-hop-image":
+    return {
+      "ability": "one-hop",
+      "expression": f"the emblem of the {t.name}",
+      "steps": [t.name],
+      "chain": [
+        {"tool": "image_search", "query": t.name, "doc_id": t.image_doc, "answer": t.emblem}
+      ],
+    }
+  if kind == "multi-hop":
     q1 = f"Who founded {t.founder_of}?"
     q2 = f"Which team does {t.coach} coach?"
     return {
+      "ability": kind,
       "expression": f"the emblem of the team coached by the founder of {t.founder_of}",
       "steps": [q1, q2],
       "chain": [
@@ -308,20 +345,33 @@ def make_query(ability: str, teams: list[Team], target: int, rng: np.random.Gene
         {"tool": "text_search", "query": q2, "doc_id": t.person_doc, "answer": t.emblem},
       ],
     }
-  if ability == "relational":
-    ref = teams[target + 1]
+  if kind == "relational":
+    ref = teams[partner(target)]
     q = f"Which team won {ref.cup}?"
     return {
-      "expression": f"the object just left of the emblem of the team that won {ref.cup}",
+      "ability": kind,
+      "expression": f"the object shown with the emblem of the team that won {ref.cup}",
       "steps": [q],
       "chain": [{"tool": "text_search", "query": q, "doc_id": ref.cup_doc, "answer": ref.emblem}],
     }
-  raise ValueError(f"Unknown ability {ability!r}.")
+  raise ValueError(f"Unknown query kind {kind!r}; expected one of {QUERY_CYCLE}.")
 
 
 # ----------------------------------------------------------------------------
 # Building.
 # ----------------------------------------------------------------------------
+
+
+def _pick_teams(rng: np.random.Generator, teams: list[Team], n: int) -> list[Team]:
+  """n teams of the split whose emblem colours differ (colour alone tells them apart)."""
+  chosen, colours = [], set()
+  for i in rng.permutation(len(teams)):
+    if teams[i].colour not in colours:
+      chosen.append(teams[i])
+      colours.add(teams[i].colour)
+    if len(chosen) == n:
+      break
+  return chosen
 
 
 def _write_split(
@@ -332,44 +382,40 @@ def _write_split(
   okvos_dir: pathlib.Path,
   frame_range: tuple[int, int],
   size: tuple[int, int],
+  grid: int,
 ) -> None:
   import pyarrow as pa
   import pyarrow.parquet as pq
 
   rows = []
+  num_colours = len({t.colour for t in teams})
   for s in range(num_samples):
     video = f"{split}_{s:04d}"
-    ability = ABILITY_CYCLE[s % len(ABILITY_CYCLE)]
-    n_obj = int(rng.integers(4, 6))
-    chosen = [teams[i] for i in rng.choice(len(teams), size=n_obj, replace=False)]
-    # Relational targets need a right neighbour; others may be any lane.
-    target = int(rng.integers(0, n_obj - 1 if ability == "relational" else n_obj))
+    kind = QUERY_CYCLE[s % len(QUERY_CYCLE)]
     num_frames = int(rng.integers(frame_range[0], frame_range[1] + 1))
-    absent = target if rng.random() < 0.3 else None
-    for _ in range(10):  # Re-draw the rare video where the target is never visible.
-      frames, masks = render_video(rng, chosen, num_frames, size[0], size[1], absent)
-      if any(m.any() for m in masks[target]):
-        break
-    else:
-      raise RuntimeError(f"Synthetic video {video}: target never visible after 10 draws.")
+    num_pairs = max(1, min(PAIRS, num_colours // 2, num_frames))
+    chosen = _pick_teams(rng, teams, 2 * num_pairs)
+    target = int(rng.integers(0, len(chosen)))
+    schedule = frame_schedule(rng, num_frames, num_pairs, target // 2)
+    frames, masks = render_video(rng, chosen, schedule, size[0], size[1], grid)
     # Frame numbers step by 5 (like sub-sampled DAVIS-style videos): numbers != indices.
     names = [f"{5 * f:05d}" for f in range(num_frames)]
     frame_dir = okvos_dir / split / "JPEGImages" / video
     frame_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in zip(names, frames):
       Image.fromarray(frame).save(frame_dir / f"{name}.jpg", quality=92)
-    for oid in range(n_obj):
+    for oid in range(len(chosen)):
       mask_dir = okvos_dir / split / "Annotations" / video / str(oid)
       mask_dir.mkdir(parents=True, exist_ok=True)
       for name, mask in zip(names, masks[oid]):
         _palette_png(mask, mask_dir / f"{name}.png")
-    query = make_query(ability, chosen, target, rng)
+    query = make_query(kind, chosen, target)
     rows.append(
       {
         "id": f"syn-{video}",
         "video": video,
         "oid": str(target),
-        "ability": ability,
+        "ability": query["ability"],
         "question": _question(query["expression"]),
         "images": names,
         "steps": query["steps"],
@@ -386,9 +432,10 @@ def build(
   num_train: int = 64,
   num_test: int = 32,
   *,
-  teams_per_split: int = 24,
-  frames: tuple[int, int] = (8, 14),
-  size: tuple[int, int] = (192, 144),
+  teams_per_split: int | tuple[int, int] = (96, 24),
+  frames: tuple[int, int] = (3, 3),
+  size: tuple[int, int] = (64, 64),
+  grid: int = 2,
   force: bool = False,
 ) -> Paths:
   """Builds (or reuses) the synthetic OK-VOS set and its knowledge base.
@@ -398,9 +445,13 @@ def build(
       `kb/` (text_corpus.jsonl, image_corpus.jsonl, images/).
     seed: makes the output a pure function of the arguments.
     num_train, num_test: samples per split.
-    teams_per_split: entities per split; train and test entities are disjoint.
+    teams_per_split: entities per split, one number or (train, test); train and
+      test entities are disjoint.
     frames: (min, max) frames per video.
     size: (width, height) of the frames.
+    grid: the board is grid x grid cells, one object per cell. The default 2 x 2 on
+      64-pixel frames shown at 32 pixels puts each cell in one 16-pixel patch of the
+      embedded policy, so one merged vision token sees a whole frame.
     force: rebuild even when a matching build is cached.
 
   Returns:
@@ -418,9 +469,10 @@ def build(
     "seed": seed,
     "num_train": num_train,
     "num_test": num_test,
-    "teams_per_split": teams_per_split,
+    "teams_per_split": list(np.broadcast_to(teams_per_split, 2).tolist()),
     "frames": list(frames),
     "size": list(size),
+    "grid": grid,
   }
   manifest = out / "manifest.json"
   if not force and manifest.is_file():
@@ -434,7 +486,7 @@ def build(
   manifest.unlink(missing_ok=True)
 
   rng = np.random.default_rng(seed)
-  train_teams, test_teams = make_teams(rng, [teams_per_split, teams_per_split], year0=2031)
+  train_teams, test_teams = make_teams(rng, params["teams_per_split"], year0=2031)
   split_teams = {"train": train_teams, "test": test_teams}
   all_teams = train_teams + test_teams
   corpus: list[dict] = []
@@ -457,6 +509,7 @@ def build(
       f.write(json.dumps(doc) + "\n")
   with open(paths.image_corpus, "w", encoding="utf-8") as f:
     for i, t in enumerate(all_teams):
+      t.image_doc = i
       filename = f"{t.name}.png"
       render_emblem(t.colour, t.shape, 64).save(kb / "images" / filename)
       record = {"id": i, "name": t.name, "filename": filename, "image_path": f"images/{filename}"}
@@ -467,7 +520,7 @@ def build(
   counts = {"train": num_train, "test": num_test}
   for split, teams in split_teams.items():
     split_rng = np.random.default_rng([seed, 1 if split == "train" else 2])
-    _write_split(split_rng, split, teams, counts[split], okvos_dir, frames, size)
+    _write_split(split_rng, split, teams, counts[split], okvos_dir, frames, size, grid)
   split_entities = {s: sorted(t.name for t in ts) for s, ts in split_teams.items()}
   manifest.write_text(json.dumps({"params": params, "entities": split_entities}, indent=1))
   return paths
