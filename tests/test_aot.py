@@ -1,4 +1,5 @@
-"""tools/aot: the trainer's update compiled ahead of time for a TPU topology (needs libtpu)."""
+"""tools/aot: the trainer's update and rollout compiled ahead of time for a TPU topology
+(needs libtpu)."""
 
 import importlib.util
 import os
@@ -74,4 +75,10 @@ def test_tiny_update_compiles_for_a_v5p_slice_with_splash_attention():
   lines = out.stdout.strip().splitlines()
   assert "4 x TPU v5" in out.stdout and "attention splash" in out.stdout
   assert "temporaries" in out.stdout and "FLOPs" in out.stdout and "tools.plan" in out.stdout
-  assert lines[-1].startswith("update: ") and lines[-1].endswith(" fits")
+  assert lines[-3].startswith("update: ") and lines[-3].endswith(" fits")
+  # The rollout program too, on one host's chips, with its KV cache in bf16; then both
+  # together (the training state stays resident while the rollout runs).
+  assert "rollout: 8 prompts x 4 = 32 rows per host" in out.stdout
+  assert "KV cache 656 slots a row in bfloat16" in out.stdout
+  assert lines[-2].startswith("rollout: ") and lines[-2].endswith(" fits")
+  assert lines[-1].startswith("rollout + resident training state: ")

@@ -1,4 +1,4 @@
-r"""Compiles the real GRPO update ahead of time for a TPU topology, on a CPU machine.
+r"""Compiles the real GRPO update and rollout ahead of time for a TPU topology, on a CPU.
 
     python -m segresearch_jax.tools.aot --config=configs/okvos.py:paper --target=v5p-64
 
@@ -8,10 +8,19 @@ devices of a TPU slice that need not exist (`jax.experimental.topologies`, as
 maxtext's `train_compile.py`), from abstract arrays laid out by the run's mesh and
 partition rules. It prints XLA's per-chip memory analysis, the FLOPs of the cost
 analysis and the memory plan's estimate (`sharding.plan`) of the same program, and
-exits 1 when a program does not fit in 90% of a chip's HBM. The last lines, one per
-program, are what scripts read:
+exits 1 when a program does not fit in 90% of a chip's HBM. The rollout program
+(`compile_rollout`: one host's share of the rows on its own chips, bf16 KV cache of
+`rollout.max_episode_tokens` slots a row) is compiled the same way. The last lines,
+one per program and then both together, are what scripts read:
 
     update: 61.2 GiB of 95.7 GiB per chip (64%) fits
+    rollout: 20.1 GiB of 95.7 GiB per chip (21%) fits
+    rollout + resident training state: 22.0 GiB of 95.7 GiB per chip (23%) fits (...)
+
+The rollout runs while the training state (parameters and AdamW moments, sharded)
+stays in HBM; its KV cache and its gathered parameter copy exist only while it runs,
+so the update gets that memory back (as verl frees vLLM's cache for training).
+`--programs=rollout` compiles one of them only.
 
 Any `--config.*` override works, e.g. `--config.model.remat=full` or
 `--config.loss.micro_batches=2`. `model.attention=auto` compiles the TPU kernel
@@ -295,10 +304,89 @@ def compile_update(config: Any, devices: Sequence[Any]) -> tuple[Any, dict[str, 
       compiled, refused = None, OutOfMemory(str(e), _sharded_bytes((state, batch)))
   facts = {
     "refused": refused,
+    "state_bytes": _sharded_bytes(state),
     "mesh": dict(mesh.shape),
     "rows": rows,
     "model_cfg": model_cfg,
     "shapes": shapes,
+    "seconds": (lowered_s, time.perf_counter() - start - lowered_s),
+  }
+  return compiled, facts
+
+
+def compile_rollout(config: Any, devices: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+  """Lowers and compiles the trainer's rollout program for one host of `devices`.
+
+  Each host of the slice rolls out its share of the step's prompts on its own chips
+  (`sharding.rollout_mesh`: rows over them, KV heads over `tensor`) with the
+  parameters regathered from the training layout (`sharding.rollout_params`); the
+  program is the same on every host, so host 0's is compiled. The host callback
+  (search, tokenisation) is compiled in and never called.
+
+  Returns:
+    (the compiled program, or None when XLA refused it for lack of HBM; facts: mesh
+    sizes, hosts, prompts and rows per host, cache slots a row, the refusal or None).
+  """
+  from segresearch_jax.agent import rollout
+
+  model_cfg = model_config(config)
+  rcfg, shapes = rollout_config(config, model_cfg)
+  train_mesh = sharding.make_mesh(config.mesh, devices)
+  mesh = sharding.rollout_mesh(train_mesh)
+  hosts = len({d.process_index for d in devices})
+  if config.batch_size % hosts:
+    raise ValueError(f"batch_size={config.batch_size} prompts do not split over {hosts} hosts.")
+  prompts = config.batch_size // hosts
+  r = config.rollout
+  lp, frames, pd = r.max_prompt_length, config.data.num_frames, shapes.patch_dim
+  pf, pk = shapes.num_patches(shapes.frame_size), shapes.num_patches(shapes.keyframe_size)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+  i32 = jnp.int32
+  batch = rollout.PromptBatch(
+    prompt_ids=abstract((prompts, lp), i32),
+    prompt_valid=abstract((prompts, lp), bool),
+    prompt_positions=abstract((prompts, 3, lp), i32),
+    next_pos=abstract((prompts,), i32),
+    frame_patches=abstract((prompts, frames, pf, pd), jnp.float32),
+    keyframe_patches=abstract((prompts, frames, pk, pd), jnp.float32),
+    prompt_index=abstract((prompts,), i32),
+  )
+  abstract_params = jax.eval_shape(lambda: policy.init_params(model_cfg, jax.random.PRNGKey(0)))
+  specs = sharding.param_specs(abstract_params, sharding.rules_from_config(config.mesh), train_mesh)
+  params = jax.tree.map(
+    lambda x, spec: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=NamedSharding(mesh, sharding.rollout_spec(spec))
+    ),
+    abstract_params,
+    specs,
+  )
+
+  def host_fn(*args):
+    raise RuntimeError("tools.aot compiles the rollout; it never runs it.")
+
+  stop = jnp.full((1, 2), -1, jnp.int32)  # the shape of `rollout.stop_patterns`'s output
+  fn = rollout.make_rollout_fn(model_cfg, rcfg, stop, host_fn, shapes.search_patch_shape, mesh=mesh)
+  rng = abstract((2,), jnp.uint32)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = fn.lower(params, batch, rng)
+    lowered_s = time.perf_counter() - start
+    refused = None
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # XLA's error type differs between jax versions
+      if not _out_of_memory(e):
+        raise
+      compiled, refused = None, OutOfMemory(str(e), _sharded_bytes((params, batch)))
+  facts = {
+    "refused": refused,
+    "mesh": dict(mesh.shape),
+    "hosts": hosts,
+    "prompts": prompts,
+    "rows": prompts * rcfg.group_size,
+    "cache_length": rcfg.cache_length(lp),
+    "kv_dtype": str(jnp.dtype(model_cfg.compute_dtype)),
     "seconds": (lowered_s, time.perf_counter() - start - lowered_s),
   }
   return compiled, facts
@@ -309,51 +397,89 @@ def plan_bytes(config: Any, facts: dict[str, Any]) -> int:
   return components.plan_run(config, facts["mesh"], platform="tpu").total_bytes_per_device
 
 
-def run(config: Any, target_name: str) -> list[Report]:
-  """Compiles every program of `config` for `target_name`; prints and returns the reports."""
+def run(
+  config: Any, target_name: str, programs: Sequence[str] = ("update", "rollout")
+) -> list[Report]:
+  """Compiles the `programs` of `config` for `target_name`; prints and returns the reports.
+
+  With both programs, a last line checks them together: the rollout runs while the
+  training state (parameters and optimizer state, the update's arguments) stays in
+  HBM; the rollout's KV cache and its gathered copy of the parameters live only
+  while it runs, so the update gets that memory back.
+  """
   if target_name not in TARGETS:
     raise ValueError(f"Unknown target {target_name!r}; choose one of {sorted(TARGETS)}.")
+  unknown = set(programs) - {"update", "rollout"}
+  if unknown or not programs:
+    raise ValueError(f"Unknown programs {sorted(unknown)}; choose from update, rollout.")
   target = TARGETS[target_name]
   devices = target_devices(target)
-  compiled, facts = compile_update(config, devices)
-  try:
-    estimate = plan_bytes(config, facts)
-  except (AttributeError, ValueError) as e:  # the plan refuses some layouts; say why
-    print(f"tools.plan estimate unavailable: {e}")
-    estimate = None
-  mesh = ", ".join(f"{k}={v}" for k, v in facts["mesh"].items())
-  m = facts["model_cfg"]
+  hbm = int(target.hbm_gib * GIB)
   print(
     f"target {target_name}: {len(devices)} x {devices[0].device_kind} "
-    f"({target.topology}, {target.hbm_gib} GiB HBM each); mesh {mesh}"
+    f"({target.topology}, {target.hbm_gib} GiB HBM each)"
   )
-  print(
-    f"update: {facts['rows']} rows x "
-    f"{config.rollout.max_prompt_length + config.rollout.max_response_length} tokens, "
-    f"{config.loss.micro_batches} micro-batches; dtype {m.dtype}, remat {m.remat}, "
-    f"scan_layers {m.scan_layers}, attention {m.attention}"
-  )
-  verb = "refused by XLA after" if compiled is None else "compiled in"
-  print(
-    "update: traced and lowered in {:.0f} s, {} {:.0f} s".format(
-      facts["seconds"][0], verb, facts["seconds"][1]
+  reports, state_bytes = [], None
+  if "update" in programs:
+    compiled, facts = compile_update(config, devices)
+    state_bytes = facts["state_bytes"]
+    try:
+      estimate = plan_bytes(config, facts)
+    except (AttributeError, ValueError) as e:  # the plan refuses some layouts; say why
+      print(f"tools.plan estimate unavailable: {e}")
+      estimate = None
+    mesh = ", ".join(f"{k}={v}" for k, v in facts["mesh"].items())
+    m = facts["model_cfg"]
+    print(
+      f"update: {facts['rows']} rows x "
+      f"{config.rollout.max_prompt_length + config.rollout.max_response_length} tokens, "
+      f"{config.loss.micro_batches} micro-batches; mesh {mesh}; dtype {m.dtype}, remat "
+      f"{m.remat}, scan_layers {m.scan_layers}, attention {m.attention}"
     )
-  )
-  hbm = int(target.hbm_gib * GIB)
-  if compiled is None:
-    reports = [_refused_report("update", facts["refused"], hbm, estimate)]
-  else:
-    reports = [_report("update", compiled, hbm, estimate)]
+    verb = "refused by XLA after" if compiled is None else "compiled in"
+    print(
+      "update: traced and lowered in {:.0f} s, {} {:.0f} s".format(
+        facts["seconds"][0], verb, facts["seconds"][1]
+      )
+    )
+    if compiled is None:
+      reports.append(_refused_report("update", facts["refused"], hbm, estimate))
+    else:
+      reports.append(_report("update", compiled, hbm, estimate))
+  if "rollout" in programs:
+    compiled, rfacts = compile_rollout(config, devices)
+    mesh = ", ".join(f"{k}={v}" for k, v in rfacts["mesh"].items())
+    print(
+      f"rollout: {rfacts['prompts']} prompts x {config.rollout.group_size} = "
+      f"{rfacts['rows']} rows per host ({rfacts['hosts']} hosts) on the host's chips "
+      f"(mesh {mesh}); KV cache {rfacts['cache_length']} slots a row in {rfacts['kv_dtype']}"
+    )
+    verb = "refused by XLA after" if compiled is None else "compiled in"
+    lowered_s, compiled_s = rfacts["seconds"]
+    print(f"rollout: traced and lowered in {lowered_s:.0f} s, {verb} {compiled_s:.0f} s")
+    if compiled is None:
+      reports.append(_refused_report("rollout", rfacts["refused"], hbm, None))
+    else:
+      reports.append(_report("rollout", compiled, hbm, None))
   for r in reports:
     print(r.table())
   for r in reports:
     print(r.verdict())
+  rollout_report = [r for r in reports if r.name == "rollout"]
+  if state_bytes is not None and rollout_report:
+    together = rollout_report[0].total + state_bytes
+    fits = together <= FIT_FRACTION * hbm and not rollout_report[0].refused
+    print(
+      f"rollout + resident training state: {together / GIB:.1f} GiB of {hbm / GIB:.1f} GiB "
+      f"per chip ({100 * together / hbm:.0f}%) {'fits' if fits else 'does not fit'} "
+      f"(state {state_bytes / GIB:.1f} GiB)"
+    )
   return reports
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  reports = run(_FLAGS["config"].value, flags.FLAGS.target)
+  reports = run(_FLAGS["config"].value, flags.FLAGS.target, flags.FLAGS.programs)
   sys.exit(0 if all(r.fits for r in reports) else 1)
 
 
@@ -362,6 +488,7 @@ def define_flags() -> None:
     "config", None, "Run config file.", lock_config=True
   )
   flags.DEFINE_string("target", "v5p-64", f"TPU slice: {', '.join(sorted(TARGETS))}.")
+  flags.DEFINE_list("programs", ["update", "rollout"], "Programs to compile: update, rollout.")
 
 
 if __name__ == "__main__":
