@@ -22,6 +22,7 @@ episodes/s with the search cache cold (new file) and then warm.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -102,6 +103,8 @@ def main() -> None:
       search_grid=(1, 2),
       banned_ids=(),
       observe_rows=sampling.observe_rows,
+      max_episode_tokens=sampling.max_episode_tokens,
+      slots=0,
     )
     return rollout.make_rollout_fn(cfg, rcfg, never, host_fn, (2 * m * m, pd))
 
@@ -264,6 +267,8 @@ def episodes(batch_size: int) -> None:
       search_grid=search_grid,
       banned_ids=(tok.image_pad_id, tok.vision_start_id, tok.vision_end_id),
       observe_rows=sampling.observe_rows,
+      max_episode_tokens=sampling.max_episode_tokens,
+      slots=0,
     )
     frame_numbers = [0, 5, 10]
     text = protocol.chat_prompt(
@@ -343,6 +348,41 @@ def episodes(batch_size: int) -> None:
       assert int(np.min(out.num_turns)) == 2, "every scripted row searches and picks a keyframe"
       lat = sorted(r.latency_s for r in br.pop_records() if r.action == "search")
       rows.append((phase, batch_size / dt, 1e3 * lat[len(lat) // 2], 1e3 * lat[-1]))
+
+    # Continuous batching on a mixed-length batch: the same scripted episodes with
+    # thinking of 0 to 7 x 24 words before the answer (about 70 to 240 tokens).
+    mixed = [
+      tok.encode(
+        f'<thinking> q </thinking> <search> {{"name": "text_search", "query": '
+        f'"{words[i % 8]} {words[(i * 3 + 1) % 8]} {i}"}} </search>'
+        "<thinking> k </thinking> <keyframe> 5 </keyframe><thinking> "
+        + "a "
+        * (24 * ((i * 5) % 8))
+        + '</thinking> <answer> {"bbox_2d": [1, 2, 3, 4], "point_2d": [2, 3]} </answer>'
+        "<|im_end|>"
+      )
+      for i in range(batch_size)
+    ]
+    forced = np.full((batch_size, max(map(len, mixed))), -1, np.int32)
+    for i, sc in enumerate(mixed):
+      forced[i, : len(sc)] = sc
+    mixed_batch = batch.replace(forced_tokens=jnp.asarray(forced))
+    slotted = {}
+    for slots in (0, batch_size // 2, batch_size // 4):
+      fn = rollout.make_rollout_fn(
+        cfg,
+        dataclasses.replace(rcfg, slots=slots),
+        rollout.stop_patterns(tok, ["</search>", "</keyframe>"]),
+        lambda *a: current["fn"](*a),
+        (16, cfg.vision.patch_dim),
+      )
+      jax.block_until_ready(fn(params, mixed_batch, jax.random.PRNGKey(0)))  # compile
+      t0 = time.perf_counter()
+      out = jax.device_get(fn(params, mixed_batch, jax.random.PRNGKey(1)))
+      dt = time.perf_counter() - t0
+      slotted[slots] = (out, dt)
+    full = slotted[0][0]
+    lengths = np.asarray(full.response_length)
   print(
     f"\nepisodes: embedded policy, batch {batch_size}, one text_search + keyframe + answer each, "
     "dense KB"
@@ -350,6 +390,26 @@ def episodes(batch_size: int) -> None:
   print(f"{'search cache':<14}{'episodes/s':>12}{'search p50 ms':>15}{'search max ms':>15}")
   for phase, per_s, p50, pmax in rows:
     print(f"{phase:<14}{per_s:>12.2f}{p50:>15.1f}{pmax:>15.1f}")
+  print(
+    f"\ncontinuous batching: {batch_size} episodes of {lengths.min()} to {lengths.max()} tokens "
+    "(mean {:.0f}), search cached; useful = generated tokens of live episodes / slot-steps "
+    "computed".format(lengths.mean())
+  )
+  print(
+    f"{'slots':<14}{'episodes/s':>12}{'decode steps':>14}{'useful':>9}{'speed-up':>10}{'same':>6}"
+  )
+  for slots, (out, dt) in slotted.items():
+    m = slots or batch_size
+    useful = np.asarray(out.loss_mask).sum() / (int(out.decode_steps) * m)
+    same = all(
+      np.array_equal(getattr(out, k), getattr(full, k))
+      for k in ("response_ids", "loss_mask", "stop_reason", "num_turns")
+    )
+    label = f"{m}" + (" (none)" if not slots else "")
+    print(
+      f"{label:<14}{batch_size / dt:>12.2f}{int(out.decode_steps):>14}{useful:>9.2f}"
+      f"{slotted[0][1] / dt:>9.2f}x{'yes' if same else 'NO':>6}"
+    )
 
 
 if __name__ == "__main__":

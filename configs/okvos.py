@@ -138,6 +138,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # max_response_length (the paper's 2048 + 8192: 10,240 slots a row, where the worst
   # case of every turn would need 14,337).
   c.rollout.max_episode_tokens = 0
+  # Continuous batching: decode slots for the rollout's episodes; a slot whose episode
+  # ends takes the next pending one. 0 = one slot per episode (no refill).
+  c.rollout.slots = 0
 
   c.reward = ml_collections.ConfigDict()
   c.reward.tpr_p = 0.7

@@ -83,6 +83,7 @@ CONFIG_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     lambda v: v >= 0,
     ">= 0 (0 = max_prompt_length + max_response_length)",
   ),
+  ("rollout.slots", lambda v: v >= 0, ">= 0 (0 = one decode slot per episode)"),
   ("reward.tpr_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
   ("reward.tpr_budget", lambda v: v >= 0, ">= 0"),
   ("reward.igr_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),

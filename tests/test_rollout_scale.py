@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import rollout_config
 from test_agent_rollout import (
   BANNED,
@@ -206,6 +207,7 @@ print("OK", int(one.num_turns.sum()), int(one.loss_mask.sum()))
 """
 
 
+@pytest.mark.slow
 def test_rollout_over_eight_devices_equals_one_device():
   # Parameters in the training layout over data 2 x fsdp 2 x tensor 2, regathered on
   # device for the rollout (tensor splits kept); rows over 4 devices, KV heads over 2.
@@ -218,3 +220,47 @@ def test_rollout_over_eight_devices_equals_one_device():
   )
   assert done.returncode == 0, done.stderr[-4000:]
   assert done.stdout.startswith("OK")
+
+
+def _row_host_fn(pending, actions, act_len):
+  """`host_fn`, but a search's observation names the host row it was asked for."""
+  obs, obs_len, kind, slot, patches = host_fn(pending, actions, act_len)
+  for r in np.flatnonzero(pending & (kind == 0)):
+    obs[r, 0] = 200 + r
+  return obs, obs_len, kind, slot, patches
+
+
+def test_continuous_batching_gives_the_episodes_of_one_slot_per_episode():
+  # 8 episodes of mixed lengths (scripted starts, then free sampling) on 3 slots: a
+  # slot whose episode ends takes the next. Same episodes, host rows and streams as 8
+  # slots, with fewer slot-steps computed.
+  scripts = [[IM_END], [10, *SEARCH_END, 12, *KEY_END], [11, IM_END], [], [13, *SEARCH_END]]
+  scripts += [[IM_END], [14, 15, *SEARCH_END], [16]]
+  batch = _batch(2, scripts).replace(prompt_index=jnp.asarray([3, 1], jnp.int32))
+  outs = {}
+  for slots in (0, 3):
+    rcfg = rollout_config(
+      group_size=4,
+      max_turns=3,
+      max_response_length=48,
+      max_action_length=16,
+      max_obs_length=OBS_MAX,
+      im_end_id=IM_END,
+      frame_grid=FRAME_GRID,
+      keyframe_grid=KEY_GRID,
+      search_grid=SEARCH_GRID,
+      banned_ids=BANNED,
+      slots=slots,
+    )
+    fn = rollout.make_rollout_fn(CFG, rcfg, PATTERNS, _row_host_fn, (4, PD))
+    outs[slots] = jax.device_get(fn(PARAMS, batch, jax.random.PRNGKey(7)))
+  full, slotted = outs[0], outs[3]
+  lengths = np.asarray(full.response_length)
+  assert lengths.min() <= 2 and lengths.max() >= 20, lengths  # mixed lengths
+  ids = np.asarray(full.response_ids)
+  assert 200 + 1 in ids[1] and 200 + 4 in ids[4]  # the host's row is the episode
+  _assert_same_episodes(slotted, full)
+  np.testing.assert_array_equal(slotted.search_patches, full.search_patches)
+  # One slot per episode: the loop runs until the longest episode's last draw.
+  assert int(full.decode_steps) == np.asarray(full.loss_mask).sum(1).max()
+  assert 3 * int(slotted.decode_steps) < 8 * int(full.decode_steps)

@@ -72,6 +72,10 @@ class RolloutConfig:
   # KV-cache slots of one episode (padded prompt + response); an episode that reaches
   # it stops with `max_length`. 0 = the prompt's width + max_response_length.
   max_episode_tokens: int
+  # Continuous batching: the episodes of a rollout run on this many slots (rows of the
+  # decode loop); a slot whose episode ends takes the next pending one, so finished
+  # episodes stop costing decode work. 0 = one slot per episode.
+  slots: int
 
   @classmethod
   def from_config(
@@ -102,6 +106,7 @@ class RolloutConfig:
       banned_ids=(tokenizer.image_pad_id, tokenizer.vision_start_id, tokenizer.vision_end_id),
       observe_rows=r.observe_rows,
       max_episode_tokens=r.max_episode_tokens,
+      slots=r.slots,
     )
 
   def cache_length(self, prompt_length: int) -> int:
@@ -117,6 +122,10 @@ class RolloutConfig:
         f"response after a {prompt_length}-token prompt; raise it above {prompt_length}."
       )
     return slots
+
+  def slot_count(self, episodes: int) -> int:
+    """Decode slots for a rollout of `episodes` episodes."""
+    return min(self.slots or episodes, episodes)
 
   def observe_chunk(self, batch: int) -> int:
     """Rows per observation prefill for a rollout batch of `batch` rows."""
@@ -149,11 +158,16 @@ def stop_patterns(tokenizer: Any, stop_strings: Sequence[str], max_len: int = 8)
 
 
 def sample_tokens(
-  logits: Array, rng: Array, cfg: RolloutConfig, row_ids: Array | None = None
+  logits: Array,
+  rng: Array,
+  cfg: RolloutConfig,
+  row_ids: Array | None = None,
+  row_keys: Array | None = None,
 ) -> Array:
   """Temperature / top-k / top-p sampling, greedy when temperature is 0. [B, V] -> [B].
 
-  `row_ids` [B] (see `sample_categorical`) key each row's draw by its identity.
+  `row_ids` [B] and `row_keys` [B, key] (see `sample_categorical`) key each row's
+  draw by its identity.
   """
   if cfg.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -169,19 +183,23 @@ def sample_tokens(
     keep = jnp.cumsum(probs, axis=-1) - probs < cfg.top_p
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, neg, logits)
-  return sample_categorical(rng, logits, row_ids)
+  return sample_categorical(rng, logits, row_ids, row_keys)
 
 
 # Vocabulary block of the two-level inverse-CDF sampler.
 _SAMPLE_BLOCK = 256
 
 
-def sample_categorical(rng: Array, logits: Array, row_ids: Array | None = None) -> Array:
+def sample_categorical(
+  rng: Array, logits: Array, row_ids: Array | None = None, row_keys: Array | None = None
+) -> Array:
   """One draw per row from softmax(logits) by inverse-CDF sampling. [B, V] -> int32 [B].
 
   With `row_ids` [B], row r's uniform comes from `fold_in(rng, row_ids[r])`: a row's
   draw then depends on its id, not on the batch it runs in (a host running its share
-  of a global batch draws what one host running all of it would).
+  of a global batch draws what one host running all of it would). `row_keys` [B, key]
+  replace `rng` per row (`fold_in(row_keys[r], row_ids[r])`): a row's draw then also
+  does not depend on the step it is drawn at (continuous batching).
 
   The distribution of `jax.random.categorical` with one uniform per row instead of
   a Gumbel variate per vocabulary entry: on CPU, hashing B x V random bits every
@@ -196,7 +214,10 @@ def sample_categorical(rng: Array, logits: Array, row_ids: Array | None = None) 
   weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, V], max is 1
   weights = jnp.pad(weights, ((0, 0), (0, pad))).reshape(b, -1, size)  # [B, nb, size]
   block_cum = jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1)  # [B, nb]
-  if row_ids is None:
+  if row_keys is not None:
+    draw = lambda k, i: jax.random.uniform(jax.random.fold_in(k, i))
+    uniform = jax.vmap(draw)(row_keys, row_ids)
+  elif row_ids is None:
     uniform = jax.random.uniform(rng, (b,), jnp.float32)
   else:
     uniform = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i)))(row_ids)
@@ -322,6 +343,9 @@ class RolloutOutput:
   obs_kind: Array  # [B, T] int32 per turn: NO_IMAGE, KEYFRAME_IMAGE or SEARCH_IMAGE
   obs_slot: Array  # [B, T] int32 per turn, the shown frame a keyframe picked
   search_patches: Array  # [B, T, Ps, pd] float32, each turn's image_search result
+  # [] int32 decode-loop iterations (each computes one token per slot); None when
+  # not from the rollout program.
+  decode_steps: Array | None = None
 
 
 HostFn = Callable[..., tuple[np.ndarray, ...]]
@@ -464,49 +488,78 @@ def make_rollout_fn(
       frame_ds,
       logits_at=jnp.full((prompts,), lp - 1, jnp.int32),  # left-padded: the last token is real
     )
-    logits, cache = rep(logits), jax.tree.map(rep, cache)  # every cache entry is batch-major
-    logits, cache = row_layout(logits), row_layout(cache)
+    prompt_logits, prompt_cache = logits, cache
+    # Slot k starts with episode k (episode e is row e % n of prompt e // n).
+    m = cfg.slot_count(b)
+    harvest = m < b  # episodes outnumber slots: finished slots take the next ones
+    first = jnp.arange(m) // n
+    logits = row_layout(prompt_logits[first])
+    cache = row_layout(jax.tree.map(lambda x: x[first], prompt_cache))  # batch-major
     forced = batch.forced_tokens
     if forced is None:
       forced = jnp.full((b, 1), -1, jnp.int32)
     prompt_index = batch.prompt_index
     if prompt_index is None:
       prompt_index = jnp.arange(prompts, dtype=jnp.int32)
-    row_ids = (rep(prompt_index) * n + jnp.arange(b) % n).astype(jnp.int32)
+    row_ids = (rep(prompt_index) * n + jnp.arange(b) % n).astype(jnp.int32)  # [B] streams
+    start_pos = rep(batch.next_pos).astype(jnp.int32)  # [B]
+
+    # The key of an episode's t-th draw is the t-th of one split chain (then folded with
+    # its stream): the same draw whichever step or slot the episode runs at.
+    def chain(key, _):
+      key, draw = jax.random.split(key)
+      return key, draw
+
+    _, step_keys = jax.lax.scan(chain, rng, None, length=buf_len)  # [buf_len, key]
+
+    def trim(key, v):
+      """A per-slot buffer cut to the response length of the output."""
+      if key in ("tokens", "loss_mask", "logprobs"):
+        return v[:, :resp_len_max]
+      return v[:, :, :resp_len_max] if key == "positions" else v
+
+    def fresh(rows):
+      """Per-slot episode state at the start of an episode."""
+      return dict(
+        tokens=jnp.zeros((rows, buf_len), jnp.int32),
+        positions=jnp.zeros((rows, 3, buf_len), jnp.int32),
+        loss_mask=jnp.zeros((rows, buf_len), bool),
+        logprobs=jnp.zeros((rows, buf_len), jnp.float32),
+        length=jnp.zeros((rows,), jnp.int32),
+        generated=jnp.zeros((rows,), jnp.int32),
+        turn_start=jnp.zeros((rows,), jnp.int32),
+        turns=jnp.zeros((rows,), jnp.int32),
+        stop_reason=jnp.full((rows,), protocol.MAX_LENGTH, jnp.int32),
+        obs_kind=jnp.zeros((rows, turns), jnp.int32),
+        obs_slot=jnp.full((rows, turns), -1, jnp.int32),
+        search_patches=jnp.zeros((rows, turns, *search_patch_shape), jnp.float32),
+      )
 
     state = dict(
+      fresh(m),
       cache=cache,
       logits=logits,
-      tokens=jnp.zeros((b, buf_len), jnp.int32),
-      positions=jnp.zeros((b, 3, buf_len), jnp.int32),
-      loss_mask=jnp.zeros((b, buf_len), bool),
-      logprobs=jnp.zeros((b, buf_len), jnp.float32),
-      length=jnp.zeros((b,), jnp.int32),
-      generated=jnp.zeros((b,), jnp.int32),
-      next_pos=rep(batch.next_pos).astype(jnp.int32),
-      turn_start=jnp.zeros((b,), jnp.int32),
-      turns=jnp.zeros((b,), jnp.int32),
-      active=jnp.ones((b,), bool),
-      stop_reason=jnp.full((b,), protocol.MAX_LENGTH, jnp.int32),
-      obs_kind=jnp.zeros((b, turns), jnp.int32),
-      obs_slot=jnp.full((b, turns), -1, jnp.int32),
-      search_patches=jnp.zeros((b, turns, *search_patch_shape), jnp.float32),
-      rng=rng,
+      next_pos=start_pos[:m],
+      active=jnp.ones((m,), bool),
+      episode=jnp.arange(m, dtype=jnp.int32),  # [M] the episode each slot runs; -1 none
+      queued=jnp.asarray(m, jnp.int32),  # the next episode to start
       step=jnp.zeros((), jnp.int32),
     )
-    prompt_of_row = jnp.arange(b) // n
+    if harvest:  # finished episodes, per episode (copied out of their slots)
+      state["done"] = {k: trim(k, v) for k, v in fresh(b).items()}
 
     def body(s):
-      rng, sample_rng = jax.random.split(s["rng"])
+      episode = jnp.clip(s["episode"], 0, b - 1)  # [M]
       active = s["active"]
       logits = s["logits"]
       if cfg.banned_ids:
         logits = logits.at[:, list(cfg.banned_ids)].set(-1e30)
       # 3. Sample one token per active row; its log-prob is the policy's own.
-      token = sample_tokens(logits, sample_rng, cfg, row_ids)
       gen = s["generated"]
+      keys = step_keys[jnp.clip(gen, 0, buf_len - 1)]
+      token = sample_tokens(logits, rng, cfg, row_ids[episode], keys)
       scripted = jnp.take_along_axis(
-        forced, jnp.clip(gen, 0, forced.shape[1] - 1)[:, None], axis=1
+        forced[episode], jnp.clip(gen, 0, forced.shape[1] - 1)[:, None], axis=1
       )[:, 0]
       token = jnp.where((gen < forced.shape[1]) & (scripted >= 0), scripted, token)
       temp = cfg.temperature if cfg.temperature > 0 else 1.0
@@ -516,10 +569,10 @@ def make_rollout_fn(
       log_norm = top + jnp.log(jnp.sum(jnp.exp(scaled - top[:, None]), axis=-1))
       logp = _take(scaled, token) - log_norm
       length = s["length"]
-      pos3 = jnp.broadcast_to(s["next_pos"][:, None, None], (b, 3, 1))
+      pos3 = jnp.broadcast_to(s["next_pos"][:, None, None], (m, 3, 1))
       upd = lambda buf, v: jnp.where(active[:, None], _write_rows(buf, v[:, None], length), buf)
       tokens = upd(s["tokens"], token)
-      loss_mask = upd(s["loss_mask"], jnp.ones((b,), bool))
+      loss_mask = upd(s["loss_mask"], jnp.ones((m,), bool))
       logprobs = upd(s["logprobs"], logp)
       positions = jnp.where(
         active[:, None, None], _write_rows(s["positions"], pos3, length, axis=1), s["positions"]
@@ -561,7 +614,6 @@ def make_rollout_fn(
 
       s = dict(
         s,
-        rng=rng,
         tokens=tokens,
         loss_mask=loss_mask,
         logprobs=logprobs,
@@ -576,7 +628,53 @@ def make_rollout_fn(
         step=s["step"] + 1,
       )
       s = jax.lax.cond(jnp.any(pending), lambda s: observe(s, pending), lambda s: s, s)
+      if harvest:
+        s = jax.lax.cond(jnp.any(~s["active"] & (s["episode"] >= 0)), refill, lambda s: s, s)
       return dict(s, cache=row_layout(s["cache"]), logits=row_layout(s["logits"]))
+
+    def store(s, rows):
+      """Copies the episodes of slots `rows` [M] out to their episode rows."""
+      to = jnp.where(rows, s["episode"], b)  # b: out of range, dropped
+      return {k: v.at[to].set(trim(k, s[k]), mode="drop") for k, v in s["done"].items()}
+
+    def refill(s):
+      # 9. Finished slots hand their episode over and take the next pending ones: the
+      # prompt's cache and logits copied in one slot at a time, the rest reset.
+      ended = ~s["active"] & (s["episode"] >= 0)
+      done = store(s, ended)
+      nxt = s["queued"] + jnp.cumsum(ended) - 1  # [M] the episode each ended slot takes
+      take = ended & (nxt < b)
+      order = jnp.argsort(~take, stable=True).astype(jnp.int32)  # taking slots first
+
+      def copy_one(carry):
+        i, cache, logits = carry
+        slot = order[i]
+        prompt = nxt[slot] // n
+        row = lambda c, pc: jax.lax.dynamic_update_index_in_dim(
+          c, jax.lax.dynamic_index_in_dim(pc, prompt, 0), slot, 0
+        )
+        return i + 1, jax.tree.map(row, cache, prompt_cache), row(logits, prompt_logits)
+
+      count = jnp.sum(take.astype(jnp.int32))
+      _, cache, logits = jax.lax.while_loop(
+        lambda c: c[0] < count, copy_one, (jnp.zeros((), jnp.int32), s["cache"], s["logits"])
+      )
+      new = fresh(m)
+      reset = {
+        k: jnp.where(take.reshape((m,) + (1,) * (new[k].ndim - 1)), new[k], s[k]) for k in new
+      }
+      episode = jnp.where(ended, jnp.where(take, nxt, -1), s["episode"])
+      return dict(
+        s,
+        **reset,
+        done=done,
+        cache=cache,
+        logits=logits,
+        episode=episode,
+        queued=s["queued"] + count,
+        active=s["active"] | take,
+        next_pos=jnp.where(take, start_pos[jnp.clip(nxt, 0, b - 1)], s["next_pos"]),
+      )
 
     def observe(s, pending):
       # 6. One host call serves every waiting row.
@@ -589,9 +687,20 @@ def make_rollout_fn(
         jax.ShapeDtypeStruct((b,), jnp.int32),
         jax.ShapeDtypeStruct((b, *search_patch_shape), jnp.float32),
       )
-      obs, obs_len, kind, slot, search = io_callback(
-        host_fn, shapes, pending, actions, act_len, ordered=False
-      )
+      episode = jnp.clip(s["episode"], 0, b - 1)
+      if harvest:  # the host's rows are episodes (its per-row frames and records)
+        to = jnp.where(s["episode"] >= 0, s["episode"], b)
+        scatter = lambda z, v: z.at[to].set(v, mode="drop")
+        host_args = (
+          scatter(jnp.zeros((b,), bool), pending),
+          scatter(jnp.zeros((b, act_max), actions.dtype), actions),
+          scatter(jnp.zeros((b,), act_len.dtype), act_len),
+        )
+      else:
+        host_args = (pending, actions, act_len)
+      obs, obs_len, kind, slot, search = io_callback(host_fn, shapes, *host_args, ordered=False)
+      if harvest:
+        obs, obs_len, kind, slot, search = (x[episode] for x in (obs, obs_len, kind, slot, search))
       obs_len = jnp.clip(obs_len, 0, obs_max)
       # An observation that does not fit ends the episode at max_length instead.
       fits = s["length"] + obs_len < resp_limit
@@ -602,8 +711,9 @@ def make_rollout_fn(
 
       # 7. Visual features of the observation image, padded to one width.
       slot_c = jnp.clip(slot, 0, key_tok.shape[1] - 1)
-      kf = key_tok[prompt_of_row, slot_c]  # [B, Nk, D]
-      kf_ds = key_ds[:, prompt_of_row, slot_c]  # [n_ds, B, Nk, D]
+      prompt_of_row = episode // n
+      kf = key_tok[prompt_of_row, slot_c]  # [M, Nk, D]
+      kf_ds = key_ds[:, prompt_of_row, slot_c]  # [n_ds, M, Nk, D]
       ns = cfg.search_grid[0] * cfg.search_grid[1]
       width = max(nk, ns)
 
@@ -611,7 +721,7 @@ def make_rollout_fn(
         return encode(params, search)
 
       d = kf.shape[-1]
-      zeros = (jnp.zeros((b, ns, d), kf.dtype), jnp.zeros((kf_ds.shape[0], b, ns, d), kf.dtype))
+      zeros = (jnp.zeros((m, ns, d), kf.dtype), jnp.zeros((kf_ds.shape[0], m, ns, d), kf.dtype))
       sr, sr_ds = jax.lax.cond(
         jnp.any(kind == protocol.SEARCH_IMAGE), encode_search, lambda _: zeros, None
       )
@@ -632,7 +742,7 @@ def make_rollout_fn(
         s["cache"],
         s["logits"],
         pending,
-        cfg.observe_chunk(b),
+        cfg.observe_chunk(m),
         (obs, pos, valid, visual, deepstack, last),
       )
       keep = pending[:, None]
@@ -667,21 +777,29 @@ def make_rollout_fn(
         ),
       )
 
-    s = jax.lax.while_loop(lambda s: jnp.any(s["active"]) & (s["step"] < buf_len), body, state)
+    # A safety bound: an episode takes at most buf_len steps, a slot runs at most
+    # b - m + 1 episodes.
+    max_steps = buf_len * (b - m + 1)
+    s = jax.lax.while_loop(lambda s: jnp.any(s["active"]) & (s["step"] < max_steps), body, state)
+    if harvest:
+      out = store(s, s["episode"] >= 0)  # slots the step bound stopped
+    else:
+      out = {k: trim(k, s[k]) for k in fresh(1)}
     r = resp_len_max
-    in_resp = jnp.arange(r)[None] < s["length"][:, None]
+    in_resp = jnp.arange(r)[None] < out["length"][:, None]
     return RolloutOutput(
-      response_ids=jnp.where(in_resp, s["tokens"][:, :r], 0),
-      response_positions=s["positions"][:, :, :r],
+      response_ids=jnp.where(in_resp, out["tokens"], 0),
+      response_positions=out["positions"],
       response_valid=in_resp,
-      loss_mask=s["loss_mask"][:, :r] & in_resp,
-      logprobs=jnp.where(in_resp, s["logprobs"][:, :r], 0.0),
-      response_length=s["length"],
-      stop_reason=s["stop_reason"],
-      num_turns=s["turns"],
-      obs_kind=s["obs_kind"],
-      obs_slot=s["obs_slot"],
-      search_patches=s["search_patches"],
+      loss_mask=out["loss_mask"] & in_resp,
+      logprobs=jnp.where(in_resp, out["logprobs"], 0.0),
+      response_length=out["length"],
+      stop_reason=out["stop_reason"],
+      num_turns=out["turns"],
+      obs_kind=out["obs_kind"],
+      obs_slot=out["obs_slot"],
+      search_patches=out["search_patches"],
+      decode_steps=s["step"],
     )
 
   if mesh is None:
