@@ -305,18 +305,22 @@ def episodes(batch_size: int) -> None:
       keyframe_patches=jnp.repeat(pixels, batch_size, 0),
       forced_tokens=jnp.asarray(forced),
     )
-    search_cfg = {
-      "backend": "local",
-      "text_corpus": paths.text_corpus,
-      "image_corpus": paths.image_corpus,
-      "images_dir": paths.kb_dir + "/images",
-      "method": "dense",
-      "cache_path": tmp + "/search_cache.sqlite",
-      "cache_mode": "read_write",
-    }
+    search_cfg = {"cache_path": tmp + "/search_cache.sqlite"}
+    settings = dataclasses.replace(
+      factory.SearchConfig.from_config(notebook.load_config().search),
+      backend="local",
+      method="dense",
+      cache_mode="read_write",
+    )
 
     def host_for(cache_path):
-      backend = factory.make_backend({**search_cfg, "cache_path": cache_path})
+      backend = factory.make_backend(
+        settings,
+        text_corpus=paths.text_corpus,
+        image_corpus=paths.image_corpus,
+        images_dir=paths.kb_dir + "/images",
+        cache_path=cache_path,
+      )
       br = bridge_lib.SearchBridge(
         backend,
         tok,
@@ -349,20 +353,22 @@ def episodes(batch_size: int) -> None:
       lat = sorted(r.latency_s for r in br.pop_records() if r.action == "search")
       rows.append((phase, batch_size / dt, 1e3 * lat[len(lat) // 2], 1e3 * lat[-1]))
 
-    # Continuous batching on a mixed-length batch: the same scripted episodes with
-    # thinking of 0 to 7 x 24 words before the answer (about 70 to 240 tokens).
-    mixed = [
-      tok.encode(
+    # Continuous batching on a mixed-length batch: half the episodes answer at once
+    # after 0 to 3 x 8 words of thinking, half search, pick a keyframe and think 0 to
+    # 3 x 20 words before the answer (each turn under max_action_length).
+    def script(i):
+      k = (i * 5) % 8
+      answer = '<answer> {"bbox_2d": [1, 2, 3, 4], "point_2d": [2, 3]} </answer><|im_end|>'
+      think = " ".join(words[j % 8] for j in range((k % 4) * (8 if k < 4 else 20)))
+      if k < 4:
+        return tok.encode(f"<thinking> {think} </thinking> {answer}")
+      return tok.encode(
         f'<thinking> q </thinking> <search> {{"name": "text_search", "query": '
         f'"{words[i % 8]} {words[(i * 3 + 1) % 8]} {i}"}} </search>'
-        "<thinking> k </thinking> <keyframe> 5 </keyframe><thinking> "
-        + "a "
-        * (24 * ((i * 5) % 8))
-        + '</thinking> <answer> {"bbox_2d": [1, 2, 3, 4], "point_2d": [2, 3]} </answer>'
-        "<|im_end|>"
+        f"<thinking> k </thinking> <keyframe> 5 </keyframe><thinking> {think} </thinking> " + answer
       )
-      for i in range(batch_size)
-    ]
+
+    mixed = [script(i) for i in range(batch_size)]
     forced = np.full((batch_size, max(map(len, mixed))), -1, np.int32)
     for i, sc in enumerate(mixed):
       forced[i, : len(sc)] = sc
@@ -383,6 +389,7 @@ def episodes(batch_size: int) -> None:
       slotted[slots] = (out, dt)
     full = slotted[0][0]
     lengths = np.asarray(full.response_length)
+    generated = np.asarray(full.loss_mask).sum(1)
   print(
     f"\nepisodes: embedded policy, batch {batch_size}, one text_search + keyframe + answer each, "
     "dense KB"
@@ -392,8 +399,8 @@ def episodes(batch_size: int) -> None:
     print(f"{phase:<14}{per_s:>12.2f}{p50:>15.1f}{pmax:>15.1f}")
   print(
     f"\ncontinuous batching: {batch_size} episodes of {lengths.min()} to {lengths.max()} tokens "
-    "(mean {:.0f}), search cached; useful = generated tokens of live episodes / slot-steps "
-    "computed".format(lengths.mean())
+    f"({generated.min()} to {generated.max()} generated, mean {generated.mean():.0f}), search "
+    "cached; useful = generated tokens of live episodes / slot-steps computed"
   )
   print(
     f"{'slots':<14}{'episodes/s':>12}{'decode steps':>14}{'useful':>9}{'speed-up':>10}{'same':>6}"
