@@ -27,7 +27,8 @@ from test_agent_rollout import (
   host_fn,
 )
 
-from segresearch_jax import protocol
+from configs import okvos as okvos_config
+from segresearch_jax import config_checks, protocol
 from segresearch_jax.agent import rollout
 from segresearch_jax.models import decoding, policy
 
@@ -264,3 +265,18 @@ def test_continuous_batching_gives_the_episodes_of_one_slot_per_episode():
   # One slot per episode: the loop runs until the longest episode's last draw.
   assert int(full.decode_steps) == np.asarray(full.loss_mask).sum(1).max()
   assert 3 * int(slotted.decode_steps) < 8 * int(full.decode_steps)
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("max_episode_tokens", 272, "must exceed config.rollout.max_prompt_length=272"),
+    ("max_episode_tokens", -1, "max_episode_tokens=-1 is out of range"),
+    ("slots", -2, "slots=-2 is out of range"),
+  ],
+)
+def test_config_refuses_a_budget_or_slot_count_that_cannot_run(field, value, message):
+  config = okvos_config.get_config()
+  config.rollout[field] = value
+  with pytest.raises(ValueError, match=message):
+    config_checks.validate_config(config)
