@@ -9,7 +9,7 @@ import pytest
 
 from segresearch_jax.data import okvos, synthetic
 
-KW = dict(num_train=8, num_test=8, teams_per_split=8, frames=(8, 10), size=(128, 96))
+KW = dict(num_train=8, num_test=8, teams_per_split=8, frames=(8, 10), size=(128, 96), shown=6)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,17 @@ def test_masks_match_the_rendered_object_colour(built):
       x, y = v["point_2d"]
       got = e["frames"][k, y, x].astype(float)
       assert np.abs(got - want).max() < 40, (e["id"], fid, got, want)
+
+
+@pytest.mark.parametrize("shown", [3, 4])
+def test_target_is_in_the_frames_the_reader_shows(tmp_path, shown):
+  """Videos longer than the shown frames: the target is placed in the very frames the
+  reader picks with `num_frames=shown`, for the test split (no anchor) too."""
+  paths = synthetic.build(tmp_path, seed=1, **{**KW, "frames": (8, 8), "shown": shown})
+  for split in ("train", "test"):
+    for e in okvos.iter_raw_examples(paths.okvos_dir, split, num_frames=shown, anchor=False):
+      assert len(e["frame_numbers"]) == shown
+      assert e["ground_truth"], f"{e['id']}: target absent in all {shown} shown frames"
 
 
 def test_kb_is_in_the_official_format(built):

@@ -458,7 +458,7 @@ def broken_split(tmp_path):
   rows.at[1, "images"] = None
   rows.to_parquet(table)
   names = sorted(rows.at[2, "images"])
-  shown = set(okvos.sample_frame_indices(len(names), 6))
+  shown = set(okvos.sample_frame_indices(len(names), 3))  # the config's data.num_frames
   hidden = next(i for i in range(len(names)) if i not in shown)
   (pathlib.Path(paths.okvos_dir) / "test" / "JPEGImages" / rows.at[2, "video"]).joinpath(
     f"{names[hidden]}.jpg"

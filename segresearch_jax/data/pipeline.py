@@ -372,6 +372,7 @@ def resolve_data(data_config, workdir: str | os.PathLike, seed: int = 0) -> tupl
       seed=seed,
       num_train=data_config.synthetic_train,
       num_test=data_config.synthetic_test,
+      shown=data_config.num_frames,
     )
     return paths.okvos_dir, paths.kb_dir
   if data_config.source == "okvos":

@@ -221,18 +221,18 @@ def cell_box(cell: int, width: int, height: int, grid: int) -> tuple[int, int, i
 
 
 def frame_schedule(
-  rng: np.random.Generator, num_frames: int, num_pairs: int, target_pair: int
+  rng: np.random.Generator, num_frames: int, num_pairs: int, target_pair: int, shown: int = 3
 ) -> np.ndarray:
   """Which pair of objects each frame shows: int [num_frames].
 
-  The frames the evaluation shows (`okvos.sample_frame_indices` without an anchor)
-  are dealt to the pairs in turn, the target's pair first, so every pair (and so
-  the target) is on screen in some shown frames and absent from the others; frames
-  never shown get a random pair.
+  The `shown` frames the reader picks for evaluation (`okvos.sample_frame_indices`
+  without an anchor) are dealt to the pairs in turn, the target's pair first, so the
+  target is on screen in at least one shown frame and, with as many shown frames as
+  pairs or more, every pair is; frames never shown get a random pair.
   """
   from segresearch_jax.data import okvos  # The reader's own sampling rule.
 
-  shown = okvos.sample_frame_indices(num_frames, 6)
+  shown = okvos.sample_frame_indices(num_frames, shown)
   order = [target_pair] + [p for p in rng.permutation(num_pairs) if p != target_pair]
   pairs = rng.integers(0, num_pairs, size=num_frames)
   for k, f in enumerate(rng.permutation(shown)):
@@ -383,6 +383,7 @@ def _write_split(
   frame_range: tuple[int, int],
   size: tuple[int, int],
   grid: int,
+  shown: int,
 ) -> None:
   import pyarrow as pa
   import pyarrow.parquet as pq
@@ -396,7 +397,7 @@ def _write_split(
     num_pairs = max(1, min(PAIRS, num_colours // 2, num_frames))
     chosen = _pick_teams(rng, teams, 2 * num_pairs)
     target = int(rng.integers(0, len(chosen)))
-    schedule = frame_schedule(rng, num_frames, num_pairs, target // 2)
+    schedule = frame_schedule(rng, num_frames, num_pairs, target // 2, shown)
     frames, masks = render_video(rng, chosen, schedule, size[0], size[1], grid)
     # Frame numbers step by 5 (like sub-sampled DAVIS-style videos): numbers != indices.
     names = [f"{5 * f:05d}" for f in range(num_frames)]
@@ -436,6 +437,7 @@ def build(
   frames: tuple[int, int] = (3, 3),
   size: tuple[int, int] = (64, 64),
   grid: int = 2,
+  shown: int = 3,
   force: bool = False,
 ) -> Paths:
   """Builds (or reuses) the synthetic OK-VOS set and its knowledge base.
@@ -452,6 +454,8 @@ def build(
     grid: the board is grid x grid cells, one object per cell. The default 2 x 2 on
       64-pixel frames shown at 32 pixels puts each cell in one 16-pixel patch of the
       embedded policy, so one merged vision token sees a whole frame.
+    shown: how many frames the reader shows the policy (`config.data.num_frames`);
+      the target is placed in at least one of exactly those frames.
     force: rebuild even when a matching build is cached.
 
   Returns:
@@ -473,6 +477,7 @@ def build(
     "frames": list(frames),
     "size": list(size),
     "grid": grid,
+    "shown": shown,
   }
   manifest = out / "manifest.json"
   if not force and manifest.is_file():
@@ -520,7 +525,7 @@ def build(
   counts = {"train": num_train, "test": num_test}
   for split, teams in split_teams.items():
     split_rng = np.random.default_rng([seed, 1 if split == "train" else 2])
-    _write_split(split_rng, split, teams, counts[split], okvos_dir, frames, size, grid)
+    _write_split(split_rng, split, teams, counts[split], okvos_dir, frames, size, grid, shown)
   split_entities = {s: sorted(t.name for t in ts) for s, ts in split_teams.items()}
   manifest.write_text(json.dumps({"params": params, "entities": split_entities}, indent=1))
   return paths
