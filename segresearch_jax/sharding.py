@@ -705,6 +705,7 @@ class Plan:
   opt_bytes_per_device: int
   activation_bytes_per_device: int
   activation_formula: str
+  input_bytes_per_device: int  # The update's batch: token arrays and fp32 image patches.
   rows: int  # Rows of one optimizer update.
   micro_batches: int
   rows_per_device: int  # Rows of one micro-batch on one device.
@@ -718,6 +719,7 @@ class Plan:
       + self.grad_bytes_per_device
       + self.opt_bytes_per_device
       + self.activation_bytes_per_device
+      + self.input_bytes_per_device
     )
 
 
@@ -750,7 +752,14 @@ def _activation_estimate(
   logits_chunk: int,
   fused_attention: bool = False,
 ) -> tuple[int, str]:
-  """Bytes of activations one device holds for one micro-batch's forward + backward."""
+  """Bytes of activations one device holds for one micro-batch's forward + backward.
+
+  The terms follow the buffers XLA's buffer assignment keeps for the update step
+  (read from its memory-usage report for the paper's program on TPU): the saved
+  layer inputs, one layer's recomputed working set together with its gradients, the
+  rotary embedding's fp32 copies of q and k, the LM head's gathered weight and its
+  full fp32 gradient, and the vision blocks likewise.
+  """
   t, v = model_cfg.text, model_cfg.vision
   r, n, e = rows_per_device, seq_len, compute_bytes
   split = max(tensor, 1)
@@ -760,54 +769,67 @@ def _activation_estimate(
   scores = 2 * 4 if fused_attention else n * (4 + e)
   # Per token per decoder layer: 4 hidden-size vectors (input, norms, attention output
   # projection), q/k/v before and after norm + rope and the attention output
-  # ((3 H + 3 K) head_dim), 4 intermediate vectors (gate, up, silu, product), and the
-  # attention scores; the head-sized parts are split over tensor.
+  # ((3 H + 3 K) head_dim), 4 intermediate vectors (gate, up, silu, product), the
+  # rotary embedding's fp32 q and k and their rotated halves (2 * 4 (H + K) head_dim)
+  # and the attention scores; the head-sized parts are split over tensor.
   per_token = (
     e * 4 * t.hidden_size
     + (
       e * ((3 * t.num_heads + 3 * t.num_kv_heads) * t.head_dim + 4 * t.intermediate_size)
+      + 2 * 4 * (t.num_heads + t.num_kv_heads) * t.head_dim
       + t.num_heads * scores
     )
     / split
   )
-  layer = r * n * per_token
+  # The layer whose backward runs holds its forward values and their gradients (2x).
+  layer = 2 * r * n * per_token
   if remat == "none":
-    lm = t.num_layers * layer
-    lm_text = "layers * r*L*per_token"
+    lm = t.num_layers * r * n * per_token + layer
+    lm_text = "layers * r*L*per_token + 2*r*L*per_token (the layer in backward)"
   elif remat == "full":
     lm = t.num_layers * r * n * e * t.hidden_size + layer
-    lm_text = "layers * r*L*D*e + r*L*per_token (one layer recomputed)"
+    lm_text = "layers * r*L*D*e + 2*r*L*per_token (one layer recomputed, with its gradients)"
   elif remat == "dots":  # the matmul outputs kept: q/k/v/o, gate/up/down, and the input
     saved = e * (2 * t.hidden_size + ((t.num_heads + 2 * t.num_kv_heads) * t.head_dim) / split)
     saved += e * (2 * t.intermediate_size) / split
     lm = t.num_layers * r * n * saved + layer
-    lm_text = "layers * r*L*e*(2D + ((H+2K)hd + 2I)/t) + r*L*per_token (one layer recomputed)"
+    lm_text = (
+      "layers * r*L*e*(2D + ((H+2K)hd + 2I)/t) + 2*r*L*per_token (one layer recomputed, "
+      "with its gradients)"
+    )
   else:
     raise ValueError(f"remat must be 'none', 'full' or 'dots', got {remat!r}.")
   # The bool [B, L, L] attention mask, shared by the layers (a fused kernel builds its
   # mask per block).
   mask = 0 if fused_attention else r * n * n
   # The LM head runs in sequence chunks under jax.checkpoint: one chunk's fp32 logits,
-  # log-softmax and exp at a time.
-  head = r * logits_chunk * t.vocab_size * 4 * 3 / max(tensor, 1)
-  # Vision blocks, per image of S patches: 8 hidden + 2 intermediate vectors per patch
-  # and per-image attention logits + probabilities (Hv S^2).
+  # log-softmax and exp at a time; its weight is gathered whole (in the compute dtype)
+  # and its gradient is formed whole in fp32 before it is reduce-scattered.
+  head = r * logits_chunk * t.vocab_size * 4 * 3 / split
+  head += t.vocab_size * t.hidden_size * (e + 4) / split
+  # Vision blocks, per image of S patches: 8 hidden + 2 intermediate vectors per patch,
+  # fp32 rotary copies of q and k (2 * 4 * 2 Dv), and per-image attention logits +
+  # probabilities (Hv S^2) or a fused kernel's statistics; the block in backward holds
+  # its values and their gradients (2x).
   vision = 0
   for s in image_patches:
-    per_block = s * e * (8 * v.hidden_size + 2 * v.intermediate_size / split)
+    per_block = s * (e * (8 * v.hidden_size + 2 * v.intermediate_size / split))
+    per_block += s * 2 * 4 * 2 * v.hidden_size / split
     per_block += v.num_heads * s * (2 * 4 if fused_attention else s * (4 + e))
     if remat == "none":
-      vision += r * v.depth * per_block
+      vision += r * (v.depth + 1) * per_block
     else:  # Block inputs kept, one block's working set recomputed.
-      vision += r * (v.depth * s * e * v.hidden_size + per_block)
+      vision += r * (v.depth * s * e * v.hidden_size + 2 * per_block)
   total = int(lm + mask + head + vision)
   formula = (
     f"remat={remat}: {lm_text} + {'0' if fused_attention else 'r*L^2'} (mask) + "
-    "r*chunk*V*12/t (head) + vision; "
-    f"per_token = e*4*D + (e*((3H+3K)*hd + 4I) + H*{'8' if fused_attention else 'L*(4+e)'})/t; "
+    "r*chunk*V*12/t + V*D*(e+4)/t (head) + vision; "
+    f"per_token = e*4*D + (e*((3H+3K)*hd + 4I) + 8*(H+K)*hd + "
+    f"H*{'8' if fused_attention else 'L*(4+e)'})/t; "
     f"r={r} rows/device, L={n}, e={e} bytes, t={tensor}, chunk={logits_chunk}, "
     f"vision over {len(image_patches)} images/row of {sum(image_patches)} patches "
-    f"(per block e*S*(8Dv + 2Iv/t) + {'Hv*S*8' if fused_attention else 'Hv*S^2*(4+e)'}); "
+    f"(per block e*S*(8Dv + 2Iv/t) + 16*S*Dv/t + "
+    f"{'Hv*S*8' if fused_attention else 'Hv*S^2*(4+e)'}, 2x in backward); "
     f"attention {'fused' if fused_attention else 'blocked XLA'}"
   )
   return total, formula
@@ -848,17 +870,23 @@ def plan(
     fused_attention: the attention is a fused kernel (splash, cuDNN) that keeps no
       [L, L] logits or mask.
 
-  Activation estimate: the residuals one device keeps for the backward pass of one
-  micro-batch (r rows of L tokens, e bytes per value, t = tensor devices). Per decoder
-  layer and token, e*4*D (hidden-size vectors) plus, split over tensor,
-  e*((3H + 3K)*head_dim + 4I) (q/k/v before and after norm + rope, attention output;
-  gate, up, silu, product) and the attention scores: H*L*(4 + e) (fp32 logits and
-  probabilities, which the blocked XLA path materialises) or, fused, H*8 (fp32 softmax
-  statistics). remat='none' keeps all layers; 'full' keeps each layer's input (e*D
-  per token) and one layer's working set; 'dots' the matmul outputs. Plus, unfused, the
-  shared bool [r, L, L] mask, one LM-head chunk (r*chunk*V/t fp32 logits, log-softmax,
-  exp) and the vision blocks per image of S patches (e*S*(8*Dv + 2*Iv/t) plus
-  Hv*S^2*(4 + e), or Hv*S*8 fused).
+  Activation estimate: what one device holds for one micro-batch's forward + backward
+  (r rows of L tokens, e bytes per value, t = tensor devices), term by term as XLA's
+  buffer assignment keeps it for the update step. Per decoder layer and token,
+  e*4*D (hidden-size vectors) plus, split over tensor, e*((3H + 3K)*head_dim + 4I)
+  (q/k/v before and after norm + rope, attention output; gate, up, silu, product),
+  8*(H + K)*head_dim (the rotary embedding's fp32 q and k and their rotated halves)
+  and the attention scores: H*L*(4 + e) (fp32 logits and probabilities, which the
+  blocked XLA path materialises) or, fused, H*8 (fp32 softmax statistics).
+  remat='none' keeps all layers; 'full' keeps each layer's input (e*D per token);
+  'dots' the matmul outputs; and the layer whose backward runs holds its values and
+  their gradients (2x its working set). Plus, unfused, the shared bool [r, L, L] mask;
+  one LM-head chunk (r*chunk*V/t fp32 logits, log-softmax, exp) and the head's
+  gathered weight with its whole fp32 gradient (V*D*(e + 4)/t); and the vision blocks
+  per image of S patches (e*S*(8*Dv + 2*Iv/t) + 16*S*Dv/t fp32 rotary copies, plus
+  Hv*S^2*(4 + e), or Hv*S*8 fused; 2x for the block in backward). The update's
+  inputs (`input_bytes`: token ids, positions, masks and fp32 image patches of the
+  device's rows) are counted apart.
 
   Raises:
     UnshardedParamError: a large parameter stays whole on every device.
@@ -912,6 +940,13 @@ def plan(
     logits_chunk,
     fused_attention,
   )
+  # The update's inputs for the device's rows of every micro-batch: per token the id,
+  # 3 position ids, the old and reference log-probs (int32/fp32) and two bool masks;
+  # per image patch its fp32 pixels.
+  v = model_cfg.vision
+  patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
+  device_rows = batch_rows // (sizes["data"] * sizes["fsdp"])
+  inputs = device_rows * (seq_len * (4 * 6 + 2) + sum(image_patches) * patch_dim * 4)
   param_bytes_per_device = sum(p.bytes_per_device for p in params)
   return Plan(
     mesh_shape=sizes,
@@ -923,6 +958,7 @@ def plan(
     opt_bytes_per_device=opt_bytes,
     activation_bytes_per_device=activations,
     activation_formula=formula,
+    input_bytes_per_device=inputs,
     rows=batch_rows,
     micro_batches=micro_batches,
     rows_per_device=rows_per_device,
@@ -959,6 +995,7 @@ def format_plan(p: Plan) -> str:
     f"  gradients         {_gib(p.grad_bytes_per_device):>14}",
     f"  optimizer state   {_gib(p.opt_bytes_per_device):>14}",
     f"  activations (est) {_gib(p.activation_bytes_per_device):>14}",
+    f"  update inputs     {_gib(p.input_bytes_per_device):>14}",
     f"  total             {_gib(p.total_bytes_per_device):>14}",
     f"  activation formula: {p.activation_formula}",
   ]

@@ -273,7 +273,17 @@ def test_plan_of_the_paper_model_on_64_abstract_devices():
   assert 0 <= p.opt_bytes_per_device - 2 * p.param_bytes_per_device < 64
   assert p.rows_per_device == 4
   assert p.activation_bytes_per_device > 0 and "r=4 rows/device" in p.activation_formula
+  # The update's batch: 4 rows a device, 26 bytes a token, fp32 patches of 3*2*16*16.
+  assert p.input_bytes_per_device == 4 * (10240 * 26 + 6 * 784 * 1536 * 4)
+  assert p.total_bytes_per_device == (
+    p.param_bytes_per_device
+    + p.grad_bytes_per_device
+    + p.opt_bytes_per_device
+    + p.activation_bytes_per_device
+    + p.input_bytes_per_device
+  )
   text = sharding.format_plan(p)
+  assert "update inputs" in text
   assert "data=1 x fsdp=16 x tensor=4 (64 device(s))" in text
   q_line = next(line for line in text.splitlines() if "layers_*/q_proj/kernel" in line)
   assert "(2560, 4096)" in q_line and "(fsdp, tensor)" in q_line and "(160, 1024)" in q_line
