@@ -246,10 +246,11 @@ def build_components(
 ) -> Components:
   """Data, search, bridge, rollout runners and scorers of a run (shared with evaluate).
 
-  With the training `mesh`, the training rollouts run on this process's devices of it
-  (`sharding.rollout_mesh`; give them `sharding.rollout_params`); evaluation runs on
-  one device.
+  With the training `mesh`, the training and evaluation rollouts run on this process's
+  devices of it (`sharding.rollout_mesh`; give them `sharding.rollout_params`); without
+  one (the evaluation CLI), on one device.
   """
+  rollout_mesh = None if mesh is None else sharding.rollout_mesh(mesh)
   shapes = episodes_lib.EpisodeShapes.from_config(config, model_cfg)
   encoder = episodes_lib.PromptEncoder(tokenizer, model_cfg, shapes)
   okvos_dir, kb_dir = pipeline.resolve_data(config.data, config.workdir, config.seed)
@@ -283,9 +284,11 @@ def build_components(
       shapes,
       tokenizer,
       bridge,
-      mesh=None if mesh is None else sharding.rollout_mesh(mesh),
+      mesh=rollout_mesh,
     ),
-    eval_runner=episodes_lib.Runner(model_cfg, eval_rcfg, shapes, tokenizer, eval_bridge),
+    eval_runner=episodes_lib.Runner(
+      model_cfg, eval_rcfg, shapes, tokenizer, eval_bridge, mesh=rollout_mesh
+    ),
     scorer=scoring.Scorer(config, config.rollout.group_size, model_cfg.coord_convention, mask=True),
     eval_scorer=scoring.Scorer(config, 1, model_cfg.coord_convention),
     eval_dataset=lambda: make_dataset(

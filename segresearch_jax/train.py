@@ -371,7 +371,7 @@ def train(config) -> dict:
     if (
       config.eval.every_steps and step % config.eval.every_steps == 0 and step < config.total_steps
     ):
-      params = sharding.local_copy(state.params)
+      params = rollout_params(state.params)  # Collective; then process 0 evaluates.
       if main:
         dataset, source = c.eval_dataset()
         val, _ = evaluate.greedy_episodes(
@@ -381,8 +381,9 @@ def train(config) -> dict:
       sharding.barrier(f"eval {step}")
   ckpt.close()  # Collective: before process 0 goes on alone.
 
-  # 4. Final evaluation on the held-out split, with and without search (process 0).
-  params = sharding.local_copy(state.params)
+  # 4. Final evaluation on the held-out split, with and without search (process 0, on
+  # its own devices: the parameters regathered on device as for the rollouts).
+  params = rollout_params(state.params)
   if not main:
     return {}
   return final_evaluation(config, params, c, writer, n_params, t_start)

@@ -204,6 +204,14 @@ one = jax.device_get(fn(t.PARAMS, batch, jax.random.PRNGKey(3)))
 out = sharded_fn(placed, batch, jax.random.PRNGKey(3))
 assert len(out.response_ids.devices()) == 8
 t._assert_same_episodes(jax.device_get(out), one)
+# Evaluation's rollout (greedy, one episode a prompt) on the same devices.
+greedy, greedy_fn = t._rollout(1, temperature=0.0)
+batch = t._batch(8, scripts)
+sharded_greedy = rollout.make_rollout_fn(
+  t.CFG, greedy, t.PATTERNS, t.host_fn, (4, t.PD), mesh=local)
+one_greedy = jax.device_get(greedy_fn(t.PARAMS, batch, jax.random.PRNGKey(0)))
+t._assert_same_episodes(
+  jax.device_get(sharded_greedy(placed, batch, jax.random.PRNGKey(0))), one_greedy)
 print("OK", int(one.num_turns.sum()), int(one.loss_mask.sum()))
 """
 
@@ -211,7 +219,8 @@ print("OK", int(one.num_turns.sum()), int(one.loss_mask.sum()))
 @pytest.mark.slow
 def test_rollout_over_eight_devices_equals_one_device():
   # Parameters in the training layout over data 2 x fsdp 2 x tensor 2, regathered on
-  # device for the rollout (tensor splits kept); rows over 4 devices, KV heads over 2.
+  # device for the rollout (tensor splits kept); rows over 4 devices, KV heads over 2;
+  # the training rollout and evaluation's greedy one.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   env["PYTHONPATH"] = os.pathsep.join(
     [str(pathlib.Path(__file__).parent), env.get("PYTHONPATH", "")]
