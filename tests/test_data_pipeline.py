@@ -154,6 +154,7 @@ def test_resolve_data_builds_synthetic_and_checks_okvos(tmp_path):
       "synthetic_dir": str(tmp_path / "syn"),
       "synthetic_train": 64,
       "synthetic_test": 32,
+      "num_frames": 3,
     }
   )
   okvos_dir, kb_dir = pipeline.resolve_data(cfg, tmp_path)

@@ -114,7 +114,7 @@ def test_every_search_query_is_answerable_from_the_kb(built):
       assert [c["query"] for c in chain] == row["steps"]
       entities = json.loads(row["entities"])
       oid = int(row["oid"])
-      ref = entities[synthetic.partner(oid) if row["ability"] == "relational" else oid]
+      ref = entities[synthetic.beside(oid) if row["ability"] == "relational" else oid]
       if chain[0]["tool"] == "image_search":
         # Named team: its picture answers in one search; its own document does not
         # describe the emblem (the text route needs a second hop, via the coach).
@@ -166,29 +166,47 @@ def test_deterministic_and_cached(built, tmp_path):
 
 
 def test_identity_decides_frames_and_cells(built):
-  """Each shown frame holds one pair of distinctly coloured emblems; the target is on
-  screen in only some shown frames, with a look-alike pair in the others, and its box
-  depends only on its cell of the board."""
+  """Every frame shows all four emblems (distinct colours), each in its own cell for the
+  whole video, exactly one of them big. The target is big in some shown frames and
+  look-alikes in the others, so only its identity tells the right keyframe (score 1
+  against ~0.25) and the cell its box must cover; boxes depend only on cell and size."""
   boxes = set()
   for split in ("train", "test"):
-    examples = okvos.iter_raw_examples(built.okvos_dir, split)
+    # The frames the reader shows without a training anchor (the evaluation's view).
+    examples = okvos.iter_raw_examples(built.okvos_dir, split, num_frames=6, anchor=False)
     for e, row in zip(examples, rows(built, split)):
       entities = json.loads(row["entities"])
-      assert len(entities) % 2 == 0 and 4 <= len(entities) <= 2 * synthetic.PAIRS
-      assert len(set(entities)) == len(entities)
+      assert len(entities) == 4 and len(set(entities)) == 4
       masks = pathlib.Path(built.okvos_dir) / split / "Annotations" / row["video"]
-      per_object = [
-        okvos.read_video_masks(masks / str(oid))[1].any(axis=(1, 2)) for oid in range(len(entities))
-      ]
-      on_screen = np.stack(per_object)  # [objects, frames]
-      assert (on_screen.sum(axis=0) == 2).all()  # one pair per frame
+      per_object = np.stack(
+        [okvos.read_video_masks(masks / str(oid))[1] for oid in range(len(entities))]
+      )  # [objects, frames, H, W]
+      assert per_object.any(axis=(2, 3)).all()  # everyone on screen in every frame
+      areas = per_object.sum(axis=(2, 3))  # [objects, frames]
+      is_big = areas > 2 * areas.min(axis=1, keepdims=True)  # vs its own small size
+      assert (is_big.sum(axis=0) == 1).all(), row["id"]  # one big object a frame
+      big = is_big.argmax(axis=0)
+      for oid in range(len(entities)):  # Each object stays in its cell.
+        ys, xs = np.nonzero(per_object[oid].any(axis=0))
+        assert np.ptp(xs) < 64 and np.ptp(ys) < 48, (row["id"], oid)
       oid = int(row["oid"])
-      assert (on_screen[oid] == on_screen[synthetic.partner(oid)]).all()
-      shown = e["ground_truth"]
-      assert 0 < len(shown) < len(e["frame_numbers"])  # present in some frames only
-      for v in shown.values():
-        boxes.add(tuple(v["bbox_2d"]))
-  assert len(boxes) <= 4  # the default 2 x 2 board
+      assert len(e["ground_truth"]) == len(e["frame_numbers"])  # target in every shown frame
+      indices = [int(f) // 5 for f in e["ground_truth"]]  # Frame numbers step by 5.
+      shown_big = big[indices]
+      assert (shown_big == oid).any() and (shown_big != oid).any()
+      scores = {f: v["max_conn_area"] for f, v in e["ground_truth"].items()}
+      for f, k in zip(e["ground_truth"], indices):
+        if big[k] == oid:
+          assert scores[f] == 1.0
+        else:
+          assert 0.15 < scores[f] < 0.35, (row["id"], f, scores[f])
+        boxes.add(tuple(e["ground_truth"][f]["bbox_2d"]))
+  assert len(boxes) <= 8  # 4 cells x 2 sizes of the default 2 x 2 board
+
+
+def test_relational_target_is_beside_the_reference():
+  assert [synthetic.beside(i) for i in range(4)] == [1, 0, 3, 2]
+  assert [synthetic.beside(i, grid=3) for i in range(3)] == [1, 0, 1]
 
 
 def test_searches_name_the_tool_that_answers_fastest(built):

@@ -236,7 +236,7 @@ def expert_turns(sample: Mapping[str, Any]) -> list[str]:
     match = _IN_VIDEO.search(sample["question"])
     target = f"the {match.group(1)}" if match else "the target"
   elif ability == "relational":
-    target = f"the one shown with the {learned}"
+    target = f"the one beside the {learned}"
   else:
     target = f"the {learned}"
   frame = _keyframe_choice(gt, shown)

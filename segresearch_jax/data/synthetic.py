@@ -5,14 +5,18 @@ data made here, written in the SAME raw layout as OK-VOS (docs/method.md §4.1) 
 (`okvos.py`) ingests it unchanged, plus a knowledge base in the official format
 (`text_corpus.jsonl`, `image_corpus.jsonl`, `images/`).
 
-The world: fictional teams, each with an emblem (a coloured shape). A video holds
-three pairs of emblems (six teams, six distinct colours); each frame shows ONE pair,
-each object filling one cell of a small board (2 x 2 by default), and each pair is on
-screen in a third of the shown frames. So the target's identity decides everything the reward's
-accuracy terms score: which frames are right (only its pair's frames are ground-truth
-keys) and, inside such a frame, which of the two objects the box and point must
-cover. Without that identity a policy is right about 1 time in 6. Boxes depend only
-on the cell, so a policy that finds the object can name its box exactly.
+The world: fictional teams, each with an emblem (a coloured shape). A video shows
+as many teams as its board has cells (2 x 2 by default), their emblems in distinct
+colours, each in its own cell for the whole video. In every frame exactly one object
+is drawn big (filling its cell) and the others small (half the size, a quarter of the
+area), and which one is big changes from frame to frame: over the frames the reader
+shows, the target is big in some and look-alikes are big in the others. So the
+target's identity decides everything the reward's accuracy terms score: which frame is
+right (the target's max_conn_area is 1 in its big frames and about 0.25 elsewhere),
+and which cell the box and point must cover. The target is on screen in every frame,
+so an empty mask scores ~0 J&F. Without that identity a policy is right about one time
+in three (a frame whose big object it cannot name). Boxes depend only on the cell and
+the size, so a policy that finds the object can name its box exactly.
 
 Queries come in the four abilities:
 
@@ -25,11 +29,11 @@ Queries come in the four abilities:
 - multi-hop: "the emblem of the team coached by the founder of the Velora Institute":
   the institute's document names a person, the person's document names the team
   and its emblem.
-- relational: "the object shown with the emblem of <one-hop phrase>": the reference
-  object needs search, the target is the other member of its pair.
+- relational: "the object beside the emblem of <one-hop phrase>": the reference
+  object needs search, the target is its neighbour in the same row of the board.
 
-Each search sample stores its reference chain (tool, query, the id of the text
-document or image that answers it, and the fact it reveals) in the parquet column
+Each search sample stores its reference chain (tool, query, the id and title of the
+text document or image that answers it, and the fact it reveals) in the parquet column
 `reference_chain` (JSON) for a supervised warm start.
 
 Train and test use disjoint entities and facts (names, cups, institutes): the test
@@ -48,7 +52,7 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 2
+VERSION = 3
 COLOURS = {
   "red": (220, 40, 40),
   "green": (40, 170, 60),
@@ -62,7 +66,9 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 # Query kinds in turn: the four abilities, one-hop both by text and by picture.
 QUERY_CYCLE = ("in-video", "one-hop", "multi-hop", "relational", "one-hop-image")
-PAIRS = 3  # Pairs of objects per video (fewer when a split has too few colours).
+# Linear size of the small objects of a frame, as a fraction of the big one's: their
+# max_conn_area is about its square (0.25), the keyframe term of a look-alike's frame.
+SMALL_SCALE = 0.5
 _SYLLABLES = (
   "zar nok vel ora mir ta quel bran dor fen lis kor ath ul vex imo sar pel tun gri "
   "hal obe ryn cas dru emi fal gor hin jas kel lum nar osk pry qua"
@@ -120,31 +126,47 @@ def _unique_words(rng: np.random.Generator, n: int, parts: int) -> list[str]:
   return out
 
 
+def _emblem_order(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+  """n (colour, shape) emblems: rounds of all colours in a random order, each colour
+  with its shapes in a random order, all 40 before any repeats."""
+  shapes = {c: list(rng.permutation(SHAPES)) for c in COLOURS}
+  out = []
+  while len(out) < n:
+    r = len(out) // len(COLOURS)
+    out += [(str(c), str(shapes[c][r % len(SHAPES)])) for c in rng.permutation(list(COLOURS))]
+  return out[:n]
+
+
 def make_teams(rng: np.random.Generator, counts: list[int], year0: int) -> list[list[Team]]:
   """Teams for each split: names, cups, coaches and institutes unique across ALL splits.
 
   Emblems (colour+shape) are unique within a split up to the 40 there are, then
-  repeat; a video only ever shows emblems of distinct colours, so its objects are
-  always told apart by appearance. Emblems repeat across splits (appearance is not
-  knowledge, the facts are). Many teams make the facts too many to memorise: the
+  repeat; each block of len(COLOURS) teams has every colour, so a split of 4 teams or
+  more can fill a 2 x 2 board. A video only ever shows emblems of distinct colours,
+  so its objects are always told apart by colour. Emblems repeat across splits
+  (appearance is not knowledge, the facts are). Many teams make the facts too many to memorise: the
   policy has to read them from the retrieved documents.
   """
-  emblems = [(c, s) for c in COLOURS for s in SHAPES]
   total = sum(counts)
   words = _unique_words(rng, 4 * total, 2)
+  # Cups: distinct (year, name) pairs drawn from twice as many as needed, so both
+  # splits use every year and cup name (a policy learns to copy them) while no test
+  # cup is a train cup.
+  years = 2 * -(-total // len(_CUPS))
+  cups = [(year0 + k // len(_CUPS), _CUPS[k % len(_CUPS)]) for k in range(years * len(_CUPS))]
+  cups = [cups[k] for k in rng.permutation(len(cups))[:total]]
   out, i = [], 0
   for n in counts:
-    rounds = -(-n // len(emblems))
-    emblem_order = np.concatenate([rng.permutation(len(emblems)) for _ in range(rounds)])
+    emblem_order = _emblem_order(rng, n)
     teams = []
     for j in range(n):
-      colour, shape = emblems[emblem_order[j]]
+      colour, shape = emblem_order[j]
       teams.append(
         Team(
           name=f"{words[4 * i]} {_NOUNS[i % len(_NOUNS)]}",
           colour=colour,
           shape=shape,
-          cup=f"the {year0 + i // len(_CUPS)} {_CUPS[i % len(_CUPS)]} Cup",
+          cup=f"the {cups[i][0]} {cups[i][1]} Cup",
           founder_of=f"the {words[4 * i + 1]} {_INSTITUTES[i % len(_INSTITUTES)]}",
           coach=f"{words[4 * i + 2]} {words[4 * i + 3]}",
         )
@@ -220,59 +242,68 @@ def cell_box(cell: int, width: int, height: int, grid: int) -> tuple[int, int, i
   return col * cw + (cw - size) // 2, row * ch + (ch - size) // 2, size
 
 
-def frame_schedule(
-  rng: np.random.Generator, num_frames: int, num_pairs: int, target_pair: int, shown: int = 3
+def big_schedule(
+  rng: np.random.Generator, num_frames: int, num_objects: int, target: int, shown: int = 3
 ) -> np.ndarray:
-  """Which pair of objects each frame shows: int [num_frames].
+  """Which object each frame draws big: int [num_frames].
 
   The `shown` frames the reader picks for evaluation (`okvos.sample_frame_indices`
-  without an anchor) are dealt to the pairs in turn, the target's pair first, so the
-  target is on screen in at least one shown frame and, with as many shown frames as
-  pairs or more, every pair is; frames never shown get a random pair.
+  without an anchor) are dealt to the objects in turn, the target first, in a random
+  order of frames: the target is big in at least one shown frame and, with fewer
+  shown frames than objects, look-alikes are big in the others. Frames never shown
+  get a random big object.
   """
   from segresearch_jax.data import okvos  # The reader's own sampling rule.
 
   shown = okvos.sample_frame_indices(num_frames, shown)
-  order = [target_pair] + [p for p in rng.permutation(num_pairs) if p != target_pair]
-  pairs = rng.integers(0, num_pairs, size=num_frames)
+  order = [target] + [o for o in rng.permutation(num_objects) if o != target]
+  big = rng.integers(0, num_objects, size=num_frames)
   for k, f in enumerate(rng.permutation(shown)):
-    pairs[f] = order[k % num_pairs]
-  return pairs
+    big[f] = order[k % num_objects]
+  return big
 
 
 def render_video(
   rng: np.random.Generator,
   teams: list[Team],
-  schedule: np.ndarray,
+  big: np.ndarray,
   width: int,
   height: int,
   grid: int,
 ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
-  """Renders a video whose frame f shows the two emblems of pair `schedule[f]`.
+  """Renders a video with team i's emblem in cell i, big in the frames where `big == i`.
 
-  Objects 2p and 2p + 1 form pair p. Each frame puts its pair in two random
-  distinct cells of the board (they never overlap), so every object is either
-  fully visible or absent, and its box depends only on its cell.
+  A big object fills its cell's sprite square (`cell_box`); a small one is
+  SMALL_SCALE of that size, centred in the same square. Objects never overlap and
+  never leave their cells, so each is fully visible in every frame and its box
+  depends only on its cell and its size.
 
   Returns:
     frames: uint8 [H, W, 3] per frame; masks[obj][frame]: bool [H, W] visible pixels.
   """
   n = len(teams)
   size = cell_box(0, width, height, grid)[2]
-  sprites = [np.asarray(render_emblem(t.colour, t.shape, size))[..., 3] > 0 for t in teams]
+  small = max(3, int(round(size * SMALL_SCALE)))
+  inset = (size - small) // 2
+  sprites = {
+    (i, s): np.asarray(render_emblem(t.colour, t.shape, s))[..., 3] > 0
+    for i, t in enumerate(teams)
+    for s in (size, small)
+  }
   background = rng.integers(70, 110, size=3)
   noise_rng = np.random.default_rng(rng.integers(1 << 31))
   frames, masks = [], [[] for _ in range(n)]
-  for pair in schedule:
+  for big_object in big:
     canvas = np.empty((height, width, 3), dtype=np.uint8)
     canvas[:] = background
     canvas = np.clip(canvas + noise_rng.integers(-8, 9, size=canvas.shape), 0, 255).astype(np.uint8)
     owner = np.full((height, width), -1, dtype=np.int32)
-    for i, cell in zip((2 * pair, 2 * pair + 1), rng.choice(grid * grid, 2, replace=False)):
-      x0, y0, _ = cell_box(int(cell), width, height, grid)
-      ys, xs = np.nonzero(sprites[i])
-      owner[ys + y0, xs + x0] = i
-      canvas[ys + y0, xs + x0] = COLOURS[teams[i].colour]
+    for i in range(n):
+      x0, y0, _ = cell_box(i, width, height, grid)
+      s, offset = (size, 0) if i == big_object else (small, inset)
+      ys, xs = np.nonzero(sprites[i, s])
+      owner[ys + y0 + offset, xs + x0 + offset] = i
+      canvas[ys + y0 + offset, xs + x0 + offset] = COLOURS[teams[i].colour]
     frames.append(canvas)
     for i in range(n):
       masks[i].append(owner == i)
@@ -301,12 +332,22 @@ def _question(expression: str) -> str:
   return f"Please find '{expression}' in the provided video."
 
 
-def partner(index: int) -> int:
-  """The object shown together with object `index` (its pair's other member)."""
-  return index ^ 1
+def beside(index: int, grid: int = 2) -> int:
+  """The object beside object `index` in its row of the board (object i sits in cell i):
+  columns 0 and 1 are neighbours, 2 and 3, ...; an odd last column pairs with the one
+  before it."""
+  row, col = divmod(index, grid)
+  other = col ^ 1 if col ^ 1 < grid else col - 1
+  return row * grid + other
 
 
-def make_query(kind: str, teams: list[Team], target: int) -> dict:
+def _step(tool: str, query: str, doc_id: int, title: str, answer: str) -> dict:
+  """One reference search: the query, the document (text id or image id) that answers
+  it, that document's title (an image's name) and the fact it reveals."""
+  return {"tool": tool, "query": query, "doc_id": doc_id, "title": title, "answer": answer}
+
+
+def make_query(kind: str, teams: list[Team], target: int, grid: int = 2) -> dict:
   """The ability, expression, reference search steps and reference chain of one sample.
 
   `kind` is an ability, or "one-hop-image": a one-hop question naming the team, whose
@@ -322,16 +363,14 @@ def make_query(kind: str, teams: list[Team], target: int) -> dict:
       "ability": kind,
       "expression": f"the emblem of the team that won {t.cup}",
       "steps": [q],
-      "chain": [{"tool": "text_search", "query": q, "doc_id": t.cup_doc, "answer": t.emblem}],
+      "chain": [_step("text_search", q, t.cup_doc, _title(t.cup), t.emblem)],
     }
   if kind == "one-hop-image":
     return {
       "ability": "one-hop",
       "expression": f"the emblem of the {t.name}",
       "steps": [t.name],
-      "chain": [
-        {"tool": "image_search", "query": t.name, "doc_id": t.image_doc, "answer": t.emblem}
-      ],
+      "chain": [_step("image_search", t.name, t.image_doc, t.name, t.emblem)],
     }
   if kind == "multi-hop":
     q1 = f"Who founded {t.founder_of}?"
@@ -341,18 +380,18 @@ def make_query(kind: str, teams: list[Team], target: int) -> dict:
       "expression": f"the emblem of the team coached by the founder of {t.founder_of}",
       "steps": [q1, q2],
       "chain": [
-        {"tool": "text_search", "query": q1, "doc_id": t.institute_doc, "answer": t.coach},
-        {"tool": "text_search", "query": q2, "doc_id": t.person_doc, "answer": t.emblem},
+        _step("text_search", q1, t.institute_doc, _title(t.founder_of), t.coach),
+        _step("text_search", q2, t.person_doc, t.coach, t.emblem),
       ],
     }
   if kind == "relational":
-    ref = teams[partner(target)]
+    ref = teams[beside(target, grid)]
     q = f"Which team won {ref.cup}?"
     return {
       "ability": kind,
-      "expression": f"the object shown with the emblem of the team that won {ref.cup}",
+      "expression": f"the object beside the emblem of the team that won {ref.cup}",
       "steps": [q],
-      "chain": [{"tool": "text_search", "query": q, "doc_id": ref.cup_doc, "answer": ref.emblem}],
+      "chain": [_step("text_search", q, ref.cup_doc, _title(ref.cup), ref.emblem)],
     }
   raise ValueError(f"Unknown query kind {kind!r}; expected one of {QUERY_CYCLE}.")
 
@@ -389,16 +428,21 @@ def _write_split(
   import pyarrow.parquet as pq
 
   rows = []
+  num_objects = grid * grid
   num_colours = len({t.colour for t in teams})
+  if num_colours < num_objects:
+    raise ValueError(
+      f"The {split} split has {num_colours} emblem colours, fewer than the {num_objects} "
+      f"cells of a {grid} x {grid} board; give it more teams or a smaller grid."
+    )
   for s in range(num_samples):
     video = f"{split}_{s:04d}"
     kind = QUERY_CYCLE[s % len(QUERY_CYCLE)]
     num_frames = int(rng.integers(frame_range[0], frame_range[1] + 1))
-    num_pairs = max(1, min(PAIRS, num_colours // 2, num_frames))
-    chosen = _pick_teams(rng, teams, 2 * num_pairs)
-    target = int(rng.integers(0, len(chosen)))
-    schedule = frame_schedule(rng, num_frames, num_pairs, target // 2, shown)
-    frames, masks = render_video(rng, chosen, schedule, size[0], size[1], grid)
+    chosen = _pick_teams(rng, teams, num_objects)  # In random order: team i in cell i.
+    target = int(rng.integers(0, num_objects))
+    big = big_schedule(rng, num_frames, num_objects, target, shown)
+    frames, masks = render_video(rng, chosen, big, size[0], size[1], grid)
     # Frame numbers step by 5 (like sub-sampled DAVIS-style videos): numbers != indices.
     names = [f"{5 * f:05d}" for f in range(num_frames)]
     frame_dir = okvos_dir / split / "JPEGImages" / video
@@ -410,7 +454,7 @@ def _write_split(
       mask_dir.mkdir(parents=True, exist_ok=True)
       for name, mask in zip(names, masks[oid]):
         _palette_png(mask, mask_dir / f"{name}.png")
-    query = make_query(kind, chosen, target)
+    query = make_query(kind, chosen, target, grid)
     rows.append(
       {
         "id": f"syn-{video}",
@@ -451,16 +495,18 @@ def build(
       test entities are disjoint.
     frames: (min, max) frames per video.
     size: (width, height) of the frames.
-    grid: the board is grid x grid cells, one object per cell. The default 2 x 2 on
-      64-pixel frames shown at 32 pixels puts each cell in one 16-pixel patch of the
-      embedded policy, so one merged vision token sees a whole frame.
+    grid: the board is grid x grid cells (grid >= 2), one object per cell. The
+      default 2 x 2 on 64-pixel frames shown at 64 pixels puts each cell in 2 x 2
+      16-pixel patches of the embedded policy, i.e. one merged vision token a cell.
     shown: how many frames the reader shows the policy (`config.data.num_frames`);
-      the target is placed in at least one of exactly those frames.
+      the target is drawn big in at least one of exactly those frames.
     force: rebuild even when a matching build is cached.
 
   Returns:
     The paths of the built set.
   """
+  if grid < 2:
+    raise ValueError(f"grid must be >= 2 (a board with neighbours), got {grid}.")
   out = pathlib.Path(out_dir)
   paths = Paths(
     okvos_dir=str(out / "okvos"),
