@@ -91,11 +91,13 @@ def greedy_episodes(
   """
   limit = config.eval.num_samples or None
   preds: list[predictions_lib.Prediction] = []
+  chains: dict[str, str] = {}  # sample id -> its reference chain (JSON; "" = none)
   for batch in dataset:
     batch, real = pad_batch(batch, config.batch_size)
     episodes = runner(params, batch, jax.random.PRNGKey(0), search=search)
     scores = scorer(batch, episodes)
     for r in range(real):
+      chains[str(batch["id"][r])] = str(batch["reference_chain"][r])
       reward = {k: float(v[r]) for k, v in scores.items() if v.dtype.kind == "f"}
       reward["validation"] = okvos_reward.validation_reward(
         episodes.responses[r], str(batch["ground_truth"][r])
@@ -122,10 +124,44 @@ def greedy_episodes(
   m = {k: float(np.mean([(p.reward or {}).get(k, 0.0) for p in preds])) for k in keys}
   m["outcome"] = sum(m[k] for k in okvos_reward.OUTCOME_TERMS)
   m["search/per_trajectory"] = m.pop("num_search")
+  m.update(search_metrics(preds, chains))
   m["val/reward"] = m.pop("validation")
   m["samples"] = len(preds)
   m["failed"] = sum(p.failure is not None for p in preds)
   return m, preds
+
+
+SEARCH_TOOLS = ("text_search", "image_search")
+
+
+def search_metrics(
+  preds: list[predictions_lib.Prediction], chains: Mapping[str, str]
+) -> dict[str, float]:
+  """Searches per episode by tool, and how often the first search finds the answer.
+
+  `search/first_query_hit` is the share of the episodes whose sample has a reference
+  chain (`chains`: sample id -> the chain's JSON, as the synthetic set writes it) in
+  which the FIRST search uses the chain's first tool and retrieves the document (or
+  image) that the chain's first step names (by title); an episode that never searches
+  misses. Absent when no sample has a chain with titles (e.g. the real OK-VOS).
+  """
+  m = {
+    f"search/{tool.split('_')[0]}_per_trajectory": float(
+      np.mean([sum(c.get("tool") == tool for c in p.search_calls) for p in preds])
+    )
+    for tool in SEARCH_TOOLS
+  }
+  hits = []
+  for p in preds:
+    chain = json.loads(chains.get(p.id) or "[]")
+    if not chain or "title" not in chain[0]:
+      continue
+    first = p.search_calls[0] if p.search_calls else {}
+    titles = [r.get("title", r.get("name")) for r in first.get("results") or []]
+    hits.append(first.get("tool") == chain[0]["tool"] and chain[0]["title"] in titles)
+  if hits:
+    m["search/first_query_hit"] = float(np.mean(hits))
+  return m
 
 
 def with_failed_samples(
@@ -153,6 +189,7 @@ def with_failed_samples(
 def format_comparison(with_search: Mapping[str, float], without: Mapping[str, float]) -> str:
   """A table of the evaluation terms (and J&F when present) with and without search."""
   keys = (*okvos_reward.OUTCOME_TERMS, "outcome", "process_score", "score", "search/per_trajectory")
+  keys += ("search/text_per_trajectory", "search/image_per_trajectory", "search/first_query_hit")
   keys += tuple(k for k in ("J", "F", "J&F") if k in with_search)
   lines = [f"{'term':<24}{'with search':>14}{'search off':>14}{'diff':>10}"]
   for k in keys:

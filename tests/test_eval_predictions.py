@@ -134,6 +134,46 @@ def test_tool_call_records_take_precedence():
   ]
 
 
+def test_search_metrics_count_tools_and_first_query_hits():
+  from segresearch_jax import evaluate
+
+  def call(tool, title):
+    key = "name" if tool == "image_search" else "title"
+    return {
+      "action": "search",
+      "tool": tool,
+      "query": "q",
+      "error": None,
+      "results": [{key: title}],
+    }
+
+  def pred(sid, *calls):
+    return predictions.parse_response(sid, "one-hop", "", tool_calls=list(calls))
+
+  chain = lambda tool, title: json.dumps([{"tool": tool, "title": title, "doc_id": 0}])
+  preds = [
+    pred("hit", call("text_search", "2039 Ember Cup"), call("text_search", "other")),
+    pred("image", call("image_search", "Zarnok Falcons")),
+    pred("wrong tool", call("text_search", "Zarnok Falcons")),  # the team's text document
+    pred("late", call("text_search", "other"), call("text_search", "2039 Ember Cup")),
+    pred("none"),
+    pred("in-video", call("text_search", "x")),  # no chain: not counted
+  ]
+  chains = {
+    "hit": chain("text_search", "2039 Ember Cup"),
+    "image": chain("image_search", "Zarnok Falcons"),
+    "wrong tool": chain("image_search", "Zarnok Falcons"),
+    "late": chain("text_search", "2039 Ember Cup"),
+    "none": chain("text_search", "2039 Ember Cup"),
+    "in-video": "[]",
+  }
+  m = evaluate.search_metrics(preds, chains)
+  assert m["search/text_per_trajectory"] == pytest.approx(6 / 6)
+  assert m["search/image_per_trajectory"] == pytest.approx(1 / 6)
+  assert m["search/first_query_hit"] == pytest.approx(2 / 5)
+  assert "search/first_query_hit" not in evaluate.search_metrics(preds, {})
+
+
 def test_predictions_jsonl_round_trip(tmp_path):
   preds = [
     predictions.parse_response(
