@@ -167,8 +167,8 @@ def test_deterministic_and_cached(built, tmp_path):
 
 def test_identity_decides_frames_and_cells(built):
   """Every frame shows all four emblems (distinct colours), each in its own cell for the
-  whole video, exactly one of them big. The target is big in some shown frames and
-  look-alikes in the others, so only its identity tells the right keyframe (score 1
+  whole video, exactly one of them big. The target is big in exactly one frame, a
+  shown one, and look-alikes in the others, so only its identity tells the right keyframe (score 1
   against ~0.25) and the cell its box must cover; boxes depend only on cell and size."""
   boxes = set()
   for split in ("train", "test"):
@@ -193,7 +193,7 @@ def test_identity_decides_frames_and_cells(built):
       assert len(e["ground_truth"]) == len(e["frame_numbers"])  # target in every shown frame
       indices = [int(f) // 5 for f in e["ground_truth"]]  # Frame numbers step by 5.
       shown_big = big[indices]
-      assert (shown_big == oid).any() and (shown_big != oid).any()
+      assert (shown_big == oid).sum() == 1 and (big == oid).sum() == 1  # one big frame
       scores = {f: v["max_conn_area"] for f, v in e["ground_truth"].items()}
       for f, k in zip(e["ground_truth"], indices):
         if big[k] == oid:

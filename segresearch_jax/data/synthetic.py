@@ -9,10 +9,10 @@ The world: fictional teams, each with an emblem (a coloured shape). A video show
 as many teams as its board has cells (2 x 2 by default), their emblems in distinct
 colours, each in its own cell for the whole video. In every frame exactly one object
 is drawn big (filling its cell) and the others small (half the size, a quarter of the
-area), and which one is big changes from frame to frame: over the frames the reader
-shows, the target is big in some and look-alikes are big in the others. So the
-target's identity decides everything the reward's accuracy terms score: which frame is
-right (the target's max_conn_area is 1 in its big frames and about 0.25 elsewhere),
+area), and which one is big changes from frame to frame: the target is big in exactly
+one of the frames the reader shows, look-alikes in the others. So the target's
+identity decides everything the reward's accuracy terms score: which frame is right
+(the target's max_conn_area is 1 in its big frame and about 0.25 elsewhere),
 and which cell the box and point must cover. The target is on screen in every frame,
 so an empty mask scores ~0 J&F. Without that identity a policy is right about one time
 in three (a frame whose big object it cannot name). Boxes depend only on the cell and
@@ -247,19 +247,19 @@ def big_schedule(
 ) -> np.ndarray:
   """Which object each frame draws big: int [num_frames].
 
-  The `shown` frames the reader picks for evaluation (`okvos.sample_frame_indices`
-  without an anchor) are dealt to the objects in turn, the target first, in a random
-  order of frames: the target is big in at least one shown frame and, with fewer
-  shown frames than objects, look-alikes are big in the others. Frames never shown
-  get a random big object.
+  The target is big in exactly one frame, one of the `shown` frames the reader picks
+  for evaluation (`okvos.sample_frame_indices` without an anchor); the other shown
+  frames are dealt to the look-alikes in turn and every other frame gets a random
+  look-alike. One big frame makes the keyframe unambiguous, and a tracker that starts
+  there never has to follow the target from small to big.
   """
   from segresearch_jax.data import okvos  # The reader's own sampling rule.
 
   shown = okvos.sample_frame_indices(num_frames, shown)
-  order = [target] + [o for o in rng.permutation(num_objects) if o != target]
-  big = rng.integers(0, num_objects, size=num_frames)
+  others = np.asarray([o for o in rng.permutation(num_objects) if o != target])
+  big = rng.choice(others, size=num_frames)
   for k, f in enumerate(rng.permutation(shown)):
-    big[f] = order[k % num_objects]
+    big[f] = target if k == 0 else others[(k - 1) % len(others)]
   return big
 
 
@@ -499,7 +499,7 @@ def build(
       default 2 x 2 on 64-pixel frames shown at 64 pixels puts each cell in 2 x 2
       16-pixel patches of the embedded policy, i.e. one merged vision token a cell.
     shown: how many frames the reader shows the policy (`config.data.num_frames`);
-      the target is drawn big in at least one of exactly those frames.
+      the target is drawn big in exactly one of those frames.
     force: rebuild even when a matching build is cached.
 
   Returns:
