@@ -68,12 +68,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.synthetic_test = 32
   c.data.train_split = "train"
   c.data.eval_split = "test"
-  # The synthetic videos: 3 frames of a 2 x 2 board, one pair of emblems a frame. At 32
-  # pixels each cell is one 16-pixel patch and a frame one merged vision token of the
-  # embedded policy (448 / 864 / 256 pixels in the paper).
+  # The synthetic videos: 3 frames of a 2 x 2 board, four emblems, one drawn big a
+  # frame. At 64 pixels each cell is 2 x 2 16-pixel patches, i.e. one merged vision
+  # token of the embedded policy (448 / 864 / 256 pixels in the paper).
   c.data.num_frames = 3
-  c.data.frame_size = 32  # Shown frames are resized to this square.
-  c.data.keyframe_size = 32  # The high-res keyframe observation.
+  c.data.frame_size = 64  # Shown frames are resized to this square.
+  c.data.keyframe_size = 64  # The high-res keyframe observation.
   c.data.search_image_size = 32  # image_search results.
   c.data.min_pixels = 0  # Image processor minimum; -1 = the family's (Qwen3-VL: 65536).
   c.data.on_error = "skip"  # skip (and count) | raise, for broken samples.

@@ -241,7 +241,7 @@ def test_settings_classes_read_every_field_from_the_config():
     assert getattr(loss, field.name) == config.loss[field.name], field.name
   model_cfg = model_config.get_preset("tiny")
   shapes = episodes.EpisodeShapes.from_config(config, model_cfg)
-  assert (shapes.frame_size, shapes.search_size) == (32, 32)
+  assert (shapes.frame_size, shapes.search_size) == (64, 32)
   tokenizer = types.SimpleNamespace(im_end_id=1, image_pad_id=2, vision_start_id=3, vision_end_id=4)
   rcfg = rollout.RolloutConfig.from_config(config, shapes, tokenizer, group_size=1)
   assert (rcfg.observe_rows, rcfg.group_size, rcfg.max_turns) == (3, 1, 4)
