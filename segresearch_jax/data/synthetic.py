@@ -14,9 +14,10 @@ one of the frames the reader shows, look-alikes in the others. So the target's
 identity decides everything the reward's accuracy terms score: which frame is right
 (the target's max_conn_area is 1 in its big frame and about 0.25 elsewhere),
 and which cell the box and point must cover. The target is on screen in every frame,
-so an empty mask scores ~0 J&F. Without that identity a policy is right about one time
-in three (a frame whose big object it cannot name). Boxes depend only on the cell and
-the size, so a policy that finds the object can name its box exactly.
+so an empty mask scores ~0 J&F. Without that identity a policy picks the right frame
+about one time in three (with the default 3 shown frames) and the right cell one time
+in four. Boxes depend only on the cell and the size, so a policy that finds the object
+can name its box exactly.
 
 Queries come in the four abilities:
 
