@@ -191,10 +191,11 @@ def format_comparison(with_search: Mapping[str, float], without: Mapping[str, fl
   keys = (*okvos_reward.OUTCOME_TERMS, "outcome", "process_score", "score", "search/per_trajectory")
   keys += ("search/text_per_trajectory", "search/image_per_trajectory", "search/first_query_hit")
   keys += tuple(k for k in ("J", "F", "J&F") if k in with_search)
-  lines = [f"{'term':<24}{'with search':>14}{'search off':>14}{'diff':>10}"]
+  width = max(map(len, keys)) + 2
+  lines = [f"{'term':<{width}}{'with search':>14}{'search off':>14}{'diff':>10}"]
   for k in keys:
     a, b = with_search.get(k, float("nan")), without.get(k, float("nan"))
-    lines.append(f"{k:<24}{a:>14.3f}{b:>14.3f}{a - b:>+10.3f}")
+    lines.append(f"{k:<{width}}{a:>14.3f}{b:>14.3f}{a - b:>+10.3f}")
   return "\n".join(lines)
 
 
