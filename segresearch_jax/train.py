@@ -48,8 +48,15 @@ from segresearch_jax.rl import rows as rows_lib
 # ----------------------------------------------------------------------------
 
 
-def episode_metrics(episodes: episodes_lib.Episodes, scores: Mapping[str, np.ndarray]) -> dict:
-  """Means of the reward terms, searches, lengths and stop reasons of a batch."""
+def episode_metrics(
+  episodes: episodes_lib.Episodes, scores: Mapping[str, np.ndarray], slots: int | None = None
+) -> dict:
+  """Means of the reward terms, searches, lengths and stop reasons of a batch.
+
+  With the rollout's decode `slots`, also `rollout/useful_fraction`: the tokens the
+  episodes generated over the slot-steps the decode loop computed (decode steps x
+  slots; 1 when every slot decodes a live episode at every step).
+  """
   out = episodes.out
   m = {f"reward/{k}": float(np.mean(v)) for k, v in scores.items() if v.dtype.kind == "f"}
   m["search/per_trajectory"] = float(np.mean(scores["num_search"]))
@@ -58,6 +65,9 @@ def episode_metrics(episodes: episodes_lib.Episodes, scores: Mapping[str, np.nda
   m["response_length"] = float(np.mean(out.response_length))
   m["generated_tokens"] = float(np.mean(np.sum(out.loss_mask, axis=1)))
   m["turns"] = float(np.mean(out.num_turns))
+  if slots and out.decode_steps is not None and int(np.max(out.decode_steps)) > 0:
+    computed = int(np.max(out.decode_steps)) * slots
+    m["rollout/useful_fraction"] = float(np.sum(out.loss_mask)) / computed
   for i, name in enumerate(protocol.STOP_REASONS):
     m[f"stop/{name}"] = float(np.mean(out.stop_reason == i))
   return m
@@ -346,7 +356,7 @@ def train(config) -> dict:
     update_shape = update_shape.union(shape)
     state, m = grpo_step(config, state, rows, update_fn, step_rng, mesh, ref)
     batch, episodes, scores = drawn[0]
-    local = episode_metrics(episodes, scores)
+    local = episode_metrics(episodes, scores, rcfg.slot_count(len(episodes.responses)))
     local.update({"dapo/rollout_batches": len(drawn), "dapo/groups_trained": np.mean(trains)})
     if control_params is not None:
       local.update(frozen_control(config, batch, runner, c.scorer, control_params, step_rng))

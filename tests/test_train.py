@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -395,3 +396,32 @@ def test_broken_share_above_the_cap_fails_naming_samples(tmp_path):
   it = iter(make())
   ids = [i for _ in range(6) for i in next(it)["id"]]
   assert "syn-train_0000" not in ids and len(set(ids)) == 5
+
+
+def test_useful_fraction_counts_generated_tokens_over_slot_steps():
+  from segresearch_jax import train
+
+  n = 4
+  lengths = np.array([2, 3, 5, 10])  # tokens each episode generated
+  loss_mask = np.arange(10)[None, :] < lengths[:, None]
+  out = rollout.RolloutOutput(
+    response_ids=np.zeros((n, 10), np.int32),
+    response_positions=np.zeros((n, 3, 10), np.int32),
+    response_valid=loss_mask,
+    loss_mask=loss_mask,
+    logprobs=np.zeros((n, 10), np.float32),
+    response_length=lengths.astype(np.int32),
+    stop_reason=np.zeros(n, np.int32),
+    num_turns=np.ones(n, np.int32),
+    obs_kind=np.zeros((n, 1), np.int32),
+    obs_slot=np.zeros((n, 1), np.int32),
+    search_patches=np.zeros((n, 1, 1, 1), np.float32),
+    decode_steps=np.int32(10),
+  )
+  episodes = types.SimpleNamespace(out=out, tool_calls=[[]] * n, responses=[""] * n)
+  scores = {"num_search": np.zeros(n, np.float32)}
+  # One slot per episode: 4 slots x 10 steps for 20 generated tokens.
+  assert train.episode_metrics(episodes, scores, slots=4)["rollout/useful_fraction"] == 0.5
+  # Two slots over 10 steps: 20 of 20 slot-steps used.
+  assert train.episode_metrics(episodes, scores, slots=2)["rollout/useful_fraction"] == 1.0
+  assert "rollout/useful_fraction" not in train.episode_metrics(episodes, scores)
