@@ -1,6 +1,6 @@
 """GRPO training throughput on CPU: our jitted update step vs a PyTorch reference step.
 
-    python benchmarks/train_speed.py [--prompts 4] [--group_size 2] [--steps 3]
+    python benchmarks/train_speed.py [--prompts 4] [--group_size 2] [--steps 10]
         [--torch_threads 2] [--embedded_steps 2]
 
 One realistic GRPO batch for the embedded config (`configs/okvos.py` with no
@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 # torch before anything that may pull in TensorFlow (the import order can segfault).
@@ -324,15 +324,22 @@ def make_reference_step(
 @dataclasses.dataclass
 class StepTimes:
   losses: list[float]  # first (warm-up) step, then each timed step
-  seconds: float  # wall time of the timed steps together
-  steps: int
+  times: list[float]  # wall seconds of each timed step
   first_seconds: float  # the warm-up step (our compilation included)
   warmup_compiles: int = 0
   later_compiles: int = 0
 
+  @property
+  def median(self) -> float:
+    return float(np.median(self.times))
 
-def time_ours(world: World, rows: rows_lib.TrainingRows, steps: int) -> StepTimes:
-  """The trainer's update as the trainer jits it: one warm-up call, then `steps` timed calls."""
+  @property
+  def mean(self) -> float:
+    return float(np.mean(self.times))
+
+
+def ours_step_fn(world: World, rows: rows_lib.TrainingRows) -> Callable[[], float]:
+  """The trainer's update as the trainer jits it; each call runs one step, returns its loss."""
   config = world.config
   mesh = sharding.make_mesh(config.mesh)
   optimizer, update_fn = steps_lib.make_update(config, world.model_cfg, world.rcfg)
@@ -342,23 +349,17 @@ def time_ours(world: World, rows: rows_lib.TrainingRows, steps: int) -> StepTime
   update_fn = steps_lib.jit_update(update_fn, mesh, state_sharding)
   batch = sharding.shard_batch(rows_lib.fit_rows(rows)[0], mesh)  # as the training loop
   rng = jax.random.PRNGKey(0)
-  n0 = len(_COMPILES)
-  t0 = time.perf_counter()
-  state, m = update_fn(state, batch, rng)
-  losses = [float(m["loss"])]  # float() waits for the step
-  first = time.perf_counter() - t0
-  warmup_compiles = len(_COMPILES) - n0
-  n0 = len(_COMPILES)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, m = update_fn(state, batch, rng)
-    losses.append(float(m["loss"]))
-  seconds = time.perf_counter() - t0
-  return StepTimes(losses, seconds, steps, first, warmup_compiles, len(_COMPILES) - n0)
+  box = [state]
+
+  def step() -> float:
+    box[0], m = update_fn(box[0], batch, rng)
+    return float(m["loss"])  # float() waits for the step
+
+  return step
 
 
-def time_reference(world: World, rows: rows_lib.TrainingRows, steps: int) -> StepTimes:
-  """The PyTorch reference step: one warm-up call, then `steps` timed calls."""
+def reference_step_fn(world: World, rows: rows_lib.TrainingRows) -> Callable[[], float]:
+  """The PyTorch reference step; each call runs one step, returns its loss."""
   loss_cfg = world.config.loss
   if loss_cfg.aggregation != "token-mean" or loss_cfg.kl_coef or loss_cfg.entropy_coef:
     raise ValueError("The reference implements token-mean PPO-clip without KL or entropy terms.")
@@ -366,13 +367,32 @@ def time_reference(world: World, rows: rows_lib.TrainingRows, steps: int) -> Ste
   model_kwargs, loss_inputs = hf_inputs(rows, world)
   temperature = world.rcfg.temperature if world.rcfg.temperature > 0 else 1.0
   step = make_reference_step(model, world.config, loss_cfg, world.rcfg.banned_ids, temperature)
+  return lambda: step(model_kwargs, loss_inputs)
+
+
+def time_interleaved(
+  ours_step: Callable[[], float], ref_step: Callable[[], float], steps: int
+) -> tuple[StepTimes, StepTimes]:
+  """One warm-up step each, then `steps` timed steps of each side, alternating.
+
+  Alternating the two sides step by step puts both under the same background load at
+  the same moments, so a load change on a shared machine moves both sides together
+  instead of one; the tables report the median step.
+  """
+  n0 = len(_COMPILES)
   t0 = time.perf_counter()
-  losses = [step(model_kwargs, loss_inputs)]
-  first = time.perf_counter() - t0
+  ours = StepTimes([ours_step()], [], time.perf_counter() - t0)
+  ours.warmup_compiles = len(_COMPILES) - n0
   t0 = time.perf_counter()
+  ref = StepTimes([ref_step()], [], time.perf_counter() - t0)
+  n0 = len(_COMPILES)
   for _ in range(steps):
-    losses.append(step(model_kwargs, loss_inputs))
-  return StepTimes(losses, time.perf_counter() - t0, steps, first)
+    for side, fn in ((ours, ours_step), (ref, ref_step)):
+      t0 = time.perf_counter()
+      side.losses.append(fn())
+      side.times.append(time.perf_counter() - t0)
+  ours.later_compiles = len(_COMPILES) - n0
+  return ours, ref
 
 
 def run_embedded(steps: int, workdir: str, timeout_s: float = 3600.0) -> tuple[float, float]:
@@ -421,7 +441,7 @@ def main() -> None:
   parser.add_argument("--preset", default="embedded", help="model preset of the policy")
   parser.add_argument("--prompts", type=int, default=4, help="P, prompts in the batch")
   parser.add_argument("--group_size", type=int, default=2, help="n, rows per prompt")
-  parser.add_argument("--steps", type=int, default=3, help="K, timed steps after a warm-up")
+  parser.add_argument("--steps", type=int, default=10, help="K, timed steps a side after a warm-up")
   parser.add_argument("--torch_threads", type=int, default=2)
   parser.add_argument("--embedded_steps", type=int, default=0, help="0 = skip the embedded run")
   args = parser.parse_args()
@@ -447,8 +467,9 @@ def main() -> None:
       f"jax {jax.devices()[0].platform}, torch {torch.get_num_threads()} threads",
       flush=True,
     )
-    ours = time_ours(world, rows, args.steps)
-    ref = time_reference(world, rows, args.steps)
+    ours, ref = time_interleaved(
+      ours_step_fn(world, rows), reference_step_fn(world, rows), args.steps
+    )
     delta = abs(ours.losses[0] - ref.losses[0])
     print(
       f"first-step loss: ours {ours.losses[0]:+.7f}, reference {ref.losses[0]:+.7f}, "
@@ -460,8 +481,8 @@ def main() -> None:
     if args.embedded_steps:
       rss, wall = run_embedded(args.embedded_steps, os.path.join(tmp, "embedded"))
 
-  ours_tps = tokens * ours.steps / ours.seconds
-  ref_tps = tokens * ref.steps / ref.seconds
+  ours_tps = tokens / ours.median
+  ref_tps = tokens / ref.median
   table = [
     (
       "train tokens/s (real tokens)",
@@ -471,10 +492,17 @@ def main() -> None:
       ">= 1.0x",
     ),
     (
+      f"step s (median of {args.steps})",
+      f"{ours.median:.3f}",
+      f"{ref.median:.3f}",
+      ref.median / ours.median,
+      "",
+    ),
+    (
       f"step s (mean of {args.steps})",
-      f"{ours.seconds / ours.steps:.2f}",
-      f"{ref.seconds / ref.steps:.2f}",
-      (ref.seconds / ref.steps) / (ours.seconds / ours.steps),
+      f"{ours.mean:.3f}",
+      f"{ref.mean:.3f}",
+      ref.mean / ours.mean,
       "",
     ),
     (
@@ -504,7 +532,8 @@ def main() -> None:
   print(
     f"tokens = valid prompt + response tokens of all {b_rows} rows (image tokens included, "
     "padding excluded), the same count on both sides; ratio = ours / reference speed; "
-    "reference = transformers eager + torch.optim.AdamW"
+    "reference = transformers eager + torch.optim.AdamW; the two sides' steps alternate, "
+    "tokens/s from the median step"
   )
 
 
