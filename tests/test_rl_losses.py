@@ -9,6 +9,7 @@ import optax
 import pytest
 from conftest import LossRows, loss_config, optimizer_config
 
+from configs import okvos as okvos_config
 from segresearch_jax.rl import advantages, losses, update
 
 
@@ -139,3 +140,30 @@ def test_warmup_starts_at_step_one():
   schedule = update.learning_rate_schedule(1e-6, 10)
   assert float(schedule(0)) == pytest.approx(1e-7)  # the first update is not at lr 0
   assert float(schedule(9)) == pytest.approx(1e-6) and float(schedule(50)) == pytest.approx(1e-6)
+
+
+def test_vision_lr_scale_scales_only_the_vision_tower():
+  params = {"visual": {"w": jnp.ones((3,))}, "layers_0": {"w": jnp.ones((3,))}}
+  grads = {"visual": {"w": jnp.full((3,), 0.5)}, "layers_0": {"w": jnp.full((3,), 0.5)}}
+  steps = {}
+  for scale in (1.0, 0.5, 0.0):
+    opt = update.make_optimizer(
+      optimizer_config(lr=1e-2, warmup_steps=0, weight_decay=0.1, vision_lr_scale=scale)
+    )
+    delta, _ = opt.update(grads, opt.init(params), params)
+    steps[scale] = jax.tree.map(np.asarray, delta)
+  # The language model's step does not depend on the scale; the tower's is scaled
+  # (weight decay included) and 0 leaves it where it is.
+  for scale in (0.5, 0.0):
+    np.testing.assert_array_equal(steps[scale]["layers_0"]["w"], steps[1.0]["layers_0"]["w"])
+    np.testing.assert_allclose(steps[scale]["visual"]["w"], scale * steps[1.0]["visual"]["w"])
+  assert np.all(steps[1.0]["visual"]["w"] != 0)
+  with pytest.raises(ValueError, match="vision_lr_scale"):
+    update.make_optimizer(optimizer_config(vision_lr_scale=-1.0))
+
+
+def test_vision_lr_scale_comes_from_the_run_config_per_phase():
+  config = okvos_config.get_config()
+  config.sft.vision_lr_scale, config.optim.vision_lr_scale = 0.0, 0.25
+  assert update.OptimizerConfig.from_config(config, sft=True).vision_lr_scale == 0.0
+  assert update.OptimizerConfig.from_config(config).vision_lr_scale == 0.25

@@ -61,6 +61,8 @@ class OptimizerConfig:
     b1, b2, eps, weight_decay: AdamW's.
     grad_clip: the global gradient norm is clipped to this.
     updates_per_step: optimizer updates a training step applies (GRPO's mini-batches).
+    vision_lr_scale: the vision tower's updates (weight decay included) are scaled by
+      this: 1 trains it like the rest, 0 freezes it.
   """
 
   lr: float
@@ -71,6 +73,7 @@ class OptimizerConfig:
   weight_decay: float
   grad_clip: float
   updates_per_step: int
+  vision_lr_scale: float
 
   @classmethod
   def from_config(cls, config: Any, *, sft: bool = False) -> OptimizerConfig:
@@ -80,8 +83,10 @@ class OptimizerConfig:
     o = config.optim
     if sft:
       lr, warmup_steps, updates_per_step = config.sft.lr, config.sft.warmup_steps, 1
+      vision_lr_scale = config.sft.vision_lr_scale
     else:
       lr, warmup_steps, updates_per_step = o.lr, o.warmup_steps, config.loss.mini_batches
+      vision_lr_scale = o.vision_lr_scale
     return cls(
       lr=lr,
       warmup_steps=warmup_steps,
@@ -91,6 +96,7 @@ class OptimizerConfig:
       weight_decay=o.weight_decay,
       grad_clip=o.grad_clip,
       updates_per_step=updates_per_step,
+      vision_lr_scale=vision_lr_scale,
     )
 
   def schedule(self) -> optax.Schedule:
@@ -98,13 +104,38 @@ class OptimizerConfig:
     return learning_rate_schedule(self.lr, self.warmup_steps, self.updates_per_step)
 
 
+def is_vision_param(path: tuple[Any, ...]) -> bool:
+  """Whether a parameter (its pytree key path) belongs to the vision tower and its mergers."""
+  return any(getattr(k, "key", None) == "visual" for k in path)
+
+
+def scale_vision_updates(scale: float) -> optax.GradientTransformation:
+  """Multiplies the vision tower's updates by `scale` (0 freezes it); stateless."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(
+      lambda path, u: u * jnp.asarray(scale, u.dtype) if is_vision_param(path) else u, updates
+    )
+    return scaled, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; the warmup counts training steps of
-  `cfg.updates_per_step` updates each (see `learning_rate_schedule`)."""
-  return optax.chain(
+  `cfg.updates_per_step` updates each (see `learning_rate_schedule`). With
+  `cfg.vision_lr_scale != 1` the vision tower's updates are scaled after AdamW (the
+  optimizer state keeps its layout; only the applied step changes)."""
+  if cfg.vision_lr_scale < 0:
+    raise ValueError(f"vision_lr_scale must be >= 0, got {cfg.vision_lr_scale}.")
+  parts = [
     optax.clip_by_global_norm(cfg.grad_clip),
     optax.adamw(cfg.schedule(), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
-  )
+  ]
+  if cfg.vision_lr_scale != 1.0:
+    parts.append(scale_vision_updates(cfg.vision_lr_scale))
+  return optax.chain(*parts)
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
