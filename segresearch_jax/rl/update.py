@@ -125,8 +125,9 @@ def scale_vision_updates(scale: float) -> optax.GradientTransformation:
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; the warmup counts training steps of
   `cfg.updates_per_step` updates each (see `learning_rate_schedule`). With
-  `cfg.vision_lr_scale != 1` the vision tower's updates are scaled after AdamW (the
-  optimizer state keeps its layout; only the applied step changes)."""
+  `cfg.vision_lr_scale != 1` the vision tower's updates are scaled after AdamW by a
+  stateless step (AdamW's moments are unchanged; the chain's state gains an empty
+  entry, so resume a run with the setting it was saved with)."""
   if cfg.vision_lr_scale < 0:
     raise ValueError(f"vision_lr_scale must be >= 0, got {cfg.vision_lr_scale}.")
   parts = [
