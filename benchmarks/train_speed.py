@@ -349,10 +349,10 @@ def ours_step_fn(world: World, rows: rows_lib.TrainingRows) -> Callable[[], floa
   update_fn = steps_lib.jit_update(update_fn, mesh, state_sharding)
   batch = sharding.shard_batch(rows_lib.fit_rows(rows)[0], mesh)  # as the training loop
   rng = jax.random.PRNGKey(0)
-  box = [state]
 
   def step() -> float:
-    box[0], m = update_fn(box[0], batch, rng)
+    nonlocal state
+    state, m = update_fn(state, batch, rng)
     return float(m["loss"])  # float() waits for the step
 
   return step
