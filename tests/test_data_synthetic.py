@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from segresearch_jax.data import okvos, synthetic
 
@@ -217,3 +218,41 @@ def test_searches_name_the_tool_that_answers_fastest(built):
       for c in json.loads(row["reference_chain"]):
         kinds[c["tool"]] += 1
   assert kinds["text_search"] > 0 and kinds["image_search"] > 0
+
+
+def test_reference_frames_record_what_the_frames_show(built):
+  """`reference_frames` (the warm start's reasoning reads it) names, for every frame,
+  the object the masks draw big, for every object its colour and the cell its mask
+  sits in, and the object the question names."""
+  for split in ("train", "test"):
+    for row in rows(built, split):
+      record = json.loads(row["reference_frames"])
+      oid = int(row["oid"])
+      assert record["reference"] == (
+        synthetic.beside(oid) if row["ability"] == "relational" else oid
+      )
+      masks = pathlib.Path(built.okvos_dir) / split / "Annotations" / row["video"]
+      numbers, per_object = zip(
+        *(okvos.read_video_masks(masks / str(oid)) for oid in range(len(record["objects"])))
+      )
+      areas = np.stack(per_object).sum(axis=(2, 3))  # [objects, frames]
+      assert record["big"] == {str(n): int(b) for n, b in zip(numbers[0], areas.argmax(0))}
+      frames = pathlib.Path(built.okvos_dir) / split / "JPEGImages" / row["video"]
+      first = np.asarray(Image.open(sorted(frames.glob("*.jpg"))[0]), float)
+      for oid, obj in enumerate(record["objects"]):
+        ys, xs = np.nonzero(per_object[oid][0])
+        cell = (ys.mean() >= 48) * 2 + (xs.mean() >= 64)  # 128 x 96 frames, 2 x 2 board
+        assert obj["cell"] == synthetic.cell_name(int(cell), 2)
+        colour = first[ys, xs].mean(axis=0)
+        assert np.abs(colour - synthetic.COLOURS[obj["colour"]]).max() < 40, (row["id"], oid)
+
+
+def test_cell_names():
+  assert [synthetic.cell_name(c, 2) for c in range(4)] == [
+    "top left",
+    "top right",
+    "bottom left",
+    "bottom right",
+  ]
+  assert synthetic.cell_name(4, 3) == "centre" and synthetic.cell_name(5, 3) == "middle right"
+  assert synthetic.cell_name(5, 4) == "row 2 column 2"

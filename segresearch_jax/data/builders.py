@@ -67,7 +67,11 @@ def okvos_config(num_frames: int = 6, seed: int = 0) -> OkvosConfig | str:
 class Okvos(tfds.core.GeneratorBasedBuilder):
   """OK-VOS from its raw layout (docs/method.md §4.1), preprocessed as officially (§4.2)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.1.0": "reference_frames: what each frame shows, for the warm start's reasoning.",
+    "1.0.0": "Initial release.",
+  }
   BUILDER_CONFIGS = [OkvosConfig(name="f6_s0", num_frames=6, seed=0)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     "Pass the raw OK-VOS folder (train.parquet, test.parquet, train/, test/) as manual_dir."
@@ -101,6 +105,7 @@ class Okvos(tfds.core.GeneratorBasedBuilder):
           "ground_truth": text,
           "annotation_dir": text,
           "reference_chain": text,
+          "reference_frames": text,
         }
       ),
     )
@@ -134,6 +139,7 @@ class Okvos(tfds.core.GeneratorBasedBuilder):
           "ground_truth": json.dumps(ex["ground_truth"]),
           "annotation_dir": os.path.relpath(ex["annotation_dir"], root),
           "reference_chain": ex["reference_chain"],
+          "reference_frames": ex["reference_frames"],
         },
       )
     if errors:
@@ -175,6 +181,7 @@ class TfdsOkvosSource:
       "ground_truth": json.loads(_text(r["ground_truth"])),
       "annotation_dir": str(self.okvos_dir / _text(r["annotation_dir"])),
       "reference_chain": _text(r["reference_chain"]),
+      "reference_frames": _text(r["reference_frames"]),
     }
 
 

@@ -357,6 +357,7 @@ def load_example(
     # Full-video masks are read lazily from here by the evaluation (not duplicated).
     "annotation_dir": str(mask_dir),
     "reference_chain": str(row.get("reference_chain") or ""),
+    "reference_frames": str(row.get("reference_frames") or ""),
   }
   return example
 

@@ -68,7 +68,7 @@ class Prepare:
   """Turns one raw sample into model-ready fields, padded to `num_frames` frames.
 
   Output fields: id, video, oid, ability, question, steps (list), reference_chain
-  (JSON str), prompt (str), frames uint8 [F, S, S, 3], masks bool [F, S, S],
+  and reference_frames (JSON str, "" when the dataset has none), prompt (str), frames uint8 [F, S, S, 3], masks bool [F, S, S],
   frame_numbers int32 [F] (-1 for padding), frame_valid bool [F], frame_paths (list),
   orig_size int32 [2] (w, h), ground_truth (JSON str, in `convention`),
   ground_truth_pixels (JSON str, original pixels), plus whatever `encode_fn` returns.
@@ -124,6 +124,7 @@ class Prepare:
       "question": example["question"],
       "steps": list(example["steps"]),
       "reference_chain": example.get("reference_chain", ""),
+      "reference_frames": example.get("reference_frames", ""),
       "prompt": render_prompt(example, self.template_dir),
       "frames": np.pad(frames, ((0, pad), (0, 0), (0, 0), (0, 0))),
       "masks": np.pad(masks, ((0, pad), (0, 0), (0, 0))),

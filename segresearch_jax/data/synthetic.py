@@ -35,7 +35,10 @@ Queries come in the four abilities:
 
 Each search sample stores its reference chain (tool, query, the id and title of the
 text document or image that answers it, and the fact it reveals) in the parquet column
-`reference_chain` (JSON) for a supervised warm start.
+`reference_chain` (JSON), and every sample what its frames show in `reference_frames`
+(JSON: each object's colour and cell, which object each frame draws big, and the
+object the question names), for a supervised warm start whose reasoning reads the
+frames (`episodes.expert_turns`).
 
 Train and test use disjoint entities and facts (names, cups, institutes): the test
 knowledge cannot be memorised in training, the paper's premise. Output is a pure
@@ -53,7 +56,7 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 3
+VERSION = 4
 COLOURS = {
   "red": (220, 40, 40),
   "green": (40, 170, 60),
@@ -241,6 +244,31 @@ def cell_box(cell: int, width: int, height: int, grid: int) -> tuple[int, int, i
   size = max(6, int(min(cw, ch) * 0.8))
   row, col = divmod(cell, grid)
   return col * cw + (cw - size) // 2, row * ch + (ch - size) // 2, size
+
+
+def cell_name(cell: int, grid: int) -> str:
+  """A board cell in words: "top left" ... "bottom right" on 2 x 2 and 3 x 3 boards
+  (the middle one of 3 x 3 is "centre"), "row 1 column 4" on larger ones."""
+  row, col = divmod(cell, grid)
+  if grid > 3:
+    return f"row {row + 1} column {col + 1}"
+  rows = ("top", "bottom") if grid == 2 else ("top", "middle", "bottom")
+  cols = ("left", "right") if grid == 2 else ("left", "middle", "right")
+  return "centre" if rows[row] == cols[col] == "middle" else f"{rows[row]} {cols[col]}"
+
+
+def reference_frames(
+  teams: list[Team], big: np.ndarray, frame_numbers: list[int], grid: int, reference: int
+) -> dict:
+  """What a video's frames show, for reasoning that reads them: each object's colour and
+  cell by object id (team i sits in cell i, so the list is also the cells' reading
+  order), which object each frame draws big, by frame number, and the object the
+  question names (the target, or a relational target's neighbour)."""
+  return {
+    "reference": int(reference),
+    "objects": [{"colour": t.colour, "cell": cell_name(i, grid)} for i, t in enumerate(teams)],
+    "big": {str(n): int(b) for n, b in zip(frame_numbers, big)},
+  }
 
 
 def big_schedule(
@@ -456,6 +484,8 @@ def _write_split(
       for name, mask in zip(names, masks[oid]):
         _palette_png(mask, mask_dir / f"{name}.png")
     query = make_query(kind, chosen, target, grid)
+    frame_numbers = [5 * f for f in range(num_frames)]
+    named = beside(target, grid) if query["ability"] == "relational" else target
     rows.append(
       {
         "id": f"syn-{video}",
@@ -466,6 +496,7 @@ def _write_split(
         "images": names,
         "steps": query["steps"],
         "reference_chain": json.dumps(query["chain"]),
+        "reference_frames": json.dumps(reference_frames(chosen, big, frame_numbers, grid, named)),
         "entities": json.dumps([t.name for t in chosen]),
       }
     )
