@@ -103,6 +103,42 @@ def test_expert_turns_follow_the_reference_chain(world):
   assert len(in_video) == 2 and "<search>" not in in_video[0]
 
 
+def test_expert_reasoning_reads_the_frames(world):
+  """The keyframe turn names the colour drawn big in each shown frame, in order, up to
+  the target's (the keyframe); a relational turn reads them all. The answer turn
+  names the colour in each cell of the keyframe up to the named object's: the
+  target's, or a relational target's neighbour, then the cell beside it."""
+  stopped = 0
+  for sample in world["samples"]:
+    record = json.loads(sample["reference_frames"])
+    objects, big = record["objects"], record["big"]
+    oid, named = int(sample["oid"]), int(record["reference"])
+    shown = [int(f) for f, ok in zip(sample["frame_numbers"], sample["frame_valid"]) if ok]
+    turns = episodes.expert_turns(sample)
+    frame = protocol.first_keyframe(turns[-2])
+    read = turns[-2].split(" Big: ")[1].split(". </thinking>")[0].split(", ")
+    everything = [f"{objects[big[str(f)]]['colour']} in frame {f}" for f in shown]
+    relational = sample["ability"] == "relational"
+    assert named == (synthetic.beside(oid) if relational else oid)
+    if relational or big[str(frame)] != oid:
+      assert read == everything  # No colour to stop at, or the target's big frame unshown.
+    else:
+      assert read == everything[: shown.index(frame) + 1]
+      assert read[-1] == f"{objects[oid]['colour']} in frame {frame}"
+      stopped += 1
+    cells = ", ".join(f"{o['cell']} {o['colour']}" for o in objects[: named + 1])
+    beside = f", beside it {objects[oid]['cell']}" if relational else ""
+    assert f" Here: {cells}{beside}. </thinking> <answer>" in turns[-1]
+  assert stopped
+  # Without a record of the frames (a real dataset) the turns do not describe them.
+  sample = world["samples"][0]
+  plain = episodes.expert_turns({**sample, "reference_frames": ""})
+  assert " Big: " not in plain[-2] and " Here: " not in plain[-1]
+  assert protocol.first_keyframe(plain[-2]) == protocol.first_keyframe(
+    episodes.expert_turns(sample)[-2]
+  )
+
+
 def test_expert_episode_equals_a_forced_rollout(world):
   tok, model_cfg, shapes = world["tok"], world["model_cfg"], world["shapes"]
   config = world["config"]

@@ -204,6 +204,43 @@ def _keyframe_choice(ground_truth: Mapping[str, Any], shown: Sequence[int]) -> i
   return best
 
 
+def _looked(sample: Mapping[str, Any], shown: Sequence[int], relational: bool) -> tuple[str, str]:
+  """The thinking that reads the frames, from the sample's `reference_frames`.
+
+  Returns (keyframe thinking, answer thinking), or ("", "") without `reference_frames`.
+  Both read until they meet the colour their turn began with ("It is the green
+  cross."), so each stop is a comparison of the colour just read with that one:
+
+  - keyframe turn: the colour drawn big in each shown frame, in order ("Big: red in
+    frame 0, green in frame 5."); the keyframe is the last frame read. A relational
+    target's colour is not known at that point (only its neighbour's), so its turn
+    reads every shown frame, as does one whose target is big in none of them.
+  - answer turn, after the keyframe observation: the colour in each cell of that
+    frame in reading order ("Here: top left red, top right green."); the box is the
+    last cell's, or for a relational target the cell beside it ("..., top right
+    green, beside it top left.").
+  """
+  raw = sample.get("reference_frames") or ""
+  if not raw:
+    return "", ""
+  frames = json.loads(raw) if isinstance(raw, str) else raw
+  objects, big = frames["objects"], frames["big"]
+  oid = int(sample["oid"])
+  named = objects[int(frames["reference"])] if relational else objects[oid]
+  read = []
+  for f in shown:
+    read.append(f"{objects[int(big[str(f)])]['colour']} in frame {f}")
+    if int(big[str(f)]) == oid and not relational:
+      break
+  cells = []
+  for o in objects:
+    cells.append(f"{o['cell']} {o['colour']}")
+    if o is named:
+      break
+  beside = f", beside it {objects[oid]['cell']}" if relational else ""
+  return f" Big: {', '.join(read)}.", f" Here: {', '.join(cells)}{beside}."
+
+
 def expert_turns(sample: Mapping[str, Any]) -> list[str]:
   """The reference trajectory of a synthetic sample, one string per generated turn.
 
@@ -211,11 +248,15 @@ def expert_turns(sample: Mapping[str, Any]) -> list[str]:
   reveal), the keyframe is the shown frame where the target is largest, and the
   answer is the ground-truth box and point of that frame (in the policy's
   convention). A target absent from every shown frame gets the "no target" answer.
-  The last turn ends with `<|im_end|>`.
+  With `reference_frames` (the synthetic world's record of what its frames show)
+  the thinking reads the frames (`_looked`): the keyframe turn what each shown frame
+  draws big, the answer turn what each cell of the keyframe holds, each up to the
+  colour it looks for, so the keyframe and the box follow from what the policy
+  wrote about the frames. The last turn ends with `<|im_end|>`.
 
   Args:
     sample: a prepared sample (fields ability, question, reference_chain,
-      ground_truth, frame_numbers, frame_valid).
+      ground_truth, frame_numbers, frame_valid; optionally oid and reference_frames).
   """
   chain = sample["reference_chain"]
   chain = json.loads(chain) if isinstance(chain, str) and chain else list(chain or [])
@@ -246,13 +287,15 @@ def expert_turns(sample: Mapping[str, Any]) -> list[str]:
       f"<keyframe> {protocol.NO_TARGET_KEYFRAME} </keyframe>"
     )
     box, point = list(protocol.NO_TARGET_BOX), list(protocol.NO_TARGET_POINT)
+    here = ""
   else:
-    turns.append(f"<thinking> It is {target}. </thinking> <keyframe> {frame} </keyframe>")
+    looked, here = _looked(sample, shown, ability == "relational")
+    turns.append(f"<thinking> It is {target}.{looked} </thinking> <keyframe> {frame} </keyframe>")
     box = [int(round(v)) for v in gt[str(frame)]["bbox_2d"]]
     point = [int(round(v)) for v in gt[str(frame)]["point_2d"]]
   answer = json.dumps({"bbox_2d": box, "point_2d": point})
   turns.append(
-    f"<thinking> It is {target}. </thinking> <answer> {answer} </answer>" + protocol.IM_END
+    f"<thinking> It is {target}.{here} </thinking> <answer> {answer} </answer>" + protocol.IM_END
   )
   return turns
 
