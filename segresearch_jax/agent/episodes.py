@@ -226,11 +226,12 @@ def _looked(sample: Mapping[str, Any], shown: Sequence[int], relational: bool) -
   frames = json.loads(raw) if isinstance(raw, str) else raw
   objects, big = frames["objects"], frames["big"]
   oid = int(sample["oid"])
-  named = objects[int(frames["reference"])] if relational else objects[oid]
+  named = objects[int(frames["reference"])]  # The target, or a relational one's neighbour.
   read = []
   for f in shown:
-    read.append(f"{objects[int(big[str(f)])]['colour']} in frame {f}")
-    if int(big[str(f)]) == oid and not relational:
+    drawn = int(big[str(f)])
+    read.append(f"{objects[drawn]['colour']} in frame {f}")
+    if drawn == oid and not relational:
       break
   cells = []
   for o in objects:

@@ -68,9 +68,10 @@ class Prepare:
   """Turns one raw sample into model-ready fields, padded to `num_frames` frames.
 
   Output fields: id, video, oid, ability, question, steps (list), reference_chain
-  and reference_frames (JSON str, "" when the dataset has none), prompt (str), frames uint8 [F, S, S, 3], masks bool [F, S, S],
-  frame_numbers int32 [F] (-1 for padding), frame_valid bool [F], frame_paths (list),
-  orig_size int32 [2] (w, h), ground_truth (JSON str, in `convention`),
+  and reference_frames (JSON str, "" when the dataset has none), prompt (str), frames
+  uint8 [F, S, S, 3], masks bool [F, S, S], frame_numbers int32 [F] (-1 for padding),
+  frame_valid bool [F], frame_paths (list), orig_size int32 [2] (w, h), ground_truth
+  (JSON str, in `convention`),
   ground_truth_pixels (JSON str, original pixels), plus whatever `encode_fn` returns.
   With `mask_cache_dir`, also the sample's mask-reward tables (docs/method.md §3.2) read with
   `mask_tables.load_entry`, in the same frame order and zero-padded like `frames`:

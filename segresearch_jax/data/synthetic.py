@@ -473,7 +473,8 @@ def _write_split(
     big = big_schedule(rng, num_frames, num_objects, target, shown)
     frames, masks = render_video(rng, chosen, big, size[0], size[1], grid)
     # Frame numbers step by 5 (like sub-sampled DAVIS-style videos): numbers != indices.
-    names = [f"{5 * f:05d}" for f in range(num_frames)]
+    frame_numbers = [5 * f for f in range(num_frames)]
+    names = [f"{n:05d}" for n in frame_numbers]
     frame_dir = okvos_dir / split / "JPEGImages" / video
     frame_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in zip(names, frames):
@@ -484,7 +485,6 @@ def _write_split(
       for name, mask in zip(names, masks[oid]):
         _palette_png(mask, mask_dir / f"{name}.png")
     query = make_query(kind, chosen, target, grid)
-    frame_numbers = [5 * f for f in range(num_frames)]
     named = beside(target, grid) if query["ability"] == "relational" else target
     rows.append(
       {
