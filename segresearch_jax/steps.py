@@ -181,6 +181,7 @@ def make_update(config, model_cfg, rcfg, *, sft: bool = False, row_devices: int 
     micro_batches=config.loss.micro_batches,
     schedule=schedule,
     loss_fn=base_loss,
+    freeze_vision=optim_cfg.vision_lr_scale == 0,
   )
   return optimizer, update_fn
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -18,6 +19,9 @@ from segresearch_jax import sharding, steps
 from segresearch_jax.agent import episodes as episodes_lib
 from segresearch_jax.agent import rollout
 from segresearch_jax.rl import rows as rows_lib
+
+# The warm start's length buckets: eighths of the maximum prompt and response lengths.
+_BUCKETS = 8
 
 
 def expert_rows(
@@ -58,8 +62,40 @@ def expert_rows(
   return jax.tree.map(lambda *xs: np.concatenate(xs), *rows)
 
 
+def length_grouped_batches(
+  lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool_batches: int = 16
+) -> Iterator[np.ndarray]:
+  """Row indices of mini-batches of similar length, forever.
+
+  Each epoch shuffles the rows, sorts every pool of `pool_batches` batches by length,
+  cuts the pools into batches and shuffles the batch order: every row is seen once an
+  epoch, and a batch padded to its own longest row wastes little (the expert
+  episodes run from ~100 to the full response length). An epoch's last rows that do
+  not fill a batch wait for the next epoch's shuffle.
+  """
+  n = len(lengths)
+  if not 0 < batch_size <= n:
+    raise ValueError(f"batch_size must be in [1, {n}] (the rows), got {batch_size}.")
+  while True:
+    order = rng.permutation(n)
+    pool = pool_batches * batch_size
+    order = np.concatenate(
+      [
+        chunk[np.argsort(lengths[chunk], kind="stable")]
+        for chunk in np.split(order, range(pool, n, pool))
+      ]
+    )
+    batches = order[: n - n % batch_size].reshape(-1, batch_size)
+    yield from batches[rng.permutation(len(batches))]
+
+
 def warm_start(config, params, data: rows_lib.TrainingRows, model_cfg, rcfg, mesh, writer) -> Any:
-  """`config.sft.steps` supervised updates on random mini-batches of expert rows."""
+  """`config.sft.steps` supervised updates on mini-batches of expert rows.
+
+  Batches group rows of similar response length (`length_grouped_batches`) and each is
+  cut to what it uses (`rows.fit_rows` in eighths of the maximum lengths), so the
+  update compiles once per length bucket it meets and a step costs what its rows need.
+  """
   optimizer, update_fn = steps.make_update(config, model_cfg, rcfg, sft=True)
   state, state_sharding = steps.sharded_state(params, optimizer, mesh, config)
   update_fn = steps.jit_update(update_fn, mesh, state_sharding)
@@ -73,12 +109,18 @@ def warm_start(config, params, data: rows_lib.TrainingRows, model_cfg, rcfg, mes
     )
   size = min(size, n)
   data = data.replace(advantages=np.ones(data.loss_mask.shape[:1], np.float32))
-  data, _ = rows_lib.fit_rows(data)  # one shape for every batch: one compilation
+  # One prompt length and image count for all batches; the response length and the
+  # LM-head width follow each batch.
+  _, whole = rows_lib.fit_rows(data, buckets=_BUCKETS)
+  floor = dataclasses.replace(whole, response=0)
+  valid = np.asarray(data.response_valid)
+  lengths = np.where(valid.any(axis=1), valid.shape[1] - np.argmax(valid[:, ::-1], axis=1), 0)
+  batches = length_grouped_batches(lengths, size, rng)
   writer.start(0)
   for step in range(1, config.sft.steps + 1):
-    idx = rng.choice(n, size, replace=False)
-    batch = sharding.shard_batch(jax.tree.map(operator.itemgetter(idx), data), mesh)
-    state, m = update_fn(state, batch, jax.random.PRNGKey(step))
+    idx = next(batches)
+    batch, _ = rows_lib.fit_rows(jax.tree.map(operator.itemgetter(idx), data), floor, _BUCKETS)
+    state, m = update_fn(state, sharding.shard_batch(batch, mesh), jax.random.PRNGKey(step))
     if step % config.log_every == 0 or step == config.sft.steps:
       m = jax.device_get(m)
       writer.write(

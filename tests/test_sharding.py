@@ -608,6 +608,53 @@ def test_fit_rows_keeps_the_used_tokens_and_images():
   wide, wide_shape = rows_lib.fit_rows(host, floor)
   assert wide_shape == floor and wide.keyframe_patches.shape[1] == 2
   assert shape.union(floor) == floor
+  eighths, fine = rows_lib.fit_rows(host, buckets=8)  # response steps of 128 / 8 = 16
+  assert fine.response == -(-used_response // 16) * 16 <= shape.response
+  assert eighths.token_index.shape[1] % -(-fine.response // 8) == 0  # eighths of the kept
+  np.testing.assert_array_equal(eighths.loss_mask.sum(1), host.loss_mask.sum(1))
+
+
+def test_a_frozen_vision_tower_gets_no_gradient():
+  """`freeze_vision`: the vision tower's gradient is zero, so the global norm (and the
+  clipping) is that of the trained parameters alone, and the tower does not move."""
+  from segresearch_jax import steps
+
+  host = _grpo_batch()
+  params = policy.init_params(TINY, jax.random.PRNGKey(0))
+  logprob_fn = steps.make_logprob_fn(TINY, _rollout_cfg())
+  optimizer = update.make_optimizer(
+    optimizer_config(lr=1e-3, warmup_steps=0, updates_per_step=1, vision_lr_scale=0.0)
+  )
+  norms = {}
+  for freeze in (False, True):
+    step_fn = jax.jit(
+      update.make_update_fn(logprob_fn, optimizer, loss_config(), freeze_vision=freeze)
+    )
+    new, m = step_fn(update.init_state(params, optimizer), host, jax.random.PRNGKey(1))
+    norms[freeze] = float(m["grad_norm"])
+    for path, before in jax.tree_util.tree_leaves_with_path(params):
+      if update.is_vision_param(path):
+        after = dict(jax.tree_util.tree_leaves_with_path(new.params))[path]
+        np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+
+  def text_loss(text_params, vision_params):
+    merged = jax.tree_util.tree_map_with_path(
+      lambda path, t, v: v if update.is_vision_param(path) else t, text_params, vision_params
+    )
+    logp, entropy = logprob_fn(merged, host)
+    loss_sum, count, _ = update.losses.grpo_loss(logp, entropy, host, loss_config())
+    return loss_sum / jnp.maximum(count, 1.0)
+
+  grads = jax.grad(text_loss)(params, params)
+  text_norm = np.sqrt(
+    sum(
+      float(jnp.sum(g**2))
+      for path, g in jax.tree_util.tree_leaves_with_path(grads)
+      if not update.is_vision_param(path)
+    )
+  )
+  np.testing.assert_allclose(norms[True], text_norm, rtol=1e-4)
+  assert norms[False] > norms[True] * (1 + 1e-3)
 
 
 def test_rows_share_frames_only_within_a_group_and_a_device():

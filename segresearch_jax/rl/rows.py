@@ -150,14 +150,15 @@ def _count_bucket(used: int, full: int, floor: int = 0) -> int:
   return min(full, 1 << (used - 1).bit_length())
 
 
-def with_token_index(rows: TrainingRows, min_width: int = 0) -> TrainingRows:
+def with_token_index(rows: TrainingRows, min_width: int = 0, buckets: int = 4) -> TrainingRows:
   """`rows` plus `token_index`: the update's LM head then skips observation and
   padding positions, which never train (most of a search-heavy response).
 
   The training loop passes the widest index so far as `min_width`: the width only
   grows, so the update compiles at most once per bucket and usually once or twice.
   """
-  return rows.replace(token_index=token_index(np.asarray(rows.loss_mask), min_width=min_width))
+  index = token_index(np.asarray(rows.loss_mask), buckets=buckets, min_width=min_width)
+  return rows.replace(token_index=index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,18 +179,19 @@ class UpdateShape:
 
 
 def fit_rows(
-  rows: TrainingRows, floor: UpdateShape = UpdateShape()
+  rows: TrainingRows, floor: UpdateShape = UpdateShape(), buckets: int = 4
 ) -> tuple[TrainingRows, UpdateShape]:
   """Cuts an update batch down to what its trajectories use, in a few static sizes.
 
   As built, every row is max_prompt_length + max_response_length tokens with every
   shown frame's high-resolution copy and one image_search slot per turn. Here:
   1. the prompt keeps its last P tokens and the response its first R, where P and R
-     are the longest real prompt / response rounded up to a quarter of their maxima;
+     are the longest real prompt / response rounded up to a multiple of their maxima
+     over `buckets` (a quarter by default);
   2. `keyframe_patches` keeps, per row, the frames its keyframe turns picked (in turn
      order) and `search_patches` the turns that returned an image, their counts
      rounded up to 1, 2, 4, ... (`obs_image` re-indexed to match);
-  3. `token_index` (`with_token_index`) over the kept response.
+  3. `token_index` (`with_token_index`, in the same `buckets`) over the kept response.
   Each size is at least `floor`'s (the trainer passes the union of the sizes so far,
   so the update compiles once per bucket it reaches), and under several processes
   the largest over all of them. Log-probs of the kept tokens are those of the whole
@@ -204,8 +206,8 @@ def fit_rows(
   # 1. Lengths: the prompt is left padded, the response right padded.
   first = np.where(prompt_valid.any(axis=0), np.arange(lp), lp).min(initial=lp)
   last = np.where(response_valid.any(axis=0), np.arange(lr) + 1, 0).max(initial=0)
-  p = _bucket(lp - first, lp, 4, floor.prompt)
-  r = _bucket(last, lr, 4, floor.response)
+  p = _bucket(lp - first, lp, buckets, floor.prompt)
+  r = _bucket(last, lr, buckets, floor.response)
   cut = {
     "prompt_ids": lambda x: x[:, lp - p :],
     "prompt_valid": lambda x: x[:, lp - p :],
@@ -244,7 +246,7 @@ def fit_rows(
     new_image = np.where(is_kind, rank, new_image)
     sizes[name] = count
   fields["obs_image"] = new_image.astype(np.int32)
-  fitted = with_token_index(TrainingRows(**fields), min_width=floor.head)
+  fitted = with_token_index(TrainingRows(**fields), min_width=floor.head, buckets=buckets)
   shape = UpdateShape(
     prompt=p,
     response=r,

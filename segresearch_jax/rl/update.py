@@ -151,14 +151,22 @@ def make_update_fn(
   micro_batches: int = 1,
   schedule: optax.Schedule | None = None,
   loss_fn: Callable[..., Any] = losses.grpo_loss,
+  freeze_vision: bool = False,
 ) -> Callable[[TrainState, Any, Array], tuple[TrainState, dict[str, Array]]]:
   """Builds the (unjitted) update function; jit it with `donate_argnums=0`.
 
   `loss_fn(logp, entropy, micro_batch, loss_config) -> (sum, count, metric sums)`:
-  `losses.grpo_loss` (default) or `losses.sft_loss` for the warm start.
+  `losses.grpo_loss` (default) or `losses.sft_loss` for the warm start. With
+  `freeze_vision` no gradient flows into the vision tower (`is_vision_param`): its
+  backward pass is not computed, and its zero gradient leaves the global norm (and so
+  the clipping of the rest) to the trained parameters.
   """
 
   def micro_loss(params, micro):
+    if freeze_vision:
+      params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.stop_gradient(x) if is_vision_param(path) else x, params
+      )
     logp, entropy = logprob_fn(params, micro)
     loss_sum, count, metrics = loss_fn(logp, entropy, micro, loss_config)
     return loss_sum, (count, metrics)
