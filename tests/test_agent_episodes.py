@@ -104,8 +104,8 @@ def test_expert_turns_follow_the_reference_chain(world):
 
 
 def test_expert_reasoning_reads_the_frames(world):
-  """The keyframe turn names the colour drawn big in each shown frame, in order, up to
-  the target's (the keyframe); a relational turn reads them all. The answer turn
+  """The keyframe turn names each shown frame and the colour drawn big in it, in
+  order, up to the target's (the keyframe); a relational turn reads them all. The answer turn
   names the colour in each cell of the keyframe up to the named object's: the
   target's, or a relational target's neighbour, then the cell beside it."""
   stopped = 0
@@ -117,14 +117,14 @@ def test_expert_reasoning_reads_the_frames(world):
     turns = episodes.expert_turns(sample)
     frame = protocol.first_keyframe(turns[-2])
     read = turns[-2].split(" Big: ")[1].split(". </thinking>")[0].split(", ")
-    everything = [f"{objects[big[str(f)]]['colour']} in frame {f}" for f in shown]
+    everything = [f"frame {f} {objects[big[str(f)]]['colour']}" for f in shown]
     relational = sample["ability"] == "relational"
     assert named == (synthetic.beside(oid) if relational else oid)
     if relational or big[str(frame)] != oid:
       assert read == everything  # No colour to stop at, or the target's big frame unshown.
     else:
       assert read == everything[: shown.index(frame) + 1]
-      assert read[-1] == f"{objects[oid]['colour']} in frame {frame}"
+      assert read[-1] == f"frame {frame} {objects[oid]['colour']}"
       stopped += 1
     cells = ", ".join(f"{o['cell']} {o['colour']}" for o in objects[: named + 1])
     beside = f", beside it {objects[oid]['cell']}" if relational else ""

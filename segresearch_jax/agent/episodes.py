@@ -209,10 +209,11 @@ def _looked(sample: Mapping[str, Any], shown: Sequence[int], relational: bool) -
 
   Returns (keyframe thinking, answer thinking), or ("", "") without `reference_frames`.
   Both read until they meet the colour their turn began with ("It is the green
-  cross."), so each stop is a comparison of the colour just read with that one:
+  cross."), so each stop is a comparison of the colour just read with that one, made
+  right after writing it:
 
-  - keyframe turn: the colour drawn big in each shown frame, in order ("Big: red in
-    frame 0, green in frame 5."); the keyframe is the last frame read. A relational
+  - keyframe turn: each shown frame and the colour drawn big in it, in order ("Big:
+    frame 0 red, frame 5 green."); the keyframe is the last frame read. A relational
     target's colour is not known at that point (only its neighbour's), so its turn
     reads every shown frame, as does one whose target is big in none of them.
   - answer turn, after the keyframe observation: the colour in each cell of that
@@ -230,7 +231,7 @@ def _looked(sample: Mapping[str, Any], shown: Sequence[int], relational: bool) -
   read = []
   for f in shown:
     drawn = int(big[str(f)])
-    read.append(f"{objects[drawn]['colour']} in frame {f}")
+    read.append(f"frame {f} {objects[drawn]['colour']}")
     if drawn == oid and not relational:
       break
   cells = []
