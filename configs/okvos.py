@@ -68,6 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # keyframes instead of reading its frames (README, "What the embedded default does").
   c.data.synthetic_train = 1536
   c.data.synthetic_test = 32
+  # Entities (teams, with their cups, coaches and institutes) of the train split; the
+  # test split has 24 others.
+  c.data.synthetic_train_teams = 96
   c.data.train_split = "train"
   c.data.eval_split = "test"
   # The synthetic videos: 3 frames of a 2 x 2 board, four emblems, one drawn big a
@@ -192,6 +195,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sft.lr = 2e-3
   c.sft.batch_size = 8
   c.sft.warmup_steps = 10
+  # Warm-start steps between printed and recorded metrics (each one waits for its
+  # step; between them steps are dispatched back to back).
+  c.sft.log_every = 25
   # The vision tower's step as a fraction of the rest's (0 = frozen), in the warm start
   # and in GRPO (optim.vision_lr_scale). Trained from scratch at sft.lr, the embedded
   # tower's output tokens drift to one shared vector within ~150 steps; frozen at its

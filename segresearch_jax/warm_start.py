@@ -89,17 +89,28 @@ def length_grouped_batches(
     yield from batches[rng.permutation(len(batches))]
 
 
-def warm_start(config, params, data: rows_lib.TrainingRows, model_cfg, rcfg, mesh, writer) -> Any:
-  """`config.sft.steps` supervised updates on mini-batches of expert rows.
-
-  Batches group rows of similar response length (`length_grouped_batches`) and each is
-  cut to what it uses (`rows.fit_rows` in eighths of the maximum lengths), so the
-  update compiles once per length bucket it meets and a step costs what its rows need.
+def fitted_batches(
+  data: rows_lib.TrainingRows, batch_size: int, rng: np.random.Generator
+) -> Iterator[rows_lib.TrainingRows]:
+  """The warm start's mini-batches of `data`, forever: rows of similar response length
+  (`length_grouped_batches`), each batch cut to what it uses (`rows.fit_rows` in eighths
+  of the maximum lengths). The prompt length and image counts are the whole set's, the
+  response length follows the batch, so the update compiles once per length bucket.
   """
+  whole = rows_lib.fit_rows(data, buckets=_BUCKETS)[1]
+  floor = dataclasses.replace(whole, response=0)
+  valid = np.asarray(data.response_valid)
+  lengths = np.where(valid.any(axis=1), valid.shape[1] - np.argmax(valid[:, ::-1], axis=1), 0)
+  for idx in length_grouped_batches(lengths, batch_size, rng):
+    yield rows_lib.fit_rows(jax.tree.map(operator.itemgetter(idx), data), floor, _BUCKETS)[0]
+
+
+def warm_start(config, params, data: rows_lib.TrainingRows, model_cfg, rcfg, mesh, writer) -> Any:
+  """`config.sft.steps` supervised updates on mini-batches of expert rows (`fitted_batches`:
+  similar lengths, each cut to its own longest row, so a step costs what its rows need)."""
   optimizer, update_fn = steps.make_update(config, model_cfg, rcfg, sft=True)
   state, state_sharding = steps.sharded_state(params, optimizer, mesh, config)
   update_fn = steps.jit_update(update_fn, mesh, state_sharding)
-  rng = np.random.default_rng(config.seed)
   n = len(data)  # this process's expert rows
   size = config.sft.batch_size // jax.process_count()
   if jax.process_count() > 1 and n < size:  # Every process must bring the same row count.
@@ -107,21 +118,13 @@ def warm_start(config, params, data: rows_lib.TrainingRows, model_cfg, rcfg, mes
       f"Process {jax.process_index()} has {n} expert episodes, fewer than its share "
       f"({size}) of sft.batch_size={config.sft.batch_size}."
     )
-  size = min(size, n)
   data = data.replace(advantages=np.ones(data.loss_mask.shape[:1], np.float32))
-  # One prompt length and image count for all batches; the response length and the
-  # LM-head width follow each batch.
-  _, whole = rows_lib.fit_rows(data, buckets=_BUCKETS)
-  floor = dataclasses.replace(whole, response=0)
-  valid = np.asarray(data.response_valid)
-  lengths = np.where(valid.any(axis=1), valid.shape[1] - np.argmax(valid[:, ::-1], axis=1), 0)
-  batches = length_grouped_batches(lengths, size, rng)
+  batches = fitted_batches(data, min(size, n), np.random.default_rng(config.seed))
   writer.start(0)
   for step in range(1, config.sft.steps + 1):
-    idx = next(batches)
-    batch, _ = rows_lib.fit_rows(jax.tree.map(operator.itemgetter(idx), data), floor, _BUCKETS)
-    state, m = update_fn(state, sharding.shard_batch(batch, mesh), jax.random.PRNGKey(step))
-    if step % config.log_every == 0 or step == config.sft.steps:
+    batch = sharding.shard_batch(next(batches), mesh)
+    state, m = update_fn(state, batch, jax.random.PRNGKey(step))
+    if step % config.sft.log_every == 0 or step == config.sft.steps:
       m = jax.device_get(m)
       writer.write(
         step,

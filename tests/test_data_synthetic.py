@@ -205,6 +205,13 @@ def test_identity_decides_frames_and_cells(built):
   assert len(boxes) <= 8  # 4 cells x 2 sizes of the default 2 x 2 board
 
 
+def test_more_entities_than_the_names_allow_is_an_error(tmp_path):
+  """Names are two syllables: past their count the build refuses (it used to draw forever)."""
+  with pytest.raises(ValueError, match="at most 324"):
+    synthetic.build(tmp_path, seed=0, num_train=8, num_test=8, teams_per_split=(301, 24))
+  assert not (tmp_path / "manifest.json").exists()
+
+
 def test_relational_target_is_beside_the_reference():
   assert [synthetic.beside(i) for i in range(4)] == [1, 0, 3, 2]
   assert [synthetic.beside(i, grid=3) for i in range(3)] == [1, 0, 1]

@@ -614,6 +614,27 @@ def test_fit_rows_keeps_the_used_tokens_and_images():
   np.testing.assert_array_equal(eighths.loss_mask.sum(1), host.loss_mask.sum(1))
 
 
+def test_warm_start_batches_are_cut_to_their_own_rows():
+  """`warm_start.fitted_batches`: one prompt length for all, each batch's response cut
+  to its own longest row (eighths), every trained token kept."""
+  from segresearch_jax import warm_start
+
+  host = _padded(_grpo_batch(), prompt_pad=8, response_pad=96)
+  # Rows of different lengths: row i keeps its first 8 + 3 i response tokens.
+  r = host.response_ids.shape[1]
+  keep = np.arange(r)[None, :] < (8 + 3 * np.arange(len(host)))[:, None]
+  host = host.replace(response_valid=host.response_valid & keep, loss_mask=host.loss_mask * keep)
+  batches = warm_start.fitted_batches(host, 2, np.random.default_rng(0))
+  seen = []
+  for _ in range(len(host) // 2):
+    batch = next(batches)
+    assert batch.prompt_ids.shape[1] == rows_lib.fit_rows(host, buckets=8)[1].prompt
+    longest = np.flatnonzero(batch.response_valid.any(axis=0)).max() + 1
+    assert batch.response_ids.shape[1] == -(-longest // (r // 8)) * (r // 8)
+    seen.append(int(batch.loss_mask.sum()))
+  assert sum(seen) == int(host.loss_mask.sum())  # an epoch: every row once
+
+
 def test_a_frozen_vision_tower_gets_no_gradient():
   """`freeze_vision`: the vision tower's gradient is zero, so the global norm (and the
   clipping) is that of the trained parameters alone, and the tower does not move."""

@@ -357,7 +357,8 @@ def resolve_data(data_config, workdir: str | os.PathLike, seed: int = 0) -> tupl
 
   Args:
     data_config: `config.data` (fields source, okvos_dir, synthetic_dir, synthetic_train,
-      synthetic_test).
+      synthetic_test, optionally synthetic_train_teams: the train split's entities,
+      96 when absent; the test split has 24).
     workdir: the run folder; the synthetic set goes to `workdir/synthetic` unless
       `synthetic_dir` is set (built once, then reused from its cache).
     seed: the synthetic set's seed.
@@ -374,6 +375,7 @@ def resolve_data(data_config, workdir: str | os.PathLike, seed: int = 0) -> tupl
       seed=seed,
       num_train=data_config.synthetic_train,
       num_test=data_config.synthetic_test,
+      teams_per_split=(int(data_config.get("synthetic_train_teams", 96)), 24),
       shown=data_config.num_frames,
     )
     return paths.okvos_dir, paths.kb_dir

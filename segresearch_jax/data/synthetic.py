@@ -121,6 +121,12 @@ class Team:
 
 
 def _unique_words(rng: np.random.Generator, n: int, parts: int) -> list[str]:
+  """n distinct words of `parts` random syllables each."""
+  if n > len(_SYLLABLES) ** parts:
+    raise ValueError(
+      f"{n} distinct words of {parts} syllables asked for; there are only "
+      f"{len(_SYLLABLES) ** parts} (fewer entities per split)."
+    )
   out, seen = [], set()
   while len(out) < n:
     word = "".join(rng.choice(_SYLLABLES, size=parts)).capitalize()
@@ -152,6 +158,11 @@ def make_teams(rng: np.random.Generator, counts: list[int], year0: int) -> list[
   policy has to read them from the retrieved documents.
   """
   total = sum(counts)
+  if 4 * total > len(_SYLLABLES) ** 2:  # Four distinct two-syllable words a team.
+    raise ValueError(
+      f"{total} teams asked for ({counts} by split); the name syllables give at most "
+      f"{len(_SYLLABLES) ** 2 // 4}."
+    )
   words = _unique_words(rng, 4 * total, 2)
   # Cups: distinct (year, name) pairs drawn from twice as many as needed, so both
   # splits use every year and cup name (a policy learns to copy them) while no test
