@@ -10,9 +10,9 @@ BM25 search (`warm_start.expert_rows`), then `--steps` supervised updates of
 - baseline (the warm start before length grouping): every row cut once to the whole
   set's longest prompt and response (`rows.fit_rows` in quarter-length buckets), random
   batches: one compiled shape.
-- ours: `warm_start.warm_start` itself: batches of similar response length
-  (`warm_start.length_grouped_batches`), each cut to its own longest row in eighths of
-  the maximum lengths: one compilation per length bucket met.
+- ours: the warm start's batches (`warm_start.fitted_batches`): rows of similar
+  response length, each batch cut to its own longest row in eighths of the maximum
+  lengths: one compilation per length bucket met.
 
 Prints the steady-state seconds a step (compilations excluded: the first step of
 each shape is timed apart), the total including compilations, the padded response
@@ -47,24 +47,13 @@ def _config(steps_: int, batch_size: int):
   spec.loader.exec_module(module)
   config = module.get_config()
   config.sft.steps, config.sft.batch_size = steps_, batch_size
-  config.sft.log_every = steps_ + 1  # only the last step waits for its metrics
   return config
-
-
-class _NoWriter:
-  """A `metrics.MetricsWriter` stand-in that records nothing (the benchmark times around it)."""
-
-  def start(self, step: int) -> None:
-    del step
-
-  def write(self, step, metrics, **kwargs) -> None:
-    del step, metrics, kwargs
 
 
 def _timed_steps(update_fn, state, batches, mesh):
   """(state, steady seconds a step, total seconds, compiled shapes): the first step of each
   shape is timed apart (it compiles)."""
-  seen, compile_s, steady, n_steady = set(), 0.0, 0.0, 0
+  seen, steady, n_steady = set(), 0.0, 0
   t_total = time.perf_counter()
   for i, batch in enumerate(batches):
     shape = tuple(x.shape for x in jax.tree.leaves(batch))
@@ -75,7 +64,6 @@ def _timed_steps(update_fn, state, batches, mesh):
       steady, n_steady = steady + time.perf_counter() - t, n_steady + 1
     else:
       seen.add(shape)
-      compile_s += time.perf_counter() - t
   return state, steady / max(n_steady, 1), time.perf_counter() - t_total, len(seen)
 
 
@@ -118,17 +106,14 @@ def main() -> None:
   _, base_step, base_total, base_shapes = _timed_steps(update_fn, state, batches, mesh)
   base_tokens = whole_shape.response
 
-  # Ours: the warm start itself, timed whole; its steady step from a replay of its batches.
-  t = time.perf_counter()
-  warm_start.warm_start(config, params, data, model_cfg, rcfg, mesh, _NoWriter())
-  ours_total = time.perf_counter() - t
+  # Ours: the warm start's own batches (`warm_start.fitted_batches`).
   grouped = warm_start.fitted_batches(data, args.batch_size, np.random.default_rng(config.seed))
   ours_batches = [next(grouped) for _ in range(args.steps)]
   ours_tokens = float(np.mean([b.response_ids.shape[1] for b in ours_batches]))
   optimizer, update_fn = steps.make_update(config, model_cfg, rcfg, sft=True)
   state, state_sharding = steps.sharded_state(params, optimizer, mesh, config)
   update_fn = steps.jit_update(update_fn, mesh, state_sharding)
-  _, ours_step, _, ours_shapes = _timed_steps(update_fn, state, ours_batches, mesh)
+  _, ours_step, ours_total, ours_shapes = _timed_steps(update_fn, state, ours_batches, mesh)
 
   print(f"\nwarm start, {args.steps} steps of {args.batch_size} rows ({jax.devices()[0].platform})")
   print(f"{'':28s}{'baseline':>12s}{'ours':>12s}{'ours/base':>12s}")
