@@ -22,32 +22,17 @@ tokens a row, and the ratios to the baseline.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import operator
-import os
 import tempfile
 import time
 
 import jax
 import numpy as np
 
-from segresearch_jax import components, sharding, steps, warm_start
+from segresearch_jax import components, notebook, sharding, steps, warm_start
 from segresearch_jax.agent import episodes, rollout
 from segresearch_jax.data import synthetic
 from segresearch_jax.rl import rows as rows_lib
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(steps_: int, batch_size: int):
-  spec = importlib.util.spec_from_file_location(
-    "okvos", os.path.join(REPO_ROOT, "configs/okvos.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.sft.steps, config.sft.batch_size = steps_, batch_size
-  return config
 
 
 def _timed_steps(update_fn, state, batches, mesh):
@@ -73,7 +58,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--batch_size", type=int, default=8)
   args = parser.parse_args()
-  config = _config(args.steps, args.batch_size)
+  config = notebook.load_config()  # configs/okvos.py, found from the package
+  config.sft.steps, config.sft.batch_size = args.steps, args.batch_size
   mesh = sharding.make_mesh(config.mesh)
   with tempfile.TemporaryDirectory() as tmp:
     t = time.perf_counter()
