@@ -264,7 +264,10 @@ def build_components(
   if config.reward.mask_weight > 0:  # The mask reward reads precomputed IoU tables.
     from segresearch_jax.segmentation import mask_cache
 
-    mask_cache_dir = mask_cache.build(config, config.data.train_split)
+    # Only the samples this run's steps read (a resumed or longer run builds the rest).
+    mask_cache_dir = mask_cache.build(
+      config, config.data.train_split, stream_samples=config.total_steps * config.batch_size
+    )
   rcfg = rollout.RolloutConfig.from_config(config, shapes, tokenizer)
   eval_rcfg = rollout.RolloutConfig.from_config(
     config, shapes, tokenizer, group_size=1, temperature=0.0

@@ -309,3 +309,51 @@ def test_build_tool_command_line(syn, tmp_path):
   assert run.returncode == 0, run.stderr[-2000:]
   assert "samples x" in run.stdout and "built 2" in run.stdout  # estimate and summary
   assert len(list(pathlib.Path(syn.okvos_dir).glob("mask_cache/train/*.npz"))) == 2
+
+
+def test_stream_build_covers_exactly_what_the_training_stream_reads(tmp_path):
+  """A run of N positions needs the tables of the samples the pipeline reads there."""
+  syn = synthetic.build(tmp_path / "syn", num_train=12, num_test=2, frames=(3, 4), size=(64, 48))
+  source = okvos.OkvosDataSource(syn.okvos_dir, "train", num_frames=6, seed=0)
+  ds = pipeline.make_dataset(
+    source, batch_size=2, seed=0, num_epochs=None, num_threads=1, shard_index=0, shard_count=1
+  )
+  it = iter(ds)
+  read = [sid for _ in range(4) for sid in next(it)["id"]]  # 8 positions of the stream
+  order = pipeline.stream_order(len(source), seed=0)
+  ids = [okvos.sample_id(source.rows[int(order[p])], "train", int(order[p])) for p in range(8)]
+  assert read == ids
+
+  summary = build(syn, tmp_path / "cache", stream_samples=8)
+  assert summary["covered"] == summary["built"] == len(set(ids)) < 12
+  files = {p.stem for p in (tmp_path / "cache" / "train").glob("*.npz")}
+  assert files == {
+    pathlib.Path(mask_tables.entry_path(tmp_path / "cache", "train", i)).stem for i in ids
+  }
+  # A longer run adds only what it reads beyond; the whole split is the default.
+  assert build(syn, tmp_path / "cache", stream_samples=8)["built"] == 0
+  assert build(syn, tmp_path / "cache")["built"] == 12 - len(set(ids))
+
+
+def test_stream_build_walks_past_broken_samples(tmp_path):
+  syn = synthetic.build(tmp_path / "syn", num_train=6, num_test=2, frames=(3, 4), size=(64, 48))
+  source = okvos.OkvosDataSource(syn.okvos_dir, "train", num_frames=6, seed=0)
+  order = pipeline.stream_order(len(source), seed=0)
+  first = int(order[0])
+  video = pathlib.Path(syn.okvos_dir) / "train" / "JPEGImages" / source.rows[first]["video"]
+  for jpg in video.glob("*.jpg"):
+    jpg.write_bytes(b"not a jpeg")
+  fresh = okvos.OkvosDataSource(syn.okvos_dir, "train", num_frames=6, seed=0, on_error="skip")
+  good = [int(i) for i in (order[p] for p in range(12)) if fresh[int(i)] is not None][:2]
+  assert fresh[first] is None and first not in good
+  summary = build(syn, tmp_path / "cache", stream_samples=2)
+  assert summary["broken"] >= 1 and summary["built"] == len(set(good))
+  # Dealt to 2 processes, the one that met the broken sample reads one position further.
+  good = [int(i) for i in (order[p] for p in range(12)) if fresh[int(i)] is not None][:3]
+  assert sum(fresh[i] is None for i in range(len(fresh))) == 1  # One broken sample.
+  assert build(syn, tmp_path / "sharded", stream_samples=2, shards=2)["built"] == len(set(good))
+  # Every sample broken: the walk ends instead of spinning.
+  for row in source.rows:
+    for jpg in (pathlib.Path(syn.okvos_dir) / "train" / "JPEGImages" / row["video"]).glob("*.jpg"):
+      jpg.write_bytes(b"not a jpeg")
+  assert build(syn, tmp_path / "cache2", stream_samples=4)["built"] == 0

@@ -301,6 +301,17 @@ def make_dataset(
   return it_ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=collate)
 
 
+def stream_order(num_samples: int, seed: int) -> grain.MapDataset:
+  """Which sample a shuffled, repeating `make_dataset` stream reads at each position.
+
+  Position p of the stream (before it is dealt to processes and before broken samples
+  are dropped) is source index `stream_order(len(source), seed)[p]`, the same chain
+  of grain operations `make_dataset` applies to its source, here over the indices.
+  The mask cache uses it to build only the samples a run of N steps reads.
+  """
+  return grain.MapDataset.source(range(num_samples)).shuffle(seed=seed).repeat(None)
+
+
 def global_positions(
   local_count: int, shard_index: int | None = None, shard_count: int | None = None
 ) -> np.ndarray:

@@ -3,12 +3,16 @@
 `data/mask_tables.py` holds the format (grids, files, reading); this module prompts a
 segmenter with every grid point and box of a sample's shown frames and writes the
 tables. A build is resumable: a sample whose file exists with the same G, K and
-segmenter is skipped. `build` is the whole step from a run config (the trainer calls
-it before training with the mask reward; `tools/build_mask_cache.py` is its command line).
+segmenter is skipped, and it can stop at the samples that the first N positions of the
+training stream read (a run of a few steps reads few of a split's samples). `build` is
+the whole step from a run config (the trainer calls it before training with the mask
+reward, for its own steps; `tools/build_mask_cache.py` is its command line, for a
+whole split).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -85,6 +89,8 @@ def build_split(
   on_error: str = "skip",
   progress: bool = True,
   log=print,
+  stream_samples: int | None = None,
+  shards: int = 1,
 ) -> dict[str, Any]:
   """Builds (or completes) the cache of one split; `data/mask_tables.py` has the format.
 
@@ -102,10 +108,16 @@ def build_split(
     on_error: "skip" (count) or "raise" for broken samples.
     progress: show a tqdm bar.
     log: where the size estimate and the summary go.
+    stream_samples: only the samples a training stream (`pipeline.stream_order`,
+      shuffled with `seed`) reads in its first `stream_samples` positions, broken
+      samples not counted (the stream drops them and reads on); None = every sample.
+    shards: the processes the stream is dealt to; each broken sample moves its
+      process's reads, so the walk goes `shards - 1` positions further for each.
 
   Returns:
     A summary: samples, built, skipped (up to date), broken, frames, seconds,
-    seconds_per_frame, bytes_per_sample, cache_dir.
+    seconds_per_frame, bytes_per_sample, cache_dir, covered (the samples the build
+    went through).
   """
   mask_tables.check_grid(point_grid_size, box_bins)
   source = okvos.OkvosDataSource(
@@ -130,24 +142,24 @@ def build_split(
   }
   (out_dir / mask_tables.MANIFEST).write_text(json.dumps(manifest, indent=1))
 
-  indices = range(len(source))
-  if progress:
-    from tqdm import tqdm
-
-    indices = tqdm(indices, desc=f"mask cache {split}", unit="sample")
   built = skipped = frames = 0
   build_seconds = 0.0
-  for index in indices:
+  covered: set[int] = set()
+
+  def cover(index: int) -> bool:
+    """Makes sure sample `index` has its file; False when the sample is broken."""
+    nonlocal built, skipped, frames, build_seconds
+    covered.add(index)
     sid = okvos.sample_id(source.rows[index], split, index)
     path = mask_tables.entry_path(cache_dir, split, sid)
     if path.is_file() and mask_tables.entry_matches(
       path, point_grid_size, box_bins, segmenter.name
     ):
       skipped += 1
-      continue
+      return True
     example = source[index]
     if example is None:  # Broken sample, counted in source.errors.
-      continue
+      return False
     start = time.perf_counter()
     point_iou, box_iou = sample_tables(
       segmenter, example["frames"], example["masks"], point_grid_size, box_bins
@@ -163,6 +175,37 @@ def build_split(
     )
     built += 1
     frames += len(example["frame_numbers"])
+    return True
+
+  bar = None
+  if progress:
+    from tqdm import tqdm
+
+    total = len(source) if stream_samples is None else stream_samples
+    bar = tqdm(total=total, desc=f"mask cache {split}", unit="sample")
+  if stream_samples is None:
+    for index in range(len(source)):
+      cover(index)
+      if bar is not None:
+        bar.update()
+  else:
+    # Walk the stream: a position counts once its sample has a file; a broken
+    # sample's positions do not (the stream skips them).
+    order, good, broken = pipeline.stream_order(len(source), seed), 0, set()
+    for position in itertools.count():
+      if good >= stream_samples + len(broken) * (shards - 1) or len(broken) == len(source):
+        break
+      index = int(order[position])
+      if index in broken:
+        continue
+      if index not in covered and not cover(index):
+        broken.add(index)
+        continue
+      good += 1
+      if bar is not None:
+        bar.update()
+  if bar is not None:
+    bar.close()
   summary = {
     "cache_dir": str(cache_dir),
     "samples": len(source),
@@ -173,16 +216,24 @@ def build_split(
     "seconds": build_seconds,
     "seconds_per_frame": build_seconds / frames if frames else 0.0,
     "bytes_per_sample": per_sample,
+    "covered": len(covered),
   }
+  scope = (
+    ""
+    if stream_samples is None
+    else (f" (the {len(covered)} that the stream's first {stream_samples} positions read)")
+  )
   log(
     f"mask cache {split}: built {built}, up to date {skipped}, broken {len(source.errors)} "
-    f"of {len(source)} samples; {frames} frames at "
+    f"of {len(source)} samples{scope}; {frames} frames at "
     f"{summary['seconds_per_frame'] * 1e3:.1f} ms/frame"
   )
   return summary
 
 
-def build(config, split: str | None = None, *, progress: bool = True) -> str:
+def build(
+  config, split: str | None = None, *, progress: bool = True, stream_samples: int | None = None
+) -> str:
   """Builds (or completes) the cache of `split` from a run config and returns the cache root.
 
   Reads config.data (source, okvos_dir, synthetic_dir, num_frames, train_split, on_error),
@@ -194,7 +245,11 @@ def build(config, split: str | None = None, *, progress: bool = True) -> str:
     config: the run config.
     split: the split; default `config.data.train_split`.
     progress: show a progress bar.
+    stream_samples: only what the first `stream_samples` positions of the training
+      stream read (`build_split`); None = the whole split.
   """
+  import jax  # Only for the process count.
+
   split = split or config.data.train_split
   okvos_dir, _ = pipeline.resolve_data(config.data, config.workdir, config.seed)
   root = mask_tables.default_cache_dir(okvos_dir, config.mask_cache.dir)
@@ -216,5 +271,7 @@ def build(config, split: str | None = None, *, progress: bool = True) -> str:
     seed=config.seed,
     on_error=config.data.on_error,
     progress=progress,
+    stream_samples=stream_samples,
+    shards=jax.process_count(),
   )
   return os.path.abspath(root)
